@@ -1,0 +1,69 @@
+"""The interrupt oracle: checks a finished run for lost and stuck interrupts.
+
+Every acceptance into a target (an IRR bit set, an NMI latched) is registered with the run's
+:class:`~navic.sim.record.Recorder` together with its send time; a handler run consumes it. At the
+end of the run every acceptance still pending is examined (definitions from the oracle issue):
+
+* **stuck** — pending for longer than the bound while the target sits halted (HLT / blocked) and
+  could take it: IF = 1, APIC enabled, and its priority class above the PPR class. This is the
+  erratum-1235 symptom.
+* **lost** — pending for longer than the bound although the target is running and could take it.
+
+Pending interrupts a target cannot take (IF = 0, masked by TPR/PPR, APIC disabled) are
+architectural, not violations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_BOUND_US = 100.0
+
+
+def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool = False
+               ) -> list[dict[str, Any]]:
+    """``quiescent``: the run ended because nothing was left to happen, so whatever is pending
+    now stays pending forever — the bound does not apply."""
+    rec = run.recorder
+    now = run.engine.now
+    bound = 0 if quiescent else int(bound_us * run.costs.ghz * 1000)
+    cpus = _cpu_views(run)
+    out: list[dict[str, Any]] = []
+    for (cpu, vector), pending in sorted(rec._pending.items()):
+        if not pending:
+            continue
+        t_sent, sent_by, kind = pending[0]
+        if (now - t_sent <= bound and not quiescent) or cpu not in cpus:
+            continue
+        apic, guest, halted = cpus[cpu]
+        if kind in ("nmi", "init", "sipi", "smi"):
+            continue
+        if not apic.hw_enabled or not apic.test_irr(vector):
+            continue
+        if not guest.IF or (vector & 0xF0) <= (apic.regs[0xA0 >> 2] & 0xF0):
+            continue
+        out.append({
+            "kind": "stuck" if halted else "lost",
+            "cpu": cpu,
+            "vector": vector,
+            "sent_by": sent_by,
+            "t_sent": t_sent,
+            "pending_cycles": now - t_sent,
+            "detail": (f"vector {vector:#x} pending in {cpu}'s IRR for {now - t_sent} cycles while "
+                       f"{'halted' if halted else 'running'} with IF=1 and PPR "
+                       f"{apic.regs[0xA0 >> 2]:#x}"),
+        })
+    return out
+
+
+def _cpu_views(run: Any) -> dict[str, tuple[Any, Any, bool]]:
+    views: dict[str, tuple[Any, Any, bool]] = {}
+    if run.kvm is not None:
+        for v in run.kvm.vcpus:
+            views[v.name] = (v.apic, v.guest, bool(v.blocked or v.blocking))
+        return views
+    m = run.machine
+    for i, g in enumerate(m.guests):
+        if g is not None:
+            views[g.name] = (m.apics[i], g, m.pcpus[i].halted)
+    return views

@@ -1,0 +1,334 @@
+"""The `navic` command line.
+
+``navic`` is a click group. Subcommands:
+
+* ``navic run FILE [--json] [--out PATH]`` — run one scenario, print tables or one JSON document;
+* ``navic demo [--examples DIR]`` — run every shipped example and print readable results.
+
+Adding a subcommand: write ``@main.command()`` functions here, or in a module of the
+``navic.commands`` package (``from navic.cli import main`` then ``@main.command()``): every module
+of that package is imported when the CLI starts. A :class:`navic.scenario.ScenarioError` raised by
+any subcommand is printed as its one-line message on stderr and the exit status is 2 (no
+traceback); use :func:`load_or_exit` / :func:`emit_result` to behave like ``run``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import sys
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from navic import __version__
+from navic.config import Scenario
+from navic.scenario import ScenarioError, load_scenario
+
+EXIT_SCENARIO_ERROR = 2
+EXIT_FAILURE = 1
+
+
+class NavicGroup(click.Group):
+    """A click group that turns ScenarioError (from any subcommand) into exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ScenarioError as exc:
+            click.echo(str(exc), err=True)
+            ctx.exit(EXIT_SCENARIO_ERROR)
+
+
+@click.group(cls=NavicGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="navic")
+def main() -> None:
+    """navic: an executable lab for APIC virtualization (AVIC/x2AVIC, APICv/IPIv, nested KVM)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by subcommands
+# ---------------------------------------------------------------------------------------------
+def load_or_exit(path: str | Path) -> Scenario:
+    """Load a scenario; a ScenarioError propagates and NavicGroup reports it (exit status 2)."""
+    return load_scenario(path)
+
+
+def run_one(scn: Scenario) -> dict[str, Any]:
+    """Run a checked scenario with :func:`navic.runner.run_scenario` (imported lazily so that
+    parse errors are reported even when the simulator is broken or absent).
+
+    A valid scenario that this version cannot run (``navic.runner.UnsupportedScenario``, or
+    NotImplementedError) is reported on stderr as one line; exit status 2."""
+    try:
+        runner = importlib.import_module("navic.runner")
+    except ModuleNotFoundError as exc:
+        if exc.name != "navic.runner":
+            raise
+        click.echo("navic: the simulator (navic.runner) is not available in this build", err=True)
+        raise click.exceptions.Exit(EXIT_FAILURE) from None
+    unsupported: tuple[type[BaseException], ...] = (NotImplementedError,)
+    extra = getattr(runner, "UnsupportedScenario", None)
+    if isinstance(extra, type) and issubclass(extra, BaseException):
+        unsupported += (extra,)
+    try:
+        return runner.run_scenario(scn)
+    except unsupported as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not message.startswith(f"{scn.source}:"):
+            message = f"{scn.source}: not supported yet: {message}"
+        click.echo(message, err=True)
+        raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
+
+
+def to_json(result: Mapping[str, Any]) -> str:
+    """The canonical JSON text of a result: sorted keys, 2-space indent, trailing newline."""
+    return json.dumps(result, indent=2, sort_keys=True) + "\n"
+
+
+def emit_result(result: Mapping[str, Any], *, as_json: bool, out: str | None, max_rows: int = 50) -> None:
+    if out is not None:
+        Path(out).write_text(to_json(result), encoding="utf-8")
+    if as_json:
+        click.echo(to_json(result), nl=False)
+    else:
+        render_result(result, _console(), max_rows=max_rows)
+
+
+def _console() -> Console:
+    # Resolved at call time so click's CliRunner (which swaps sys.stdout) captures the output.
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readable rendering of a result (docs/scenarios.md, "Result")
+# ---------------------------------------------------------------------------------------------
+def _hex(value: Any, width: int = 0) -> str:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "-" if value is None else str(value)
+    return f"{value:#0{width + 2}x}" if width else f"{value:#x}"
+
+
+def _bare(value: Any, width: int = 0) -> str:
+    """Hex without the 0x prefix (for tables whose title says "hex")."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "-" if value is None else str(value)
+    return f"{value:0{width}x}"
+
+
+def _vectors(words: Any) -> str:
+    """A 256-bit register given as 8 32-bit words -> the set vectors, e.g. "0x40 0x41"."""
+    if not isinstance(words, list | tuple):
+        return "-" if words is None else str(words)
+    vecs = [32 * i + b for i, w in enumerate(words) if isinstance(w, int) for b in range(32) if w >> b & 1]
+    return " ".join(f"{v:02x}" for v in vecs) if vecs else "-"
+
+
+def _flat(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        for k in sorted(value, key=str):
+            yield from _flat(value[k], f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, value
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, sort_keys=True)
+    return "-" if value is None else str(value)
+
+
+def _table(title: str, **kwargs: Any) -> Table:
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                 collapse_padding=True, **kwargs)
+
+
+def render_result(result: Mapping[str, Any], console: Console, *, max_rows: int = 50) -> None:
+    """Print a result as tables: deliveries, final APIC state, reads, errors, exits/counters
+    (when non-empty) and violations. Unknown keys are ignored; missing ones are skipped."""
+    name = result.get("scenario", "?")
+    console.print(
+        f"[bold]{name}[/bold]  seed={result.get('seed', '?')}  "
+        f"sim_time={result.get('sim_time_cycles', '?')} cycles"
+    )
+
+    deliveries = list(result.get("deliveries") or [])
+    table = _table(f"deliveries ({len(deliveries)})")
+    for col in ("#", "t", "cpu", "vector", "kind", "sent_by", "latency"):
+        table.add_column(col, justify="right" if col in ("#", "t", "latency") else "left")
+    for i, d in enumerate(deliveries[:max_rows]):
+        table.add_row(str(i), _cell(d.get("t")), _cell(d.get("cpu")), _hex(d.get("vector"), 2),
+                      _cell(d.get("kind")), _cell(d.get("sent_by")), _cell(d.get("latency")))
+    if len(deliveries) > max_rows:
+        table.caption = f"... {len(deliveries) - max_rows} more (use --json for all)"
+    console.print(table)
+
+    apic = result.get("apic") or {}
+    if apic:
+        table = _table("APIC registers at the end (hex; isr/irr/tmr: the vectors set)")
+        for col in ("cpu", "id", "ldr", "dfr", "tpr", "ppr", "svr", "esr"):
+            table.add_column(col, no_wrap=True)
+        for col in ("isr", "irr", "tmr"):
+            table.add_column(col, overflow="fold", min_width=4)
+        for cpu in apic:
+            r = apic[cpu] or {}
+            table.add_row(str(cpu), _bare(r.get("id")), _bare(r.get("ldr"), 8), _bare(r.get("dfr"), 8),
+                          _bare(r.get("tpr"), 2), _bare(r.get("ppr"), 2), _bare(r.get("svr"), 3),
+                          _bare(r.get("esr")), _vectors(r.get("isr")), _vectors(r.get("irr")),
+                          _vectors(r.get("tmr")))
+        console.print(table)
+
+    reads = result.get("reads") or {}
+    if any(reads.values()):
+        table = _table("reads")
+        for col in ("cpu", "var", "value", "hex"):
+            table.add_column(col)
+        for cpu in reads:
+            for var, value in (reads[cpu] or {}).items():
+                table.add_row(str(cpu), str(var), _cell(value), _hex(value))
+        console.print(table)
+
+    errors = list(result.get("errors") or [])
+    if errors:
+        table = _table(f"guest-visible errors ({len(errors)})")
+        for col in ("cpu", "op", "index", "error"):
+            table.add_column(col)
+        for e in errors[:max_rows]:
+            table.add_row(_cell(e.get("cpu")), _cell(e.get("op")), _cell(e.get("index")),
+                          _cell(e.get("error")))
+        console.print(table)
+
+    for key in ("exits", "counters"):
+        section = result.get(key) or {}
+        if section:
+            table = _table(key)
+            table.add_column("name")
+            table.add_column("value", justify="right")
+            for k, v in _flat(section):
+                table.add_row(k, _cell(v))
+            console.print(table)
+
+    violations = list(result.get("violations") or [])
+    if violations:
+        table = _table(f"VIOLATIONS ({len(violations)})", style="red")
+        table.add_column("#", justify="right")
+        table.add_column("violation")
+        for i, v in enumerate(violations):
+            table.add_row(str(i), _cell(v))
+        console.print(table)
+    else:
+        console.print("violations: none")
+
+
+# ---------------------------------------------------------------------------------------------
+# navic run
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the JSON result to this file.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Rows per table in the readable output.")
+def run(file: str, as_json: bool, out: str | None, max_rows: int) -> None:
+    """Run the scenario FILE (TOML; see docs/scenarios.md)."""
+    scn = load_or_exit(file)
+    emit_result(run_one(scn), as_json=as_json, out=out, max_rows=max_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# navic demo
+# ---------------------------------------------------------------------------------------------
+def _repo_examples() -> Path:
+    # With the usual editable install (make demo/test) the package lives in the repository.
+    return Path(__file__).resolve().parent.parent / "examples"
+
+
+def examples_dir() -> Path | None:
+    """Where the shipped examples are: the repository's examples/ when navic runs from a checkout,
+    else the packaged copy navic/data/examples (if the package was built with one)."""
+    repo = _repo_examples()
+    if repo.is_dir() and any(repo.glob("*.toml")):
+        return repo
+    try:
+        packaged = resources.files("navic") / "data" / "examples"
+        if packaged.is_dir():
+            return Path(str(packaged))
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        pass
+    return None
+
+
+def _description(path: Path) -> str:
+    """The comment block at the top of a scenario file, without the '#' marks."""
+    lines = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(x for x in lines if x)
+
+
+@main.command()
+@click.option("--examples", "examples", type=click.Path(file_okay=False, exists=True),
+              help="Directory of *.toml scenarios (default: the shipped examples).")
+@click.option("--max-rows", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Rows per table.")
+def demo(examples: str | None, max_rows: int) -> None:
+    """Run every example scenario and print readable results."""
+    where = Path(examples) if examples else examples_dir()
+    if where is None:
+        click.echo("navic demo: no examples found (pass --examples DIR)", err=True)
+        raise click.exceptions.Exit(EXIT_FAILURE)
+    files = sorted(where.glob("*.toml"))
+    if not files:
+        click.echo(f"navic demo: no *.toml files in {where}", err=True)
+        raise click.exceptions.Exit(EXIT_FAILURE)
+    console = _console()
+    failed: list[str] = []
+    for path in files:
+        console.rule(f"[bold]{path.name}")
+        about = _description(path)
+        if about:
+            console.print(about, style="italic", markup=False)
+        try:
+            scn = load_scenario(path)
+        except ScenarioError as exc:
+            click.echo(str(exc), err=True)
+            failed.append(path.name)
+            continue
+        render_result(run_one(scn), console, max_rows=max_rows)
+    console.rule()
+    console.print(f"{len(files) - len(failed)}/{len(files)} examples ran"
+                  + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:
+        raise click.exceptions.Exit(EXIT_SCENARIO_ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands in navic.commands.* (compare, explore, sweep, trace, stat, conformance, ...)
+# ---------------------------------------------------------------------------------------------
+def _load_command_modules() -> None:
+    try:
+        package = importlib.import_module("navic.commands")
+    except ModuleNotFoundError as exc:
+        if exc.name == "navic.commands":
+            return
+        raise
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"navic.commands.{info.name}")
+
+
+_load_command_modules()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

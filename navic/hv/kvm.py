@@ -1,0 +1,350 @@
+"""KVM's generic x86 logic (virt/kvm/kvm_main.c, arch/x86/kvm/x86.c, lapic.c delivery).
+
+One :class:`Kvm` per VM, one :class:`Vcpu` per vCPU. A vCPU is a host thread (an engine
+process) that loops like ``vcpu_run()``: enter the guest, take a #VMEXIT, handle it, maybe block
+on HLT, maybe be preempted. Vendor code plugs in through :attr:`Kvm.vendor` (SVM/AVIC in
+:mod:`navic.hv.svm` and :mod:`navic.hv.avic`).
+
+Ordering KVM relies on is kept as separate atomic steps (``yield 0``) so the interleaving
+explorer can probe it: ``vcpu->mode = IN_GUEST_MODE`` then re-check requests; set IRR then read
+``vcpu->mode`` (svm_deliver_interrupt); clear IsRunning then re-read vIRR (avic_vcpu_blocking /
+kvm_vcpu_check_block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from navic.apic import dest as apic_dest
+from navic.apic.icr import Icr
+from navic.apic.lapic import ApicHooks, LocalApic
+from navic.guest.kernel import GuestCpu
+from navic.hv.inhibit import Inhibits
+from navic.sim.engine import Handle, Signal
+
+if TYPE_CHECKING:
+    from navic.hv.host import Host
+
+OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE = 0, 1, 2
+MODE_NAMES = {OUTSIDE_GUEST_MODE: "outside", IN_GUEST_MODE: "in_guest", EXITING_GUEST_MODE: "exiting"}
+
+# Requests (KVM_REQ_*).
+REQ_EVENT = "event"
+REQ_APICV_UPDATE = "apicv_update"
+
+DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_SIPI, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
+KIND_BY_MODE = {DM_FIXED: "fixed", DM_LOWEST: "lowest", DM_SMI: "smi", DM_NMI: "nmi",
+                DM_INIT: "init", DM_SIPI: "sipi", DM_EXTINT: "extint"}
+
+Gen = Generator[Any, Any, Any]
+
+
+def drain(gen: Gen) -> Any:
+    """Run a step generator to completion at once (for callback contexts such as timer or
+    IOMMU interrupts, which are not vCPU threads and have no steps to interleave)."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+class _LapicHooks(ApicHooks):
+    """What KVM's emulated local APIC of a vCPU is wired to (lapic.c callbacks)."""
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.vcpu = vcpu
+        self.timer: Handle | None = None
+
+    def send_ipi(self, apic: LocalApic, icr: Icr) -> None:
+        # kvm_apic_send_ipi() runs in the vCPU thread after the emulated ICR write completes.
+        self.vcpu.pending_ipis.append(icr)
+
+    def eoi_level(self, apic: LocalApic, vector: int) -> None:
+        self.vcpu.kvm.rec.count("level_eois")
+
+    def arm_timer(self, apic: LocalApic, deadline: int | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if deadline is not None:
+            self.timer = self.vcpu.kvm.engine.call_at(deadline, self.vcpu.kvm.apic_timer_fn, self.vcpu,
+                                                      label=f"{self.vcpu.name}.hrtimer")
+
+    def now(self) -> int:
+        return self.vcpu.kvm.engine.now
+
+
+class Vcpu:
+    """``struct kvm_vcpu`` (+ the vendor fields navic models, set by the vendor code)."""
+
+    def __init__(self, kvm: Kvm, idx: int, name: str, apic_id: int, apic_mode: str,
+                 guest: GuestCpu, backing_hpa: int, home: int) -> None:
+        self.kvm = kvm
+        self.idx = idx                 # vcpu_idx
+        self.vcpu_id = apic_id         # KVM's vcpu_id is the initial APIC ID
+        self.name = name
+        self.guest = guest
+        self.backing_hpa = backing_hpa
+        self.apic = LocalApic(apic_id, page=kvm.mem.page(backing_hpa), hooks=_LapicHooks(self),
+                              mode=apic_mode, bsp=(idx == 0),
+                              cycles_per_timer_tick=kvm.costs.TIMER_TICK)
+        # Scheduling (the thread).
+        self.home = home
+        self.cpu: int | None = None       # pCPU while loaded (vcpu->cpu)
+        self.last_cpu: int | None = None
+        self.granted = kvm.engine.signal(f"{name}.granted")
+        self.need_resched = False
+        self.preempted = False
+        # KVM state.
+        self.mode = OUTSIDE_GUEST_MODE
+        self.requests: set[str] = set()
+        self.blocking = False             # between kvm_arch_vcpu_blocking and _unblocking
+        self.blocked = False              # thread asleep in kvm_vcpu_block
+        self.wakeup: Signal = kvm.engine.signal(f"{name}.wakeup")
+        self.poll: Signal = kvm.engine.signal(f"{name}.poll")
+        self.halt_poll_ns = 0
+        self.apicv_active = False
+        self.pending_ipis: list[Icr] = []
+        self.exit_insn: Any = None        # instruction a fault-style exit left for emulation
+        self.nmi_injected = False
+        self.interrupt_window = False     # V_IRQ requested (APICv off)
+
+    def __repr__(self) -> str:
+        return f"<Vcpu {self.name}>"
+
+    @property
+    def pcpu(self) -> Any:
+        return self.kvm.host.pcpus[self.cpu] if self.cpu is not None else None
+
+
+class Kvm:
+    """One VM at L0 and the generic KVM logic that drives its vCPUs."""
+
+    def __init__(self, host: Host, name: str = "l1") -> None:
+        self.host = host
+        self.name = name
+        self.engine = host.engine
+        self.costs = host.costs
+        self.rec = host.rec
+        self.trace = host.trace
+        self.mem = host.mem
+        self.vcpus: list[Vcpu] = []
+        self.vendor: Any = None  # set by the vendor module (SVM/AVIC or VMX)
+        self.apic_timer_fn = self._apic_timer_expired
+        self.inhibits = Inhibits(self.engine)
+
+    # -- APICv inhibits (kvm_set_or_clear_apicv_inhibit) -----------------------------------
+    def set_apicv_inhibit(self, reason: str) -> None:
+        if self.inhibits.set(reason):
+            self._apicv_changed(reason, True)
+
+    def clear_apicv_inhibit(self, reason: str) -> None:
+        if self.inhibits.clear(reason):
+            self._apicv_changed(reason, False)
+
+    def _apicv_changed(self, reason: str, inhibited: bool) -> None:
+        """kvm_make_all_cpus_request(KVM_REQ_APICV_UPDATE): every vCPU re-evaluates on entry."""
+        if self.trace.on:
+            self.trace.emit("kvm_apicv_inhibit_changed", level="L0", reason=reason, set=inhibited)
+        for v in self.vcpus:
+            v.requests.add(REQ_APICV_UPDATE)
+            self.kvm_vcpu_kick(v)
+
+    def recalc_apic_map(self) -> None:
+        """kvm_recalculate_apic_map(): physical IDs must be 1:1 with vCPUs for APICv."""
+        ids = [v.apic.apic_id for v in self.vcpus]
+        if len(set(ids)) != len(ids):
+            self.set_apicv_inhibit("PHYSICAL_ID_ALIASED")
+        else:
+            self.clear_apicv_inhibit("PHYSICAL_ID_ALIASED")
+        for v in self.vcpus:
+            if v.apic.mode == "xapic" and v.apic.apic_id != (v.vcpu_id & 0xFF):
+                self.set_apicv_inhibit("APIC_ID_MODIFIED")
+        self.vendor.recalc_logical_aliasing()
+
+    # -- vCPU thread: vcpu_run() -----------------------------------------------------------
+    def vcpu_thread(self, vcpu: Vcpu) -> Gen:
+        host = self.host
+        yield from host.sched.acquire(vcpu)
+        self.vendor.vcpu_load(vcpu, vcpu.cpu)
+        while True:
+            r = yield from self.vcpu_enter_guest(vcpu)
+            if r == "halt":
+                yield from self.kvm_vcpu_halt(vcpu)
+            if vcpu.need_resched:
+                yield from self.preempt(vcpu)
+
+    def preempt(self, vcpu: Vcpu) -> Gen:
+        """kvm_sched_out()/kvm_sched_in() around the host scheduler's context switch."""
+        vcpu.preempted = True
+        self.vendor.vcpu_put(vcpu)
+        self.rec.count("preemptions")
+        yield from self.host.sched.yield_cpu(vcpu)
+        vcpu.preempted = False
+        self.vendor.vcpu_load(vcpu, vcpu.cpu)
+
+    def vcpu_enter_guest(self, vcpu: Vcpu) -> Gen:
+        """x86.c vcpu_enter_guest(): requests, event injection, the mode barrier, VMRUN, exit."""
+        pcpu = vcpu.pcpu
+        pcpu.intr_pending = False  # host IRQs are enabled here: pending host interrupts handled
+        if REQ_APICV_UPDATE in vcpu.requests:
+            vcpu.requests.discard(REQ_APICV_UPDATE)
+            self.vendor.refresh_apicv_exec_ctrl(vcpu)
+        if vcpu.pending_ipis:
+            yield from self.flush_ipis(vcpu)
+        self.vendor.inject_pending_events(vcpu)
+        vcpu.requests.discard(REQ_EVENT)
+        vcpu.mode = IN_GUEST_MODE
+        yield 0  # smp_mb__after_srcu_read_unlock(): pairs with kvm_vcpu_kick()'s mode read
+        if vcpu.requests or vcpu.need_resched:
+            vcpu.mode = OUTSIDE_GUEST_MODE
+            return "cancel"
+        exit_reason = yield from self.vendor.run(vcpu)
+        vcpu.mode = OUTSIDE_GUEST_MODE
+        return (yield from self.vendor.handle_exit(vcpu, exit_reason))
+
+    # -- HLT: kvm_vcpu_halt() / kvm_vcpu_block() -------------------------------------------
+    def kvm_vcpu_has_events(self, vcpu: Vcpu) -> bool:
+        """kvm_arch_vcpu_runnable(): something the guest can take now."""
+        a = vcpu.apic
+        g = vcpu.guest
+        if REQ_EVENT in vcpu.requests and not vcpu.apicv_active:
+            return True
+        if a.nmi_pending or a.init_pending or vcpu.nmi_injected:
+            return True
+        return g.IF and a.has_interrupt() >= 0
+
+    def kvm_vcpu_halt(self, vcpu: Vcpu) -> Gen:
+        costs = self.costs
+        start = self.engine.now
+        ns_to_cyc = costs.ghz
+        max_poll = int(self.host.l0.halt_poll_ns * ns_to_cyc)
+        woke_in_poll = False
+        if vcpu.halt_poll_ns and not self.kvm_vcpu_has_events(vcpu):
+            # Halt polling: the vCPU stays loaded (IsRunning stays 1) and spins on its events.
+            deadline = start + int(vcpu.halt_poll_ns * ns_to_cyc)
+            self.rec.count("halt_polls")
+            while self.engine.now < deadline:
+                if self.kvm_vcpu_has_events(vcpu) or vcpu.need_resched:
+                    break
+                timer = self.engine.call_at(deadline, vcpu.poll.fire, label=f"{vcpu.name}.poll-end")
+                yield vcpu.poll
+                timer.cancel()
+            woke_in_poll = self.kvm_vcpu_has_events(vcpu)
+            if woke_in_poll:
+                self.rec.count("halt_poll_successes")
+        if not woke_in_poll and not self.kvm_vcpu_has_events(vcpu):
+            yield from self.kvm_vcpu_block(vcpu)
+        # Adapt the poll window (kvm_vcpu_halt: grow_halt_poll_ns / shrink_halt_poll_ns).
+        halt_ns = (self.engine.now - start) / ns_to_cyc
+        limit = self.host.l0.halt_poll_ns
+        if limit:
+            if halt_ns <= vcpu.halt_poll_ns:
+                pass
+            elif vcpu.halt_poll_ns and halt_ns > limit:
+                vcpu.halt_poll_ns = 0
+            elif vcpu.halt_poll_ns < limit and halt_ns < limit:
+                vcpu.halt_poll_ns = min(limit, max(10_000, vcpu.halt_poll_ns * 2))
+        else:
+            vcpu.halt_poll_ns = 0
+        _ = max_poll
+
+    def kvm_vcpu_block(self, vcpu: Vcpu) -> Gen:
+        self.vendor.vcpu_blocking(vcpu)   # avic_vcpu_blocking(): IsRunning <- 0
+        vcpu.blocking = True
+        yield 0                           # set_current_state(): the barrier before re-reading vIRR
+        while not self.kvm_vcpu_has_events(vcpu):
+            vcpu.blocked = True
+            self.rec.count("blocks")
+            self.host.sched.release(vcpu)
+            if self.trace.on:
+                self.trace.emit("kvm_vcpu_block", pcpu=vcpu.last_cpu, level="L0", vcpu=vcpu.name)
+            yield vcpu.wakeup
+            vcpu.blocked = False
+            yield self.costs.VCPU_WAKE
+            yield from self.host.sched.acquire(vcpu)
+            vcpu.last_cpu = vcpu.cpu
+        vcpu.blocking = False
+        self.vendor.vcpu_unblocking(vcpu)  # avic_vcpu_unblocking(): avic_vcpu_load()
+
+    def kvm_vcpu_wake_up(self, vcpu: Vcpu) -> bool:
+        vcpu.poll.fire()
+        if vcpu.blocked and vcpu.wakeup.fire():
+            self.rec.count("wakeups")
+            if self.trace.on:
+                self.trace.emit("kvm_vcpu_wakeup", level="L0", vcpu=vcpu.name)
+            return True
+        return False
+
+    def kvm_vcpu_kick(self, vcpu: Vcpu, *, from_vcpu: Vcpu | None = None) -> None:
+        """kvm_vcpu_kick(): wake it if blocked, else force a VM-exit with a reschedule IPI."""
+        if self.kvm_vcpu_wake_up(vcpu):
+            return
+        if vcpu.mode == IN_GUEST_MODE:
+            vcpu.mode = EXITING_GUEST_MODE
+            if vcpu.cpu is not None and not (from_vcpu is not None and from_vcpu.cpu == vcpu.cpu):
+                self.rec.count("kicks")
+                self.host.send_host_ipi(vcpu.cpu, "reschedule", src=from_vcpu.cpu if from_vcpu else None)
+
+    # -- interrupt delivery: lapic.c __apic_accept_irq() + vendor deliver ------------------
+    def flush_ipis(self, vcpu: Vcpu) -> Gen:
+        while vcpu.pending_ipis:
+            icr = vcpu.pending_ipis.pop(0)
+            yield from self.kvm_apic_send_ipi(vcpu, icr)
+
+    def kvm_apic_send_ipi(self, src: Vcpu, icr: Icr) -> Gen:
+        """Emulate an IPI: resolve destinations with the APIC model, accept into each target."""
+        t = src.guest.ipi_sent_at  # latency counts from the guest's ICR write
+        self.rec.count("emulated_ipis")
+        apics = [v.apic for v in self.vcpus]
+        targets = apic_dest.resolve(apics, src.apic, icr)
+        yield self.costs.KVM_IPI_EMULATE
+        by_apic = {id(v.apic): v for v in self.vcpus}
+        for a in targets:
+            yield from self.kvm_apic_accept_irq(by_apic[id(a)], icr.delivery_mode, icr.vector,
+                                                icr.trigger, icr.level, src.name, t, from_vcpu=src)
+
+    def kvm_apic_accept_irq(self, vcpu: Vcpu, mode: int, vector: int, trigger: int, level: int,
+                            sender: str | None, t_sent: int, *, kind: str | None = None,
+                            from_vcpu: Vcpu | None = None) -> Gen:
+        a = vcpu.apic
+        if mode in (DM_FIXED, DM_LOWEST):
+            if not a.sw_enabled or vector < 16:
+                a.accept_irq(mode, vector, trigger, level)  # records ESR / refusal
+                return False
+            # svm_deliver_interrupt(): set IRR, barrier, then decide how to notify.
+            if trigger:
+                a.set_tmr(vector)
+            else:
+                a.clear_tmr(vector)
+            a.set_irr(vector)
+            self.rec.accepted(vcpu.name, vector, kind or KIND_BY_MODE[mode], sender, t_sent)
+            if self.trace.on:
+                self.trace.emit("kvm_apic_accept_irq", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name,
+                                vec=vector, dm=KIND_BY_MODE[mode], tm="level" if trigger else "edge")
+            vcpu.poll.fire()
+            yield 0  # smp_mb__after_atomic(): IRR is visible before vcpu->mode is read
+            self.vendor.complete_interrupt_delivery(vcpu, from_vcpu=from_vcpu)
+            return True
+        ok = a.accept_irq(mode, vector, trigger, level)
+        if ok:
+            rec_vec = 2 if mode == DM_NMI else (vector if mode == DM_SIPI else 0)
+            self.rec.accepted(vcpu.name, rec_vec, KIND_BY_MODE.get(mode, "fixed"), sender, t_sent)
+            vcpu.requests.add(REQ_EVENT)
+            yield 0
+            self.kvm_vcpu_kick(vcpu, from_vcpu=from_vcpu)
+        return ok
+
+    def _apic_timer_expired(self, vcpu: Vcpu) -> None:
+        """apic_timer_expired() in hrtimer context: the LVT timer fires into the vCPU's APIC."""
+        a = vcpu.apic
+        vec = a.read_reg(0x320) & 0xFF
+        masked = a.read_reg(0x320) & (1 << 16)
+        had = a.test_irr(vec)
+        a.timer_expired()
+        if not masked and a.test_irr(vec) and not had:
+            self.rec.accepted(vcpu.name, vec, "timer", None, self.engine.now)
+            vcpu.poll.fire()
+            self.vendor.complete_interrupt_delivery(vcpu, from_vcpu=None)

@@ -1,0 +1,462 @@
+"""KVM's SVM vendor code at L0 (arch/x86/kvm/svm/svm.c + the AVIC glue of avic.c).
+
+Exit handlers keep KVM's names in their docstrings. Exit reasons are counted under the level the
+exit was handled at (``l0`` here) with KVM's lowercase tracepoint names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from navic.apic.icr import Icr
+from navic.apic.lapic import GPFault
+from navic.apic.registers import (
+    APIC_DFR,
+    APIC_ICR,
+    APIC_ICR2,
+    APIC_ID,
+    APIC_LDR,
+    MSR_IA32_APICBASE,
+    MSR_IA32_TSC_DEADLINE,
+)
+from navic.hv.avic import AvicVm
+from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
+from navic.hw import avic as A
+from navic.hw import isa
+from navic.hw import vmcb as V
+from navic.hw.isa import Fault
+from navic.hw.svm import GuestContext, Svm
+
+if TYPE_CHECKING:
+    from navic.hv.host import Host
+
+Gen = Generator[Any, Any, Any]
+
+X2APIC_MSRS = range(0x800, 0x900)
+# x2AVIC: writes KVM lets through (TPR, EOI, ICR, SELF_IPI); reads of every readable register.
+X2AVIC_PASSTHROUGH_WRITES = frozenset({0x808, 0x80B, 0x830, 0x83F})
+LVTT_MSR = 0x832
+
+
+class SvmVendor:
+    """``kvm_x86_ops`` for SVM with AVIC, for one VM."""
+
+    def __init__(self, kvm: Kvm, host: Host, silicon: Svm, features: Any) -> None:
+        self.kvm = kvm
+        self.host = host
+        self.hw = silicon
+        self.features = features
+        l0 = host.l0
+        errata = self._errata(l0, features)
+        self.errata = errata
+        # enable_apicv: AVIC must be enumerated (zen3: only with force_avic).
+        self.enable_apicv = bool(l0.apicv and features.avic and (features.avic_enumerated or l0.force_avic))
+        # enable_ipiv: "auto" is forced off on erratum-1235 parts (avic_hardware_setup).
+        if l0.ipiv == "auto":
+            self.enable_ipiv = "1235" not in errata
+        else:
+            self.enable_ipiv = bool(l0.ipiv)
+        self.avic = AvicVm(kvm, features, enable_ipiv=self.enable_ipiv)
+
+    @staticmethod
+    def _errata(l0: Any, features: Any) -> frozenset[str]:
+        if l0.errata == "auto":
+            # zen3 with force_avic "behaves as zen2 without the erratum".
+            return frozenset(features.errata)
+        return frozenset(l0.errata)
+
+    # -- vCPU creation ---------------------------------------------------------------------
+    def vcpu_create(self, vcpu: Vcpu) -> None:
+        mem = self.kvm.mem
+        hpa = mem.alloc(1)
+        vmcb = V.Vmcb(mem, hpa)
+        vcpu.vmcb = vmcb
+        vcpu.ctx = GuestContext(vcpu.name, "L1", vmcb, vcpu.guest)
+        vcpu.ctx.bind_vapic(vcpu.apic)
+        vcpu.ldr_reg = 0
+        vcpu.dfr_reg = 0xFFFFFFFF
+        vcpu.avic_physical_id_entry = 0
+        vcpu.irtes = []
+        for bit in (V.INTERCEPT_INTR, V.INTERCEPT_NMI, V.INTERCEPT_HLT, V.INTERCEPT_MSR_PROT,
+                    V.INTERCEPT_VMRUN, V.INTERCEPT_SHUTDOWN):
+            vmcb.set_intercept(bit)
+        vmcb.v_intr_masking = 1
+        vmcb.asid = 1           # any non-zero ASID (KVM allocates them per pCPU generation)
+        vmcb.np_enable = True   # AVIC requires nested paging
+        # avic_init_vmcb(): pointers always programmed.
+        vmcb.avic_vapic_bar = 0xFEE00000
+        vmcb.backing_page_hpa = vcpu.backing_hpa
+        vmcb.logical_table_hpa = self.avic.logical_table_hpa
+        vmcb.physical_table_hpa = self.avic.physical_table_hpa
+        if self.enable_apicv and not self.avic.init_backing_page(vcpu):
+            self.kvm.set_apicv_inhibit("PHYSICAL_ID_TOO_BIG")
+
+    def post_create(self) -> None:
+        """After all vCPUs exist: initial activation and logical-table state."""
+        if not self.enable_apicv:
+            self.kvm.set_apicv_inhibit("DISABLED")
+        for v in self.kvm.vcpus:
+            v.apicv_active = self.apicv_allowed(v)
+            if v.apicv_active:
+                self.activate_vmcb(v)
+            else:
+                self.deactivate_vmcb(v)
+            self.avic.handle_dfr_update(v)
+            self.avic.handle_ldr_update(v)
+
+    # -- activation ------------------------------------------------------------------------
+    def apicv_allowed(self, vcpu: Vcpu) -> bool:
+        return self.enable_apicv and not self.kvm.inhibits and not getattr(vcpu, "nested_inhibit", False)
+
+    def activate_vmcb(self, vcpu: Vcpu) -> None:
+        """avic_activate_vmcb(): AVIC on; x2AVIC if the guest is in x2APIC mode and the CPU has it."""
+        vmcb = vcpu.vmcb
+        x2 = vcpu.apic.mode == "x2apic"
+        vmcb.avic_enable = 1
+        vmcb.x2avic_enable = 1 if (x2 and self.features.x2avic) else 0
+        vmcb.max_index = self.avic.max_physical_id(x2 and self.features.x2avic)
+        vmcb.mark_dirty(V.VMCB_CLEAN_AVIC)
+        self._set_msr_intercepts(vcpu, active=True)
+
+    def deactivate_vmcb(self, vcpu: Vcpu) -> None:
+        vmcb = vcpu.vmcb
+        vmcb.avic_enable = 0
+        vmcb.x2avic_enable = 0
+        vmcb.max_index = 0
+        self._set_msr_intercepts(vcpu, active=False)
+
+    def _set_msr_intercepts(self, vcpu: Vcpu, *, active: bool) -> None:
+        ctx = vcpu.ctx
+        ctx.msr_rd = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
+        ctx.msr_wr = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE, LVTT_MSR}
+        if active and self.features.x2avic and vcpu.apic.mode == "x2apic":
+            ctx.msr_wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
+        else:
+            # APICv off, or hybrid AVIC (AVIC without x2AVIC): every x2APIC MSR exits.
+            ctx.msr_rd |= set(X2APIC_MSRS)
+            ctx.msr_wr |= set(X2APIC_MSRS)
+
+    def refresh_apicv_exec_ctrl(self, vcpu: Vcpu) -> None:
+        """avic_refresh_apicv_exec_ctrl(): follow the inhibit state (KVM_REQ_APICV_UPDATE)."""
+        active = self.apicv_allowed(vcpu)
+        if active == vcpu.apicv_active:
+            if active:
+                self.activate_vmcb(vcpu)   # e.g. xAPIC <-> x2APIC switch
+            return
+        vcpu.apicv_active = active
+        if active:
+            self.avic.handle_dfr_update(vcpu)
+            self.avic.handle_ldr_update(vcpu)
+            self.activate_vmcb(vcpu)
+            if vcpu.cpu is not None:
+                self.avic._load(vcpu, vcpu.cpu)
+        else:
+            self.deactivate_vmcb(vcpu)
+            self.avic.vcpu_put(vcpu)
+        self.kvm.rec.count("apicv_toggles")
+
+    # -- scheduling hooks ------------------------------------------------------------------
+    def vcpu_load(self, vcpu: Vcpu, cpu: int | None) -> None:
+        vcpu.last_cpu = cpu
+        if cpu is not None:
+            self.avic.vcpu_load(vcpu, cpu)
+
+    def vcpu_put(self, vcpu: Vcpu) -> None:
+        if vcpu.blocking:
+            return
+        self.avic.vcpu_put(vcpu)
+
+    def vcpu_blocking(self, vcpu: Vcpu) -> None:
+        self.avic.vcpu_put(vcpu, blocking=True)
+
+    def vcpu_unblocking(self, vcpu: Vcpu) -> None:
+        if vcpu.cpu is not None and vcpu.apicv_active:
+            self.avic._load(vcpu, vcpu.cpu)
+
+    def update_irtes(self, vcpu: Vcpu, *, running: bool, host_id: int | None, ga_log: bool = False) -> None:
+        iommu = getattr(self.host, "iommu", None)
+        if iommu is not None:
+            iommu.update_vcpu(vcpu, running=running, host_id=host_id, ga_log=ga_log)
+
+    def recalc_logical_aliasing(self) -> None:
+        """kvm_recalculate_logical_map(): xAPIC logical IDs must map 1:1 for AVIC."""
+        seen: dict[int, int] = {}
+        aliased = False
+        for v in self.kvm.vcpus:
+            if v.apic.mode != "xapic":
+                continue
+            ldr = v.apic.read_reg(APIC_LDR) >> 24
+            if not ldr:
+                continue
+            flat = v.apic.read_reg(APIC_DFR) == 0xFFFFFFFF
+            bits = ldr if flat else ldr & 0xF
+            if bin(bits).count("1") != 1:
+                aliased = True
+                break
+            key = ldr if flat else ldr
+            if key in seen:
+                aliased = True
+                break
+            seen[key] = v.idx
+        if aliased:
+            self.kvm.set_apicv_inhibit("LOGICAL_ID_ALIASED")
+        else:
+            self.kvm.clear_apicv_inhibit("LOGICAL_ID_ALIASED")
+
+    # -- delivery ---------------------------------------------------------------------------
+    def complete_interrupt_delivery(self, vcpu: Vcpu, *, from_vcpu: Vcpu | None) -> None:
+        """svm_complete_interrupt_delivery(): doorbell if in guest mode, else wake up; with APICv
+        inactive, KVM_REQ_EVENT + kick so the entry path injects it."""
+        kvm = self.kvm
+        if not vcpu.apicv_active:
+            vcpu.requests.add(REQ_EVENT)
+            kvm.kvm_vcpu_kick(vcpu, from_vcpu=from_vcpu)
+            return
+        if vcpu.mode == IN_GUEST_MODE:
+            if vcpu.cpu is not None and not (from_vcpu is not None and from_vcpu.cpu == vcpu.cpu):
+                # avic_ring_doorbell(): WRMSR(C001_011B, target pCPU's APIC ID)
+                self.host.doorbell(self.host.pcpus[vcpu.cpu].apic_id, src=from_vcpu.cpu if from_vcpu else None)
+            return
+        kvm.kvm_vcpu_wake_up(vcpu)
+
+    def inject_pending_events(self, vcpu: Vcpu) -> None:
+        """kvm_check_and_inject_events(): NMIs always through EVENTINJ; maskable interrupts only
+        when APICv is inactive (EVENTINJ if IF = 1, else an interrupt window via V_IRQ + VINTR)."""
+        a = vcpu.apic
+        vmcb = vcpu.vmcb
+        g = vcpu.guest
+        if vmcb.event_inj & (1 << 31):
+            return
+        if a.init_pending:
+            self._init_sipi(vcpu)
+        if a.nmi_pending and not g.nmi_blocked:
+            a.take_nmi()
+            vmcb.event_inj = (1 << 31) | (2 << 8) | 2
+            return
+        if vcpu.apicv_active:
+            return
+        v = a.has_interrupt()
+        if v < 0:
+            return
+        if g.IF:
+            a.ack_interrupt()
+            vmcb.event_inj = (1 << 31) | v
+            vmcb.v_irq = 0
+            vmcb.clr_intercept(V.INTERCEPT_VINTR)
+        else:
+            vmcb.v_irq = 1
+            vmcb.v_intr_vector = 0
+            vmcb.set_intercept(V.INTERCEPT_VINTR)
+
+    def _init_sipi(self, vcpu: Vcpu) -> None:
+        """kvm_apic_accept_events(), simplified: INIT resets the APIC; the following SIPI (if
+        already latched) restarts the program (see docs/model.md "INIT and SIPI")."""
+        from navic.hw.machine import os_apic_defaults
+
+        a = vcpu.apic
+        ldr = a.read_reg(APIC_LDR)
+        a.take_init()
+        a.init_reset()
+        vcpu.guest.note_event(0, "init")
+        vec = a.take_sipi()
+        os_apic_defaults(a, ldr=ldr)
+        if vec is not None:
+            vcpu.guest.note_event(vec, "sipi")
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, vcpu: Vcpu) -> Gen:
+        """svm_vcpu_run(): VMRUN on this pCPU."""
+        return (yield from self.hw.vmrun(self.host.pcpus[vcpu.cpu], vcpu.ctx))
+
+    def handle_exit(self, vcpu: Vcpu, code: int) -> Gen:
+        """svm_handle_exit(): dispatch on the exit code."""
+        kvm = self.kvm
+        name = V.exit_name(code)
+        kvm.rec.exit("l0", name)
+        vmcb = vcpu.vmcb
+        if kvm.trace.on:
+            kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name, reason=name,
+                           info1=vmcb.exit_info_1, info2=vmcb.exit_info_2)
+        yield kvm.costs.EXIT_DISPATCH
+        handler = self._handlers.get(code)
+        if handler is None:
+            raise RuntimeError(f"{vcpu.name}: unhandled #VMEXIT {name} ({code:#x})")
+        r = yield from handler(self, vcpu)
+        if vcpu.pending_ipis:
+            yield from kvm.flush_ipis(vcpu)
+        return r
+
+    def _exit_intr(self, vcpu: Vcpu) -> Gen:
+        """An external (host) interrupt: the host handled it; nothing to do for the guest."""
+        return "continue"
+        yield  # pragma: no cover
+
+    def _exit_vintr(self, vcpu: Vcpu) -> Gen:
+        """interrupt_window_interception(): the guest opened its interrupt window."""
+        vmcb = vcpu.vmcb
+        vmcb.v_irq = 0
+        vmcb.clr_intercept(V.INTERCEPT_VINTR)
+        vcpu.requests.add(REQ_EVENT)
+        return "continue"
+        yield  # pragma: no cover
+
+    def _exit_hlt(self, vcpu: Vcpu) -> Gen:
+        """kvm_emulate_halt(): skip the instruction, then halt the vCPU (kvm_vcpu_halt)."""
+        vcpu.guest.retire(None)
+        vcpu.ctx.exit_insn = None
+        return "halt"
+        yield  # pragma: no cover
+
+    def _exit_msr(self, vcpu: Vcpu) -> Gen:
+        """msr_interception(): x2APIC MSRs through kvm_x2apic_msr_{read,write}; APIC_BASE."""
+        insn = vcpu.ctx.exit_insn
+        vcpu.ctx.exit_insn = None
+        costs = self.kvm.costs
+        yield costs.MSR_EMULATE
+        a = vcpu.apic
+        write = type(insn) is isa.Wrmsr
+        try:
+            if insn.msr == MSR_IA32_APICBASE and write:
+                old = a.apic_base
+                a.set_apic_base(insn.value)
+                self._apic_base_changed(vcpu, old)
+                res: Any = None
+            elif insn.msr in X2APIC_MSRS or insn.msr in (MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE):
+                if write:
+                    a.wrmsr(insn.msr, insn.value)
+                    res = None
+                else:
+                    res = a.rdmsr(insn.msr)
+            else:
+                res = Fault("#GP", f"MSR {insn.msr:#x} not implemented")
+        except GPFault as e:
+            res = Fault("#GP", str(e))
+        vcpu.guest.retire(res)
+        return "continue"
+
+    def _apic_base_changed(self, vcpu: Vcpu, old: int) -> None:
+        a = vcpu.apic
+        if (old ^ a.apic_base) & 0xFFFFF000:
+            self.kvm.set_apicv_inhibit("APIC_BASE_MODIFIED")
+        if (old ^ a.apic_base) & (1 << 10):
+            # xAPIC <-> x2APIC: KVM re-programs AVIC (x2AVIC bit, max index, MSR intercepts).
+            vcpu.requests.add(REQ_APICV_UPDATE)
+            if a.mode == "x2apic":
+                self.avic.invalidate_logical(vcpu)
+                vcpu.ldr_reg = 0
+            self.kvm.recalc_apic_map()
+
+    def _exit_npf(self, vcpu: Vcpu) -> Gen:
+        """npf_interception() on the APIC page with APICv off: MMIO emulation (instruction decode)."""
+        insn = vcpu.ctx.exit_insn
+        vcpu.ctx.exit_insn = None
+        yield self.kvm.costs.MMIO_EMULATE
+        off = insn.addr - 0xFEE00000
+        a = vcpu.apic
+        if type(insn) is isa.MmioWrite:
+            old_id = a.read_reg(APIC_ID)
+            a.mmio_write(off, insn.value)
+            self._after_apic_write(vcpu, off, old_id)
+            vcpu.guest.retire(None)
+        else:
+            vcpu.guest.retire(a.mmio_read(off))
+        return "continue"
+
+    def _after_apic_write(self, vcpu: Vcpu, off: int, old_id: int) -> None:
+        if off == APIC_ID and vcpu.apic.read_reg(APIC_ID) != old_id:
+            self.kvm.set_apicv_inhibit("APIC_ID_MODIFIED")
+            self.kvm.recalc_apic_map()
+        elif off in (APIC_LDR, APIC_DFR):
+            self.kvm.recalc_apic_map()
+
+    def _exit_noaccel(self, vcpu: Vcpu) -> Gen:
+        """avic_unaccelerated_access_interception(): trap -> replay the write through the APIC
+        model (LDR/DFR also rewrite the logical table); fault -> emulate the access."""
+        vmcb = vcpu.vmcb
+        off = vmcb.exit_info_1 & A.AVIC_UNACCEL_ACCESS_OFFSET_MASK
+        write = bool((vmcb.exit_info_1 >> 32) & A.AVIC_UNACCEL_ACCESS_WRITE_MASK)
+        kvm = self.kvm
+        if kvm.trace.on:
+            kvm.trace.emit("kvm_avic_unaccelerated_access", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name,
+                           offset=off, trap=A.kvm_is_trap_offset(off), write=write,
+                           vec=vmcb.exit_info_2 & 0xFFFFFFFF)
+        a = vcpu.apic
+        if A.kvm_is_trap_offset(off, self.features.ext_lvt_avic_access_chg) and vcpu.ctx.exit_insn is None:
+            yield kvm.costs.AVIC_NOACCEL_TRAP
+            if off == APIC_LDR:
+                self.avic.handle_ldr_update(vcpu)
+            elif off == APIC_DFR:
+                self.avic.handle_dfr_update(vcpu)
+            old_id = vcpu.vcpu_id if off == APIC_ID else 0
+            value = a.regs[off >> 2]
+            if off == APIC_ICR:
+                a.write_reg(APIC_ICR2, a.regs[APIC_ICR2 >> 2])
+            # kvm_apic_write_nodecode(): replay the value already in the page.
+            a.write_reg(off, value)
+            if off == APIC_ID and (a.read_reg(APIC_ID) >> 24) != (old_id & 0xFF):
+                kvm.set_apicv_inhibit("APIC_ID_MODIFIED")
+                kvm.recalc_apic_map()
+            elif off in (APIC_LDR, APIC_DFR):
+                kvm.recalc_apic_map()
+            return "continue"
+        # Fault: kvm_emulate_instruction() on the access the guest attempted.
+        insn = vcpu.ctx.exit_insn
+        vcpu.ctx.exit_insn = None
+        yield kvm.costs.AVIC_NOACCEL_FAULT
+        try:
+            if type(insn) is isa.MmioWrite:
+                a.mmio_write(off, insn.value)
+                res: Any = None
+            elif type(insn) is isa.MmioRead:
+                res = a.mmio_read(off)
+            elif type(insn) is isa.Wrmsr:
+                a.wrmsr(insn.msr, insn.value)
+                res = None
+            else:
+                res = a.rdmsr(insn.msr)
+        except GPFault as e:
+            res = Fault("#GP", str(e))
+        vcpu.guest.retire(res)
+        return "continue"
+
+    def _exit_incomplete_ipi(self, vcpu: Vcpu) -> Gen:
+        """avic_incomplete_ipi_interception(): ID 0/2 emulate the IPI; ID 1 kick the targets
+        (hardware already set IRR — never again); ID 3 cannot happen; ID 4 ignored."""
+        kvm = self.kvm
+        vmcb = vcpu.vmcb
+        icrl = vmcb.exit_info_1 & 0xFFFFFFFF
+        icrh = vmcb.exit_info_1 >> 32
+        fid = vmcb.exit_info_2 >> 32
+        index = vmcb.exit_info_2 & 0xFFF
+        kvm.rec.count(f"avic_incomplete_ipi_id{fid}")
+        if kvm.trace.on:
+            kvm.trace.emit("kvm_avic_incomplete_ipi", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name,
+                           icrh=icrh, icrl=icrl, id=fid, index=index)
+        x2 = vcpu.apic.mode == "x2apic"
+        icr = Icr.decode(icrl, icrh if x2 else icrh, x2)
+        if fid in (A.AVIC_IPI_FAILURE_INVALID_INT_TYPE, A.AVIC_IPI_FAILURE_INVALID_TARGET):
+            yield kvm.costs.AVIC_INCOMPLETE_IPI
+            yield from kvm.kvm_apic_send_ipi(vcpu, icr)
+        elif fid == A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING:
+            yield kvm.costs.AVIC_INCOMPLETE_IPI
+            yield from self.avic.kick_target_vcpus(vcpu, icr, index)
+        elif fid == A.AVIC_IPI_FAILURE_INVALID_BACKING_PAGE:
+            kvm.rec.count("avic_invalid_backing_page_warn")
+        return "continue"
+
+    _handlers: dict[int, Any] = {
+        V.SVM_EXIT_INTR: _exit_intr,
+        V.SVM_EXIT_VINTR: _exit_vintr,
+        V.SVM_EXIT_HLT: _exit_hlt,
+        V.SVM_EXIT_MSR: _exit_msr,
+        V.SVM_EXIT_NPF: _exit_npf,
+        V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS: _exit_noaccel,
+        V.SVM_EXIT_AVIC_INCOMPLETE_IPI: _exit_incomplete_ipi,
+    }
+
+
+def icr_from_page(vcpu: Vcpu) -> Icr:
+    a = vcpu.apic
+    x2 = a.mode == "x2apic"
+    return Icr.decode(a.regs[APIC_ICR >> 2], a.regs[APIC_ICR2 >> 2], x2)

@@ -1,0 +1,81 @@
+"""The instructions guest code issues to the CPU it runs on.
+
+Guest code (a program's ops, a handler, later a guest hypervisor) is a generator that yields
+these records and receives each one's result: the value read, ``None`` for a completed write,
+or a :class:`Fault` when the instruction raised a guest-visible exception (#GP). The CPU that
+executes them is either the silicon directly (bare metal) or the silicon in guest mode, where
+an instruction may be intercepted and cause a #VMEXIT to the hypervisor below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Insn:
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MmioRead(Insn):
+    addr: int
+
+
+@dataclass(frozen=True, slots=True)
+class MmioWrite(Insn):
+    addr: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rdmsr(Insn):
+    msr: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wrmsr(Insn):
+    msr: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Compute(Insn):
+    """Straight-line work of ``cycles`` cycles (interrupts are recognised only after it)."""
+
+    cycles: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pause(Insn):
+    """One pass of a pause loop polling memory. The CPU stays busy (no exit, no halt) until an
+    interrupt can be taken; ``epoch`` is the guest's delivery count when it last looked, so a
+    delivery that happened since returns at once instead of sleeping (no lost wake-up)."""
+
+    epoch: int
+
+
+class _Simple(Insn):
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name.upper()
+
+
+STI = _Simple("sti")   # IF <- 1; interrupts are recognised only after the next instruction
+CLI = _Simple("cli")   # IF <- 0
+HLT = _Simple("hlt")   # halt until an interrupt (maskable only if IF = 1), NMI or INIT
+IRET = _Simple("iret")  # return from an interrupt handler (restores IF, ends NMI blocking)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A guest-visible exception raised by an instruction, e.g. ``Fault("#GP", "reserved bits")``."""
+
+    vector: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.vector}: {self.reason}" if self.reason else self.vector

@@ -1,0 +1,142 @@
+"""The host machine: physical CPUs with their local APICs on one interrupt bus.
+
+With ``virt = "none"`` this is the whole system: each scenario CPU runs natively on its own
+physical CPU and IPIs travel over the APIC bus (destination resolution at send time by the
+architectural APIC model, arrival after ``IPI_WIRE`` cycles). It is the baseline every
+virtualised latency is compared with.
+"""
+
+from __future__ import annotations
+
+from navic.apic import dest as apic_dest
+from navic.apic.icr import Icr
+from navic.apic.lapic import ApicHooks, LocalApic
+from navic.apic.registers import APIC_DFR, APIC_LDR, APIC_LVTT, APIC_SVR, APIC_TPR
+from navic.guest.kernel import GuestCpu
+from navic.hw.pcpu import PhysCpu
+from navic.sim.cost import CostModel
+from navic.sim.engine import Engine, Handle
+from navic.sim.record import Recorder
+from navic.sim.trace import Trace
+
+DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_SIPI, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
+KIND_BY_MODE = {DM_FIXED: "fixed", DM_LOWEST: "lowest", DM_SMI: "smi", DM_NMI: "nmi",
+                DM_INIT: "init", DM_SIPI: "sipi", DM_EXTINT: "extint"}
+
+
+class _CpuHooks(ApicHooks):
+    """What a bare-metal local APIC is wired to: the bus, its CPU's wake line, the clock."""
+
+    def __init__(self, machine: Machine, cpu_index: int) -> None:
+        self.m = machine
+        self.i = cpu_index
+        self.timer: Handle | None = None
+
+    def send_ipi(self, apic: LocalApic, icr: Icr) -> None:
+        self.m.send_ipi(self.i, icr)
+
+    def interrupt_pending(self, apic: LocalApic) -> None:
+        self.m.pcpus[self.i].wake.fire()
+
+    def eoi_level(self, apic: LocalApic, vector: int) -> None:
+        self.m.rec.count("level_eois")
+
+    def arm_timer(self, apic: LocalApic, deadline: int | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if deadline is not None:
+            self.timer = self.m.engine.call_at(deadline, self.m.timer_fired, self.i, label="apic-timer")
+
+    def now(self) -> int:
+        return self.m.engine.now
+
+
+class Machine:
+    def __init__(self, engine: Engine, costs: CostModel, rec: Recorder, trace: Trace,
+                 lowest_priority: str = "vector_hashing") -> None:
+        self.engine = engine
+        self.costs = costs
+        self.rec = rec
+        self.trace = trace
+        self.lowest_priority = lowest_priority
+        self.pcpus: list[PhysCpu] = []
+        self.apics: list[LocalApic] = []
+        self.guests: list[GuestCpu | None] = []
+        self.names: list[str] = []
+
+    def add_cpu(self, name: str, apic_id: int, mode: str, bsp: bool) -> PhysCpu:
+        i = len(self.pcpus)
+        hooks = _CpuHooks(self, i)
+        apic = LocalApic(apic_id, hooks=hooks, mode=mode, bsp=bsp,
+                         lowest_priority=self.lowest_priority,
+                         cycles_per_timer_tick=self.costs.TIMER_TICK)
+        os_apic_defaults(apic)
+        cpu = PhysCpu(self, i, apic)
+        self.pcpus.append(cpu)
+        self.apics.append(apic)
+        self.guests.append(None)
+        self.names.append(name)
+        return cpu
+
+    def attach(self, cpu: PhysCpu, g: GuestCpu) -> None:
+        self.guests[cpu.index] = g
+        self.engine.spawn(cpu.run_native(g), g.name)
+
+    # -- the APIC bus ----------------------------------------------------------------------
+    def send_ipi(self, src: int, icr: Icr) -> None:
+        t = self.engine.now
+        src_apic = self.apics[src]
+        targets = apic_dest.resolve(self.apics, src_apic, icr)
+        self.rec.count("ipis_sent")
+        tr = self.trace
+        if tr.on:
+            tr.emit("navic_ipi_send", pcpu=src, level="L0", vcpu=self.names[src], vector=icr.vector,
+                    mode=KIND_BY_MODE.get(icr.delivery_mode, "?"), dest=icr.dest,
+                    targets=[self.names[self.apics.index(a)] for a in targets])
+        wire = self.costs.IPI_WIRE
+        index_of = {id(a): i for i, a in enumerate(self.apics)} if len(targets) > 1 else None
+        for a in targets:
+            i = index_of[id(a)] if index_of is not None else self.apics.index(a)
+            self.engine.call_later(wire, self._arrive, i, icr, self.names[src], t, label="ipi-arrive")
+
+    def _arrive(self, i: int, icr: Icr, sender: str, t_sent: int) -> None:
+        apic = self.apics[i]
+        mode = icr.delivery_mode
+        ok = apic.accept_irq(mode, icr.vector, icr.trigger, icr.level)
+        if self.trace.on:
+            self.trace.emit("kvm_apic_accept_irq", pcpu=i, level="L0", vcpu=self.names[i],
+                            vec=icr.vector, dm=KIND_BY_MODE.get(mode, "?"), accepted=ok)
+        if not ok:
+            return
+        if mode == DM_NMI:
+            self.rec.accepted(self.names[i], 2, "nmi", sender, t_sent)
+        elif mode == DM_INIT or mode == DM_SMI:
+            self.rec.accepted(self.names[i], 0, KIND_BY_MODE[mode], sender, t_sent)
+        elif mode in (DM_FIXED, DM_LOWEST, DM_SIPI):
+            self.rec.accepted(self.names[i], icr.vector, KIND_BY_MODE[mode], sender, t_sent)
+
+    def timer_fired(self, i: int) -> None:
+        apic = self.apics[i]
+        lvtt = apic.read_reg(APIC_LVTT)
+        apic.timer_expired()
+        if not lvtt & (1 << 16) and apic.test_irr(lvtt & 0xFF):
+            self.rec.accepted(self.names[i], lvtt & 0xFF, "timer", None, self.engine.now)
+
+    # -- INIT / SIPI (see docs/model.md "INIT and SIPI") ------------------------------------
+    def init_cpu(self, cpu: PhysCpu, g: GuestCpu) -> None:
+        g.saved_ldr = cpu.apic.read_reg(APIC_LDR)  # type: ignore[attr-defined]
+        cpu.apic.init_reset()
+
+    def sipi_cpu(self, cpu: PhysCpu, g: GuestCpu) -> None:
+        os_apic_defaults(cpu.apic, ldr=getattr(g, "saved_ldr", None))
+
+
+def os_apic_defaults(apic: LocalApic, ldr: int | None = None) -> None:
+    """The APIC as an OS leaves it after boot: enabled (SVR = 0x1FF), TPR = 0, flat DFR."""
+    apic.write_reg(APIC_SVR, 0x1FF)
+    apic.write_reg(APIC_TPR, 0)
+    if apic.mode == "xapic":
+        apic.write_reg(APIC_DFR, 0xFFFFFFFF)
+        if ldr is not None:
+            apic.write_reg(APIC_LDR, ldr)

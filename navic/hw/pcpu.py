@@ -1,0 +1,154 @@
+"""A physical CPU: its local APIC, and native execution of guest code (bare metal).
+
+Native execution steps a :class:`~navic.guest.kernel.GuestCpu` instruction by instruction
+against this CPU's own local APIC. At every instruction boundary it recognises, in priority
+order (SDM vol. 3 §6.9): INIT, NMI (unless blocked), then a maskable interrupt when IF = 1 and
+not in the one-instruction STI shadow. Virtualised execution (guest mode under SVM/VMX) lives
+in :mod:`navic.hw.svm` and :mod:`navic.hw.vmx`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from navic.apic.lapic import GPFault, LocalApic
+from navic.apic.registers import MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
+from navic.hw import isa
+from navic.hw.isa import Fault
+
+if TYPE_CHECKING:
+    from navic.guest.kernel import GuestCpu
+    from navic.hw.machine import Machine
+
+APIC_MSRS = range(0x800, 0x900)
+
+
+class PhysCpu:
+    def __init__(self, machine: Machine, index: int, apic: LocalApic) -> None:
+        self.machine = machine
+        self.index = index
+        self.apic = apic
+        self.wake = machine.engine.signal(f"pcpu{index}.wake")
+        self.halted = False
+        self.plain_memory: dict[int, int] = {}  # the APIC page when the APIC does not claim it
+
+    def __repr__(self) -> str:
+        return f"<PhysCpu {self.index}>"
+
+    # -- what the APIC presents at an instruction boundary ---------------------------------
+    def _interruptible(self, g: GuestCpu) -> bool:
+        a = self.apic
+        if a.init_pending or (a.nmi_pending and not g.nmi_blocked) or a.smi_pending:
+            return True
+        return g.IF and a.has_interrupt() >= 0
+
+    def run_native(self, g: GuestCpu) -> Generator[Any, Any, None]:
+        """The process of a bare-metal CPU running ``g``."""
+        m = self.machine
+        costs = m.costs
+        a = self.apic
+        shadow = False
+        apic_lo = g.apic_base
+        while True:
+            # ---- instruction boundary: events -------------------------------------------
+            if not shadow:
+                if a.init_pending:
+                    a.take_init()
+                    m.init_cpu(self, g)
+                    g.note_event(0, "init")
+                    while True:
+                        if a.sipi_vector is not None:
+                            vec = a.take_sipi()
+                            break
+                        self.halted = True
+                        yield self.wake
+                        self.halted = False
+                    m.sipi_cpu(self, g)
+                    g.note_event(vec if vec is not None else 0, "sipi")
+                    yield costs.INTR_ENTRY
+                    continue
+                if a.sipi_vector is not None:
+                    a.take_sipi()  # a SIPI outside wait-for-SIPI is ignored (SDM §8.4.4.1)
+                if a.smi_pending:
+                    # SMM is invisible to the program: record the SMI, charge an entry/exit.
+                    a.take_smi()
+                    g.note_event(0, "smi")
+                    yield costs.INTR_ENTRY
+                    continue
+                if a.nmi_pending and not g.nmi_blocked:
+                    a.take_nmi()
+                    yield costs.INTR_ENTRY
+                    g.enter_handler(2, "nmi")
+                    continue
+                if g.IF and a.has_interrupt() >= 0:
+                    v = a.ack_interrupt()
+                    yield costs.INTR_ENTRY
+                    g.enter_handler(v, "irq")
+                    continue
+            shadow = False
+            # ---- fetch and execute ------------------------------------------------------
+            insn = g.next_insn()
+            t = type(insn)
+            if t is isa.MmioWrite or t is isa.MmioRead:
+                apic_lo = a.apic_base & 0xFFFFF000
+                off = insn.addr - apic_lo
+                claimed = a.mode == "xapic" and 0 <= off < 0x1000
+                if t is isa.MmioWrite:
+                    if claimed:
+                        a.mmio_write(off, insn.value)
+                    else:
+                        self.plain_memory[insn.addr] = insn.value & 0xFFFFFFFF
+                    g.retire(None)
+                else:
+                    g.retire(a.mmio_read(off) if claimed else self.plain_memory.get(insn.addr, 0))
+                yield costs.APIC_ACCESS
+            elif t is isa.Wrmsr or t is isa.Rdmsr:
+                g.retire(self._msr(insn))
+                yield costs.APIC_ACCESS
+            elif t is isa.Pause:
+                if g.epoch == insn.epoch and not self._interruptible(g):
+                    yield self.wake
+                g.retire(None)
+                yield costs.SPIN_LOOP
+            elif insn is isa.HLT:
+                if not self._interruptible(g):
+                    self.halted = True
+                    while not self._interruptible(g):
+                        yield self.wake
+                    self.halted = False
+                    g.retire(None)
+                    yield costs.HLT_WAKE
+                else:
+                    g.retire(None)
+                    yield costs.INSN
+            elif insn is isa.STI:
+                g.IF = True
+                shadow = True
+                g.retire(None)
+                yield costs.INSN
+            elif insn is isa.CLI:
+                g.IF = False
+                g.retire(None)
+                yield costs.INSN
+            elif insn is isa.IRET:
+                g.retire(None)
+                yield costs.IRET
+            elif t is isa.Compute:
+                g.retire(None)
+                yield insn.cycles
+            else:  # pragma: no cover
+                raise TypeError(f"unknown instruction {insn!r}")
+
+    def _msr(self, insn: isa.Wrmsr | isa.Rdmsr) -> Any:
+        msr = insn.msr
+        a = self.apic
+        try:
+            if msr in APIC_MSRS or msr == MSR_IA32_APICBASE or msr == MSR_IA32_TSC_DEADLINE:
+                if type(insn) is isa.Wrmsr:
+                    a.wrmsr(msr, insn.value)
+                    return None
+                return a.rdmsr(msr)
+        except GPFault as e:
+            return Fault("#GP", str(e))
+        return Fault("#GP", f"MSR {msr:#x} is not implemented")

@@ -1,0 +1,311 @@
+"""SVM guest mode: VMRUN runs a guest on a physical CPU until #VMEXIT (APM vol. 2 §15, §15.29).
+
+:meth:`Svm.vmrun` steps the guest's instructions under the VMCB's controls:
+
+* intercepts: HLT, MSR (the MSR permission map is modelled as
+  two sets of intercepted MSRs, reads and writes), INTR
+  (a host interrupt pending at the pCPU), VINTR (KVM's interrupt window);
+* event injection (EVENTINJ) at entry and V_IRQ when AVIC is off;
+* AVIC (int_ctl bit 31) / x2AVIC (bit 30): APIC accesses follow the register access table
+  (:func:`navic.hw.avic.classify_access`): allowed reads come from the backing page, TPR / edge EOI
+  / ICR / SELF_IPI writes are accelerated, the rest trap or fault with AVIC_NOACCEL (0x402); an ICR
+  write runs the hardware IPI algorithm (:class:`navic.hw.avic.AvicEngine`), which may end in
+  AVIC_INCOMPLETE_IPI (0x401);
+* interrupt evaluation of the backing page only at the APM's evaluation points: VMRUN, doorbell
+  receipt, guest EOI and TPR writes — a software IRR write without a doorbell is *not* seen until
+  the next one (digest §4.5).
+
+Trap-style exits complete the instruction before exiting; fault-style exits leave it in
+``ctx.exit_insn`` for the hypervisor to emulate and retire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from navic.apic.lapic import LocalApic
+from navic.apic.registers import (
+    APIC_EOI,
+    APIC_ICR,
+    APIC_ICR2,
+    APIC_SELF_IPI,
+    APIC_TPR,
+)
+from navic.hw import avic as A
+from navic.hw import isa
+from navic.hw import vmcb as V
+from navic.hw.isa import Fault
+
+if TYPE_CHECKING:
+    from navic.guest.kernel import GuestCpu
+    from navic.hv.host import Host, HostCpu
+
+APIC_PAGE_SIZE = 0x1000
+
+
+@dataclass
+class GuestContext:
+    """What the silicon needs about the guest it runs besides the VMCB: the guest's CPU state
+    (``guest``), the MSR permission map (as a set of intercepted MSRs) and a name for records."""
+
+    name: str
+    level: str
+    vmcb: V.Vmcb
+    guest: GuestCpu
+    msr_rd: set[int] = field(default_factory=set)   # MSRPM read-intercept bits set
+    msr_wr: set[int] = field(default_factory=set)   # MSRPM write-intercept bits set
+    exit_insn: Any = None
+    exit_insn_offset: int = 0
+    _eval: bool = False
+
+    @property
+    def vapic(self) -> LocalApic:
+        return self._vapic
+
+    def bind_vapic(self, apic: LocalApic) -> None:
+        """The register-file view the silicon uses for the backing page named in the VMCB."""
+        self._vapic = apic
+
+
+class Svm:
+    """The SVM silicon of a host (shared by all its pCPUs)."""
+
+    def __init__(self, host: Host, features: Any, avic_engine: A.AvicEngine) -> None:
+        self.host = host
+        self.features = features
+        self.avic = avic_engine
+        self.costs = host.costs
+
+    # -- VMRUN ... #VMEXIT -------------------------------------------------------------------
+    def vmrun(self, pcpu: HostCpu, ctx: GuestContext) -> Generator[Any, Any, int]:
+        costs = self.costs
+        vmcb = ctx.vmcb
+        g = ctx.guest
+        bad = V.vmrun_checks(vmcb, self.features)
+        if bad is not None:
+            vmcb.set_exit(V.VMEXIT_INVALID)
+            return V.VMEXIT_INVALID
+        self.host.rec.count("vmruns")
+        yield costs.VMRUN
+        avic = bool(vmcb.avic_enable)
+        x2avic = avic and bool(vmcb.x2avic_enable)
+        vapic = ctx.vapic if avic else None
+        bar = vmcb.avic_vapic_bar & V.VMCB_AVIC_APIC_BAR_MASK
+        pcpu.guest_mode = True
+        pcpu.running = ctx
+        pcpu.doorbell_pending = False   # VMRUN's own evaluation covers any earlier doorbell
+        eval_pending = avic
+        shadow = False
+        exit_code = -1
+        info1 = info2 = 0
+
+        ei = vmcb.event_inj
+        if ei & (1 << 31):
+            vmcb.event_inj = 0
+            typ = (ei >> 8) & 7
+            yield costs.INTR_ENTRY
+            g.enter_handler(ei & 0xFF, "nmi" if typ == 2 else "irq")
+
+        while True:
+            # ---- instruction boundary --------------------------------------------------
+            if pcpu.intr_pending:
+                pcpu.intr_pending = False
+                exit_code = V.SVM_EXIT_INTR
+                break
+            if pcpu.doorbell_pending:
+                pcpu.doorbell_pending = False
+                eval_pending = avic
+            if not shadow:
+                if eval_pending:
+                    v = vapic.has_interrupt()  # type: ignore[union-attr]
+                    if v < 0:
+                        eval_pending = False
+                    elif g.IF:
+                        vapic.ack_interrupt()  # type: ignore[union-attr]
+                        yield costs.INTR_ENTRY
+                        g.enter_handler(v, "irq")
+                        continue
+                elif not avic and vmcb.v_irq and g.IF:
+                    if vmcb.intercept(V.INTERCEPT_VINTR):
+                        exit_code = V.SVM_EXIT_VINTR
+                        break
+                    vmcb.v_irq = 0
+                    yield costs.INTR_ENTRY
+                    g.enter_handler(vmcb.v_intr_vector, "irq")
+                    continue
+            shadow = False
+
+            # ---- fetch and execute -----------------------------------------------------
+            insn = g.next_insn()
+            t = type(insn)
+            if t is isa.MmioWrite or t is isa.MmioRead:
+                off = insn.addr - bar
+                write = t is isa.MmioWrite
+                if avic and not x2avic and 0 <= off < APIC_PAGE_SIZE and not g.x2apic:
+                    r = yield from self._avic_access(pcpu, ctx, off, write, insn.value if write else 0,
+                                                     msr=False)
+                    if r is None:  # completed in hardware
+                        eval_pending = eval_pending or ctx._eval
+                        continue
+                    exit_code, info1, info2 = r
+                    break
+                if not g.x2apic and 0 <= insn.addr - 0xFEE00000 < APIC_PAGE_SIZE:
+                    # APICv off: the APIC page is MMIO emulated by KVM (a nested page fault).
+                    ctx.exit_insn = insn
+                    exit_code, info1, info2 = V.SVM_EXIT_NPF, (1 << 1) if write else 0, insn.addr
+                    break
+                # Plain memory (x2APIC guests: the xAPIC page is not an APIC).
+                g.retire(None if write else 0)
+                yield costs.INSN
+            elif t is isa.Wrmsr or t is isa.Rdmsr:
+                msr = insn.msr
+                write = t is isa.Wrmsr
+                if msr in (ctx.msr_wr if write else ctx.msr_rd):
+                    ctx.exit_insn = insn
+                    exit_code, info1, info2 = V.SVM_EXIT_MSR, 1 if write else 0, 0
+                    break
+                if x2avic and 0x800 <= msr <= 0x8FF:
+                    r = yield from self._avic_access(pcpu, ctx, (msr - 0x800) << 4, write,
+                                                     insn.value if write else 0, msr=True)
+                    if r is None:
+                        eval_pending = eval_pending or ctx._eval
+                        continue
+                    exit_code, info1, info2 = r
+                    break
+                g.retire(Fault("#GP", f"MSR {msr:#x} not implemented"))
+                yield costs.INSN
+            elif insn is isa.HLT:
+                if vmcb.intercept(V.INTERCEPT_HLT):
+                    ctx.exit_insn = insn
+                    exit_code = V.SVM_EXIT_HLT
+                    break
+                while not (pcpu.intr_pending or pcpu.doorbell_pending or (eval_pending and g.IF)):
+                    yield pcpu.wake
+                g.retire(None)
+                yield costs.HLT_WAKE
+            elif t is isa.Pause:
+                if g.epoch == insn.epoch and not (eval_pending and g.IF):
+                    while not (pcpu.intr_pending or pcpu.doorbell_pending
+                               or (not avic and vmcb.v_irq and g.IF)):
+                        yield pcpu.wake
+                g.retire(None)
+                yield costs.SPIN_LOOP
+            elif insn is isa.STI:
+                g.IF = True
+                shadow = True
+                g.retire(None)
+                yield costs.INSN
+            elif insn is isa.CLI:
+                g.IF = False
+                g.retire(None)
+                yield costs.INSN
+            elif insn is isa.IRET:
+                g.retire(None)
+                yield costs.IRET
+            elif t is isa.Compute:
+                g.retire(None)
+                yield insn.cycles
+            else:  # pragma: no cover
+                raise TypeError(f"unknown instruction {insn!r}")
+
+        # ---- #VMEXIT ----------------------------------------------------------------------
+        vmcb.set_exit(exit_code, info1, info2)
+        if avic:
+            vmcb.v_tpr = (vapic.regs[APIC_TPR >> 2] >> 4) & 0xF  # type: ignore[union-attr]
+        pcpu.guest_mode = False
+        pcpu.running = None
+        yield costs.VMEXIT
+        return exit_code
+
+    # -- AVIC register access (APM Table 15-22) -------------------------------------------
+    def _avic_access(self, pcpu: HostCpu, ctx: GuestContext, off: int, write: bool, value: int,
+                     *, msr: bool) -> Generator[Any, Any, tuple[int, int, int] | None]:
+        """Perform one guest APIC access under AVIC. Returns None if it completed in hardware
+        (and sets ``ctx._eval`` when it is an evaluation point), else (exit, info1, info2)."""
+        costs = self.costs
+        g = ctx.guest
+        vapic = ctx.vapic
+        regs = vapic.regs
+        ctx._eval = False
+        eoi_level = write and off == APIC_EOI and A.eoi_is_level(vapic.page)
+        kind = A.classify_access(off, write, msr, self.features.ext_lvt_avic_access_chg, eoi_level)
+        if kind == A.GP or (msr and write and (why := _x2apic_reserved(off, value))):
+            g.retire(Fault("#GP", "x2APIC access check" if kind == A.GP else why))
+            yield costs.APIC_ACCESS
+            return None
+        if kind == A.FAULT:
+            ctx.exit_insn_offset = off
+            if msr:
+                m = 0x800 + (off >> 4)
+                ctx.exit_insn = isa.Wrmsr(m, value) if write else isa.Rdmsr(m)
+            else:
+                ctx.exit_insn = isa.MmioWrite(off, value) if write else isa.MmioRead(off)
+            return (V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS, *A.noaccel_exit_info(off, write))
+        if not write:
+            if msr and off == APIC_ICR:
+                val = regs[APIC_ICR >> 2] | (regs[APIC_ICR2 >> 2] << 32)
+            else:
+                val = regs[off >> 2]
+            g.retire(val)
+            yield costs.APIC_ACCESS
+            return None
+        if kind == A.ACCELERATED:
+            if off == APIC_TPR:
+                regs[APIC_TPR >> 2] = value & 0xFF
+                vapic.update_ppr()
+                ctx._eval = True
+            elif off == APIC_EOI:
+                isr = vapic.highest_isr()
+                if isr >= 0:
+                    vapic.clear_isr(isr)
+                    vapic.update_ppr()
+                ctx._eval = True
+            else:  # ICR (MMIO 300h / MSR 830h) or SELF_IPI (MSR 83Fh)
+                g.retire(None)  # the write itself completes: AVIC IPI exits are traps
+                yield costs.APIC_ACCESS
+                if off == APIC_SELF_IPI:
+                    saved = regs[APIC_ICR >> 2], regs[APIC_ICR2 >> 2]
+                    lo, hi = (value & 0xFF) | (1 << 18), 0   # fixed, edge, self shorthand
+                else:
+                    saved = None
+                    lo = value & 0xFFFFFFFF
+                    hi = (value >> 32) if msr else None
+                host = self.host
+                name = ctx.name
+                res = yield from self.avic.icr_write(
+                    ctx.vmcb, vapic.apic_id, pcpu.apic_id, lo, hi,
+                    irr_set=lambda hpa, vec, _i: host.on_hw_irr_set(hpa, vec, name),
+                    doorbell=lambda hid: host.doorbell(hid, src=pcpu.index))
+                if saved is not None:
+                    regs[APIC_ICR >> 2], regs[APIC_ICR2 >> 2] = saved
+                if res is None:
+                    return None
+                return res.code, res.info1, res.info2
+            g.retire(None)
+            yield costs.APIC_ACCESS
+            return None
+        regs[off >> 2] = value & 0xFFFFFFFF
+        if msr and off == APIC_ICR:
+            regs[APIC_ICR2 >> 2] = value >> 32
+        g.retire(None)
+        yield costs.APIC_ACCESS
+        if kind == A.TRAP:
+            vec = vapic.highest_isr() if eoi_level else 0
+            return (V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS, *A.noaccel_exit_info(off, True, max(vec, 0)))
+        return None  # allowed: a plain backing-page write
+
+
+
+def _x2apic_reserved(off: int, value: int) -> str:
+    """x2APIC #GP checks for the writes AVIC accelerates (SDM §11.12.1.2): non-zero reserved bits."""
+    if off == APIC_EOI and value:
+        return "EOI write must be 0"
+    if off == APIC_TPR and value >> 8:
+        return "TPR bits 63:8 are reserved"
+    if off == APIC_SELF_IPI and value >> 8:
+        return "SELF_IPI bits 63:8 are reserved"
+    if off == APIC_ICR and value & 0xFFF33000:  # bits 12, 13, 17:16, 31:20
+        return "ICR reserved bits set"
+    return ""

@@ -1,0 +1,207 @@
+"""Build the system a scenario describes, run it, and produce the JSON-ready result.
+
+``run_scenario(scn)`` is the one entry point behind ``navic run``; the result's keys are the
+public contract documented in docs/scenarios.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from navic.apic.lapic import LocalApic
+from navic.apic.registers import (
+    APIC_DFR,
+    APIC_ESR,
+    APIC_IRR,
+    APIC_ISR,
+    APIC_LDR,
+    APIC_PPR,
+    APIC_SVR,
+    APIC_TMR,
+    APIC_TPR,
+)
+from navic.check import oracle
+from navic.config import Scenario
+from navic.guest.kernel import GuestCpu
+from navic.hw.machine import Machine
+from navic.sim.chooser import Chooser, ReplayChooser
+from navic.sim.cost import CostModel, load_costs
+from navic.sim.engine import Engine
+from navic.sim.record import Recorder
+from navic.sim.trace import Trace
+
+
+class UnsupportedScenario(Exception):
+    """The scenario is valid but asks for something this version cannot run yet."""
+
+
+def build_kvm(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr: Trace,
+              guest: Any) -> Any:
+    """L0 = KVM on the silicon: host, SVM/AVIC (or VMX) hardware, one VM with its vCPU threads."""
+    from navic.hv.host import Host
+    from navic.hv.kvm import Kvm, Vcpu
+    from navic.hv.svm import SvmVendor
+    from navic.hw.avic import AvicEngine
+    from navic.hw.errata import Erratum1235
+    from navic.hw.features import features_for
+    from navic.hw.machine import os_apic_defaults
+    from navic.hw.svm import Svm
+
+    features = features_for(scn.host.cpu)
+    if features.vendor != "amd":
+        raise UnsupportedScenario(f"{scn.source}: host.cpu: VMX (\"{scn.host.cpu}\") with virt = \"kvm\" "
+                                  "is not supported in this version")
+    host = Host(scn, engine, costs, rec, tr)
+    errata = SvmVendor._errata(scn.l0, features)
+    erratum = None
+    if "1235" in errata:
+        erratum = Erratum1235(engine, host.mem, window=scn.l0.erratum_1235_window, p=scn.l0.erratum_1235_p)
+    avic_hw = AvicEngine(host.mem, features, doorbell=host.doorbell, erratum=erratum)
+    host.silicon = Svm(host, features, avic_hw)
+    kvm = Kvm(host)
+    kvm.vendor = SvmVendor(kvm, host, host.silicon, features)
+    vm = scn.l1
+    npcpus = len(host.pcpus)
+    for i in range(vm.vcpus):
+        backing = host.mem.alloc(1)
+        v = Vcpu(kvm, i, f"l1.{i}", vm.apic_id(i), vm.apic, guest(i), backing, home=i % npcpus)
+        kvm.vcpus.append(v)
+        host.backing_owner[backing] = v
+        os_apic_defaults(v.apic)
+        kvm.vendor.vcpu_create(v)
+    kvm.recalc_apic_map()
+    kvm.vendor.post_create()
+    for v in kvm.vcpus:
+        engine.spawn(kvm.vcpu_thread(v), v.name)
+    return kvm
+
+
+@dataclass
+class Run:
+    """Everything a finished run produced (the JSON result plus live objects for tools)."""
+
+    scenario: Scenario
+    engine: Engine
+    costs: CostModel
+    recorder: Recorder
+    trace: Trace
+    machine: Machine
+    guests: list[GuestCpu] = field(default_factory=list)
+    kvm: Any = None
+
+    def result(self) -> dict[str, Any]:
+        return build_result(self)
+
+
+def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = False,
+             schedule: list[tuple[str, str, int]] | None = None) -> Run:
+    if scn.l2 is not None:
+        raise UnsupportedScenario(f"{scn.source}: l2: nested guests are not supported in this version")
+    if schedule is not None:
+        chooser = ReplayChooser(schedule)
+    engine = Engine(seed=scn.seed, chooser=chooser)
+    costs = load_costs(scn.host.cpu)
+    rec = Recorder(engine)
+    tr = Trace(on=trace, clock=engine)
+    machine = Machine(engine, costs, rec, tr)
+    run = Run(scn, engine, costs, rec, tr, machine)
+
+    programs = {p.cpu: p for p in scn.programs}
+    vm = scn.l1
+
+    def on_delivery(g: GuestCpu, vector: int, kind: str) -> None:
+        rec.delivered(g.name, vector, kind)
+        if tr.on:
+            tr.emit("navic_handler_entry", pcpu=None, level="L1", vcpu=g.name, vec=vector, kind=kind)
+
+    def on_error(g: GuestCpu, index: int | None, op: str, err: str) -> None:
+        rec.error(g.name, index, op, err)
+
+    def guest(i: int) -> GuestCpu:
+        name = f"l1.{i}"
+        g = GuestCpu(name, programs.get(name), x2apic=(vm.apic == "x2apic"),
+                     apic_id_of=vm.apic_id, on_delivery=on_delivery, on_error=on_error)
+        g.clock = engine
+        run.guests.append(g)
+        return g
+
+    if scn.host.virt == "kvm":
+        run.kvm = build_kvm(scn, engine, costs, rec, tr, guest)
+    else:
+        cpus = [machine.add_cpu(f"l1.{i}", vm.apic_id(i), vm.apic, bsp=(i == 0)) for i in range(vm.vcpus)]
+        for i, cpu in enumerate(cpus):
+            machine.attach(cpu, guest(i))
+
+    until = int(scn.max_time_us * costs.ghz * 1000)
+    engine.run(until=until)
+    quiescent = not engine._q and engine.now < until
+    rec.violations.extend(oracle.end_of_run(run, quiescent=quiescent))
+    if isinstance(engine.chooser, ReplayChooser):
+        run.replayed = engine.chooser.log  # type: ignore[attr-defined]
+    return run
+
+
+def run_scenario(scn: Scenario, *, schedule: list[tuple[str, str, int]] | None = None,
+                 trace: bool = False) -> dict[str, Any]:
+    return simulate(scn, schedule=schedule, trace=trace).result()
+
+
+def _words(apic: LocalApic, base: int) -> list[int]:
+    r = apic.regs
+    return [r[(base + 0x10 * i) >> 2] for i in range(8)]
+
+
+def apic_dump(apic: LocalApic) -> dict[str, Any]:
+    r = apic.regs
+    return {
+        "id": apic.apic_id,
+        "ldr": r[APIC_LDR >> 2],
+        "dfr": r[APIC_DFR >> 2],
+        "tpr": r[APIC_TPR >> 2],
+        "ppr": r[APIC_PPR >> 2],
+        "svr": r[APIC_SVR >> 2],
+        "esr": r[APIC_ESR >> 2],
+        "isr": _words(apic, APIC_ISR),
+        "irr": _words(apic, APIC_IRR),
+        "tmr": _words(apic, APIC_TMR),
+        "mode": apic.mode,
+    }
+
+
+def build_result(run: Run) -> dict[str, Any]:
+    rec = run.recorder
+    ghz = run.costs.ghz
+    deliveries = []
+    for d in rec.deliveries:
+        d = dict(d)
+        d["latency_ns"] = None if d["latency"] is None else round(d["latency"] / ghz, 3)
+        deliveries.append(d)
+    counters = dict(sorted(rec.counters.items()))
+    counters["deliveries"] = len(rec.deliveries)
+    lat = [d["latency"] for d in rec.deliveries if d["latency"] is not None]
+    if lat:
+        lat.sort()
+        counters["latency_p50_cycles"] = lat[len(lat) // 2]
+        counters["latency_max_cycles"] = lat[-1]
+    return {
+        "scenario": run.scenario.name,
+        "seed": run.scenario.seed,
+        "sim_time_cycles": run.engine.now,
+        "cpu_model": run.scenario.host.cpu,
+        "virt": run.scenario.host.virt,
+        "deliveries": deliveries,
+        "apic": _apics(run),
+        "reads": {g.name: dict(sorted(g.reads.items())) for g in run.guests if g.reads},
+        "errors": rec.errors,
+        "exits": {k: dict(sorted(v.items())) for k, v in sorted(rec.exits.items())},
+        "counters": counters,
+        "violations": rec.violations,
+        "inhibits": run.kvm.inhibits.report() if run.kvm is not None else {},
+    }
+
+
+def _apics(run: Run) -> dict[str, Any]:
+    if run.kvm is not None:
+        return {v.name: apic_dump(v.apic) for v in run.kvm.vcpus}
+    return {name: apic_dump(a) for name, a in zip(run.machine.names, run.machine.apics, strict=True)}

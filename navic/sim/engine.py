@@ -1,0 +1,193 @@
+"""Discrete-event engine: time in CPU cycles, processes as generators, one choice interface.
+
+A *process* is a generator (in the style of SimPy). What it yields says how it waits:
+
+* ``yield n`` (an ``int`` >= 0) — consume ``n`` cycles; ``yield 0`` is a pure scheduling point
+  (an atomic-step boundary the explorer may preempt at);
+* ``yield signal`` (a :class:`Signal`) — block until someone calls ``signal.fire(value)``; the
+  value is sent back into the generator.
+
+Plain callbacks can be scheduled too (:meth:`Engine.call_at`), e.g. timer expiry or the arrival
+of an interrupt message; they return a :class:`Handle` that can be cancelled.
+
+Every nondeterministic decision goes through :attr:`Engine.chooser` (:mod:`navic.sim.chooser`):
+which of several events due at the same instant runs first, and any explicit choice a model
+makes with :meth:`Engine.choose` (e.g. erratum 1235's stale IsRunning read). The default
+chooser is deterministic for a given seed, so same scenario + seed ⇒ same run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Generator
+from typing import Any
+
+from navic.sim.chooser import Chooser, SeededChooser
+
+ProcessGen = Generator[Any, Any, Any]
+
+
+class Signal:
+    """Something processes can block on. ``fire`` wakes every current waiter (edge semantics)."""
+
+    __slots__ = ("engine", "waiters", "name")
+
+    def __init__(self, engine: Engine, name: str = "") -> None:
+        self.engine = engine
+        self.waiters: list[Process] = []
+        self.name = name
+
+    def fire(self, value: Any = None) -> int:
+        """Wake all waiters at the current time; returns how many were woken."""
+        waiters = self.waiters
+        if not waiters:
+            return 0
+        self.waiters = []
+        eng = self.engine
+        for p in waiters:
+            p.waiting_on = None
+            eng._push(eng.now, p, value)
+        return len(waiters)
+
+
+class Handle:
+    """A scheduled callback; ``cancel()`` makes it a no-op."""
+
+    __slots__ = ("fn", "args", "cancelled", "time", "label")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], time: int, label: str) -> None:
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+        self.time = time
+        self.label = label
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Process:
+    __slots__ = ("gen", "name", "alive", "waiting_on", "result", "done")
+
+    def __init__(self, gen: ProcessGen, name: str, engine: Engine) -> None:
+        self.gen = gen
+        self.name = name
+        self.alive = True
+        self.waiting_on: Signal | None = None
+        self.result: Any = None
+        self.done = Signal(engine, f"{name}.done")
+
+    def __repr__(self) -> str:
+        return f"<Process {self.name}>"
+
+
+class SimulationError(RuntimeError):
+    """A model bug surfaced during a run (never a guest-visible fault)."""
+
+
+class Engine:
+    """The event loop. ``now`` is the current time in cycles."""
+
+    def __init__(self, seed: int = 1, chooser: Chooser | None = None) -> None:
+        self.now = 0
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.chooser: Chooser = chooser if chooser is not None else SeededChooser(self.rng)
+        self._q: list[tuple[int, int, Any, Any]] = []
+        self._seq = 0
+        self.steps = 0
+        self.stopped = False
+        self.processes: list[Process] = []
+
+    # -- scheduling ------------------------------------------------------------------------
+    def _push(self, time: int, target: Any, value: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._q, (time, self._seq, target, value))
+
+    def spawn(self, gen: ProcessGen, name: str, delay: int = 0) -> Process:
+        p = Process(gen, name, self)
+        self.processes.append(p)
+        self._push(self.now + delay, p, None)
+        return p
+
+    def call_at(self, time: int, fn: Callable[..., Any], *args: Any, label: str = "") -> Handle:
+        if time < self.now:
+            time = self.now
+        h = Handle(fn, args, time, label)
+        self._push(time, h, None)
+        return h
+
+    def call_later(self, delay: int, fn: Callable[..., Any], *args: Any, label: str = "") -> Handle:
+        return self.call_at(self.now + delay, fn, *args, label=label)
+
+    def signal(self, name: str = "") -> Signal:
+        return Signal(self, name)
+
+    def choose(self, label: str, n: int, weights: list[float] | None = None) -> int:
+        """An explicit nondeterministic choice among ``n`` alternatives (0 = the usual one)."""
+        if n <= 1:
+            return 0
+        return self.chooser.choose(label, n, weights)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    # -- running ---------------------------------------------------------------------------
+    def _pop(self) -> tuple[int, int, Any, Any]:
+        q = self._q
+        first = heapq.heappop(q)
+        if not self.chooser.wants_ties or not q or q[0][0] != first[0]:
+            return first
+        # Several events are due at the same instant: let the chooser order them.
+        same = [first]
+        while q and q[0][0] == first[0]:
+            same.append(heapq.heappop(q))
+        live = [e for e in same if not (isinstance(e[2], Handle) and e[2].cancelled)]
+        if not live:
+            return same[0]
+        idx = self.chooser.pick([_label(e[2]) for e in live]) if len(live) > 1 else 0
+        chosen = live.pop(idx)
+        for e in live:
+            heapq.heappush(q, e)
+        return chosen
+
+    def run(self, until: int | None = None) -> None:
+        """Run until the queue is empty, :meth:`stop` is called, or time would pass ``until``."""
+        q = self._q
+        while q and not self.stopped:
+            if until is not None and q[0][0] > until:
+                self.now = until
+                return
+            time, _seq, target, value = self._pop()
+            self.now = time
+            self.steps += 1
+            if type(target) is Handle:
+                if not target.cancelled:
+                    target.fn(*target.args)
+                continue
+            self._step(target, value)
+
+    def _step(self, p: Process, value: Any) -> None:
+        try:
+            y = p.gen.send(value)
+        except StopIteration as stop:
+            p.alive = False
+            p.result = stop.value
+            p.done.fire(stop.value)
+            return
+        if type(y) is int:
+            self._push(self.now + y, p, None)
+        elif type(y) is Signal:
+            p.waiting_on = y
+            y.waiters.append(p)
+        elif y is None:
+            self._push(self.now, p, None)
+        else:
+            raise SimulationError(f"process {p.name} yielded {y!r}; expected cycles (int) or a Signal")
+
+
+def _label(target: Any) -> str:
+    if isinstance(target, Process):
+        return target.name
+    return target.label or getattr(target.fn, "__qualname__", "callback")

@@ -1,0 +1,60 @@
+"""Run records: deliveries (with provenance and latency), guest errors, counters.
+
+Provenance: every interrupt source registers its *acceptance* into a target (the moment an IRR
+bit, or an NMI/INIT/SIPI latch, is set for it) with :meth:`Recorder.accepted`; when the target's
+handler starts, :meth:`Recorder.delivered` consumes all acceptances pending for that (cpu,
+vector) — several sends coalesced into one IRR bit are served by one handler run, which is
+architectural — and the oldest one gives the delivery's kind, sender and latency.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+
+class Recorder:
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.deliveries: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.counters: dict[str, int] = {}
+        self.exits: dict[str, dict[str, int]] = {}
+        self.violations: list[dict[str, Any]] = []
+        self._pending: dict[tuple[str, int], deque[tuple[int, str | None, str]]] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def exit(self, level: str, reason: str) -> None:
+        d = self.exits.setdefault(level, {})
+        d[reason] = d.get(reason, 0) + 1
+
+    def accepted(self, cpu: str, vector: int, kind: str, sent_by: str | None, t_sent: int) -> None:
+        key = (cpu, vector)
+        q = self._pending.get(key)
+        if q is None:
+            q = self._pending[key] = deque()
+        q.append((t_sent, sent_by, kind))
+
+    def delivered(self, cpu: str, vector: int, kind: str) -> None:
+        now = self.clock.now
+        q = self._pending.pop((cpu, vector), None)
+        sent_by: str | None = None
+        latency: int | None = None
+        if q:
+            t_sent, sent_by, src_kind = q[0]
+            latency = now - t_sent
+            if kind in ("fixed", "irq"):
+                kind = src_kind
+        elif kind == "irq":
+            kind = "fixed"
+        self.deliveries.append(
+            {"cpu": cpu, "vector": vector, "kind": kind, "t": now, "sent_by": sent_by, "latency": latency}
+        )
+
+    def error(self, cpu: str, index: int | None, op: str, error: str) -> None:
+        self.errors.append({"cpu": cpu, "index": index, "op": op, "error": error, "t": self.clock.now})
+
+    def pending_count(self) -> int:
+        return sum(len(q) for q in self._pending.values())
