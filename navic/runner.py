@@ -24,6 +24,7 @@ from navic.apic.registers import (
 from navic.check import oracle
 from navic.config import Scenario
 from navic.guest.kernel import GuestCpu
+from navic.hw.device import Device
 from navic.hw.machine import Machine
 from navic.sim.chooser import Chooser, ReplayChooser
 from navic.sim.cost import CostModel, load_costs
@@ -61,6 +62,8 @@ def build_kvm(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr
     host.silicon = Svm(host, features, avic_hw)
     kvm = Kvm(host)
     kvm.vendor = SvmVendor(kvm, host, host.silicon, features)
+    if erratum is not None:
+        erratum.track_table(kvm.vendor.avic.physical_table_hpa, kvm.vendor.avic.physical_table_pages)
     vm = scn.l1
     npcpus = len(host.pcpus)
     for i in range(vm.vcpus):
@@ -128,10 +131,16 @@ def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = Fal
 
     if scn.host.virt == "kvm":
         run.kvm = build_kvm(scn, engine, costs, rec, tr, guest)
+        if scn.devices:
+            from navic.hv.iommu import attach_devices
+
+            attach_devices(run.kvm.host, run.kvm, scn.devices, costs.ghz)
     else:
         cpus = [machine.add_cpu(f"l1.{i}", vm.apic_id(i), vm.apic, bsp=(i == 0)) for i in range(vm.vcpus)]
         for i, cpu in enumerate(cpus):
             machine.attach(cpu, guest(i))
+        for i, dcfg in enumerate(scn.devices):
+            Device(engine, dcfg, costs.ghz, i, lambda d: machine.device_interrupt(d.cfg.target, d.cfg.vector))
 
     until = int(scn.max_time_us * costs.ghz * 1000)
     engine.run(until=until)

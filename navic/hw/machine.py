@@ -116,6 +116,17 @@ class Machine:
         elif mode in (DM_FIXED, DM_LOWEST, DM_SIPI):
             self.rec.accepted(self.names[i], icr.vector, KIND_BY_MODE[mode], sender, t_sent)
 
+    def device_interrupt(self, target: str, vector: int) -> None:
+        """An MSI from a device: a fixed, edge message to one CPU over the bus."""
+        i = self.names.index(target)
+        self.rec.count("device_interrupts")
+        t = self.engine.now
+        self.engine.call_later(self.costs.IPI_WIRE, self._device_arrive, i, vector, t, label="msi")
+
+    def _device_arrive(self, i: int, vector: int, t_sent: int) -> None:
+        if self.apics[i].accept_irq(DM_FIXED, vector, 0, 1):
+            self.rec.accepted(self.names[i], vector, "device", None, t_sent)
+
     def timer_fired(self, i: int) -> None:
         apic = self.apics[i]
         lvtt = apic.read_reg(APIC_LVTT)
