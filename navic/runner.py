@@ -23,7 +23,7 @@ from navic.apic.registers import (
 )
 from navic.check import oracle
 from navic.config import Scenario
-from navic.guest.kernel import GuestCpu
+from navic.guest.kernel import GuestCpu, SharedMemory
 from navic.hw.device import Device
 from navic.hw.machine import Machine
 from navic.sim.chooser import Chooser, ReplayChooser
@@ -70,6 +70,7 @@ def build_kvm(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr
         backing = host.mem.alloc(1)
         v = Vcpu(kvm, i, f"l1.{i}", vm.apic_id(i), vm.apic, guest(i), backing, home=i % npcpus)
         kvm.vcpus.append(v)
+        v.guest.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
         host.backing_owner[backing] = v
         os_apic_defaults(v.apic)
         kvm.vendor.vcpu_create(v)
@@ -121,11 +122,15 @@ def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = Fal
     def on_error(g: GuestCpu, index: int | None, op: str, err: str) -> None:
         rec.error(g.name, index, op, err)
 
+    shared = SharedMemory()
+
     def guest(i: int) -> GuestCpu:
         name = f"l1.{i}"
         g = GuestCpu(name, programs.get(name), x2apic=(vm.apic == "x2apic"),
                      apic_id_of=vm.apic_id, on_delivery=on_delivery, on_error=on_error)
         g.clock = engine
+        g.shared = shared
+        shared.cpus.append(g)
         run.guests.append(g)
         return g
 
@@ -138,7 +143,9 @@ def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = Fal
     else:
         cpus = [machine.add_cpu(f"l1.{i}", vm.apic_id(i), vm.apic, bsp=(i == 0)) for i in range(vm.vcpus)]
         for i, cpu in enumerate(cpus):
-            machine.attach(cpu, guest(i))
+            g = guest(i)
+            g.poll_wake = cpu.wake.fire
+            machine.attach(cpu, g)
         for i, dcfg in enumerate(scn.devices):
             Device(engine, dcfg, costs.ghz, i, lambda d: machine.device_interrupt(d.cfg.target, d.cfg.vector))
 

@@ -37,6 +37,9 @@ from navic.config import (
     VmConfig,
 )
 from navic.guest.ops import (
+    Add,
+    Await,
+    TscDeadline,
     DELIVERY_MODES,
     DEST_MODES,
     SHORTHANDS,
@@ -438,7 +441,7 @@ TOP_KEYS: tuple[Key, ...] = (
         doc="stop when all programs end or at this simulated time; default 10000"),
 )
 # Sub-tables ([host], [l0], ...) and arrays of tables ([[device]], [[program]]) at top level.
-TOP_TABLES = ("host", "l0", "l1", "l2")
+TOP_TABLES = ("host", "l0", "l1", "l2", "workload")
 TOP_ARRAYS = ("device", "program")
 
 _VM_KEYS_COMMON: tuple[Key, ...] = (
@@ -575,6 +578,18 @@ OP_SPECS: dict[str, OpSpec] = {
         Key("count", Int(1), doc="handler runs to consume; default 1"),
         Key("how", Choice(WAIT_HOWS), doc='"spin" (default) or "hlt"'),
     ), "consume handler runs of a vector (semaphore)"),
+    "add": OpSpec(Add, (
+        Key("var", Var(), True, "VM-shared memory variable"),
+        Key("value", Int(-(2**31), 2**31 - 1, "an integer"), doc="amount added; default 1"),
+    ), "atomically add to a variable shared by the VM's CPUs (a memory flag, no interrupt)"),
+    "await": OpSpec(Await, (
+        Key("var", Var(), True, "VM-shared memory variable"),
+        Key("count", Int(1), doc="growth to wait for since this CPU's last await on it; default 1"),
+        Key("how", Choice(WAIT_HOWS), doc='"spin" (default) or "hlt" between interrupts'),
+    ), "spin until a shared variable has grown by count (memory handshake)"),
+    "tsc_deadline": OpSpec(TscDeadline, (
+        Key("delta", Int(0, U64, "an integer"), True, "cycles from now"),
+    ), "arm the TSC-deadline timer delta cycles from now (WRMSR 0x6E0 with rdtsc + delta)"),
     "compute": OpSpec(Compute, (
         Key("cycles", Int(0, U64, "an integer"), True, "busy cycles"),
     ), "busy work for some cycles"),
@@ -736,8 +751,67 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<scenario>") -> Scena
         handlers = _parse_handlers(args["handlers"], pctx, f"{path}.handlers") if "handlers" in args else {}
         programs.append(Program(cpu=cpu, level=level, vcpu=vcpu, ops=args["ops"], handlers=handlers))
 
+    if "workload" in data:
+        wl_programs, wl_devices = _parse_workload(data["workload"], vms, owner, top.get("seed", 1), ctx)
+        programs.extend(wl_programs)
+        devices.extend(wl_devices)
+
     return Scenario(host=host, l0=l0, l1=l1, l2=l2, programs=tuple(programs), devices=tuple(devices),
                     source=source, **top)
+
+
+def _parse_workload(raw: Any, vms: dict[int, VmConfig], owner: dict[str, int], seed: int, ctx: _Ctx
+                    ) -> tuple[list[Program], list[DeviceConfig]]:
+    """``[workload]``: kind, level ("l1"/"l2"; default the innermost VM) and the kind's parameters."""
+    from navic.guest.workloads import WORKLOADS, build
+
+    table = _table(raw, ctx, "workload")
+    kind = table.get("kind", _MISSING)
+    if kind not in WORKLOADS:
+        raise ctx.fail("workload.kind", _one_of(tuple(WORKLOADS)), kind)
+    w = WORKLOADS[kind]
+    levels = tuple(f"l{n}" for n in vms)
+    level_name = table.get("level", levels[-1])
+    if level_name not in levels:
+        raise ctx.fail("workload.level", _one_of(levels), level_name)
+    level = int(level_name[1])
+    ncpus = vms[level].vcpus
+    params: dict[str, Any] = {}
+    specs = {p.name: p for p in w.params}
+    for key, value in table.items():
+        if key in ("kind", "level"):
+            continue
+        path = f"workload.{key}"
+        spec = specs.get(key)
+        if spec is None:
+            close = difflib.get_close_matches(key, list(specs), 1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise ScenarioError(ctx.source, path, f'unknown parameter of workload "{kind}"; expected one of '
+                                f"{', '.join(sorted(specs)) or '(none)'}{hint}")
+        if spec.kind == "choice":
+            if value not in spec.choices:
+                raise ctx.fail(path, _one_of(spec.choices), value)
+        elif spec.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    spec.lo <= value <= spec.hi):  # type: ignore[operator]
+                raise ctx.fail(path, f"a number {spec.lo:g}..{spec.hi:g}", value)
+            value = float(value)
+        else:
+            Int(int(spec.lo or 0), int(spec.hi) if spec.hi is not None else None)(value, ctx, path)
+        params[key] = value
+    if ncpus < w.min_cpus:
+        raise ctx.fail("workload.kind", f"a VM with at least {w.min_cpus} vCPUs for {kind}",
+                       kind, f" ({level_name} has {ncpus})")
+    for cpu_param in ("a", "b", "sender"):
+        if cpu_param in specs and params.get(cpu_param, specs[cpu_param].default) >= ncpus:
+            raise ctx.fail(f"workload.{cpu_param}", f"a vCPU index 0..{ncpus - 1}",
+                           params.get(cpu_param, specs[cpu_param].default))
+    programs, devices = build(kind, params, level=level, ncpus=ncpus, seed=seed)
+    for p in programs:
+        if p.cpu in owner:
+            raise ctx.fail("workload", f"a workload whose CPUs have no [[program]] of their own", kind,
+                           f" ({p.cpu} already has program[{owner[p.cpu]}])")
+    return programs, devices
 
 
 _TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")

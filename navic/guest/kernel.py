@@ -38,7 +38,26 @@ OP_NAMES: dict[type, str] = {
     O.Sti: "sti", O.Cli: "cli", O.Hlt: "hlt", O.Eoi: "eoi", O.Ipi: "ipi", O.Write: "write",
     O.Read: "read", O.Wrmsr: "wrmsr", O.Rdmsr: "rdmsr", O.MmioWrite: "mmio_write",
     O.MmioRead: "mmio_read", O.Wait: "wait", O.Compute: "compute", O.Repeat: "repeat",
+    O.Add: "add", O.Await: "await", O.TscDeadline: "tsc_deadline",
 }
+
+
+class SharedMemory:
+    """Variables in memory shared by the CPUs of one VM (for ``add`` / ``await``). A store bumps
+    every member CPU's poll epoch and calls its ``poll_wake`` so a CPU spinning on memory
+    re-checks (a pause loop sees the cache line change)."""
+
+    def __init__(self) -> None:
+        self.vars: dict[str, int] = {}
+        self.cpus: list[GuestCpu] = []
+
+    def add(self, var: str, value: int) -> None:
+        self.vars[var] = self.vars.get(var, 0) + value
+        for g in self.cpus:
+            g.epoch += 1
+            if g.poll_wake is not None:
+                g.poll_wake()
+
 
 
 class _Frame:
@@ -82,6 +101,9 @@ class GuestCpu:
         self.epoch = 0                     # number of handler entries so far
         self.clock: Any = None             # set by the runner (the engine): timestamps sends
         self.ipi_sent_at = 0               # time of this CPU's last ICR write (latency origin)
+        self.shared: SharedMemory | None = None  # the VM's shared variables (add / await)
+        self.poll_wake: Callable[[], None] | None = None  # set by the executor: wake a pause loop
+        self._awaited: dict[str, int] = {}
         self.finished = program is None    # main program done
         self._op_index: int | None = None
         main = self._program_gen(program.ops) if program is not None else self._idle_gen()
@@ -200,6 +222,16 @@ class GuestCpu:
             yield from self._wait(op)  # type: ignore[arg-type]
         elif t is O.Compute:
             yield isa.Compute(op.cycles)  # type: ignore[attr-defined]
+        elif t is O.TscDeadline:
+            now = self.clock.now if self.clock is not None else 0
+            res = yield isa.Wrmsr(0x6E0, now + op.delta)  # type: ignore[attr-defined]
+            self._fault(res, op)
+        elif t is O.Add:
+            yield isa.Compute(self.ATOMIC_CYCLES)
+            if self.shared is not None:
+                self.shared.add(op.var, op.value)  # type: ignore[attr-defined]
+        elif t is O.Await:
+            yield from self._await(op)  # type: ignore[arg-type]
         elif t is O.Repeat:
             for _ in range(op.times):  # type: ignore[attr-defined]
                 yield from self._ops_gen(op.ops)  # type: ignore[attr-defined]
@@ -258,6 +290,24 @@ class GuestCpu:
                 self._stamp()
                 res = yield isa.MmioWrite(self.apic_base + APIC_ICR, low)
                 self._fault(res, op)
+
+    ATOMIC_CYCLES = 40  # a LOCK-prefixed add on a shared line (assumption, see docs/model.md)
+
+    def _await(self, op: O.Await) -> GuestGen:
+        """Poll a shared variable with interrupts open, like ``wait`` (see docs/model.md)."""
+        shared = self.shared
+        needed = self._awaited.get(op.var, 0) + op.count
+        was_if = self.IF
+        if not was_if:
+            yield isa.STI
+        while shared is not None and shared.vars.get(op.var, 0) < needed:
+            if op.how == "hlt":
+                yield isa.HLT
+            else:
+                yield isa.Pause(self.epoch)
+        if not was_if:
+            yield isa.CLI
+        self._awaited[op.var] = needed
 
     def _stamp(self) -> None:
         if self.clock is not None:

@@ -119,6 +119,33 @@ class Wait(Op):
 
 
 @dataclass(frozen=True, slots=True)
+class Add(Op):
+    """Atomically add ``value`` to the VM-shared memory variable ``var`` (a LOCK ADD)."""
+
+    var: str
+    value: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Await(Op):
+    """Spin (or halt between interrupts) until VM-shared ``var`` has grown by ``count`` since this
+    CPU last consumed it — the memory-flag handshake real kernels use for acknowledgements
+    (e.g. TLB shootdown), which IPIs cannot do at scale because they coalesce in IRR."""
+
+    var: str
+    count: int = 1
+    how: str = "spin"
+
+
+@dataclass(frozen=True, slots=True)
+class TscDeadline(Op):
+    """Arm the TSC-deadline timer ``delta`` cycles from now: WRMSR(IA32_TSC_DEADLINE, rdtsc() + delta),
+    as Linux's lapic_next_deadline() does."""
+
+    delta: int
+
+
+@dataclass(frozen=True, slots=True)
 class Compute(Op):
     cycles: int
 

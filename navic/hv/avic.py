@@ -35,6 +35,7 @@ class AvicVm:
         self.physical_table_hpa = self.mem.alloc(npages)
         self.physical_table_pages = npages
         self.logical_table_hpa = self.mem.alloc(1)
+        self._max_vcpu_id: tuple[int, int] = (0, 0)   # (len(vcpus) when computed, max vcpu_id)
 
     def physical_entry_hpa(self, apic_id: int) -> int:
         return self.physical_table_hpa + 8 * apic_id
@@ -42,8 +43,15 @@ class AvicVm:
     def max_physical_id(self, x2apic: bool) -> int:
         """avic_get_max_physical_id(): the arch max for the mode, capped by the vCPU count."""
         arch_max = self.x2avic_max_id if x2apic and self.features.x2avic else self.features.avic_max_physical_id
-        highest = max((v.vcpu_id for v in self.kvm.vcpus), default=0)
-        return min(highest, arch_max)
+        return min(self.max_vcpu_id(), arch_max)
+
+    def max_vcpu_id(self) -> int:
+        """``kvm->arch.max_vcpu_ids - 1``: a per-VM constant once the vCPUs exist (userspace sizes it
+        to the highest APIC ID), so it is computed once per vCPU count, not on every activation."""
+        n = len(self.kvm.vcpus)
+        if self._max_vcpu_id[0] != n:
+            self._max_vcpu_id = (n, max((v.vcpu_id for v in self.kvm.vcpus), default=0))
+        return self._max_vcpu_id[1]
 
     # -- avic_init_backing_page ---------------------------------------------------------------
     def init_backing_page(self, vcpu: Vcpu) -> bool:

@@ -107,7 +107,7 @@ class PhysCpu:
                 g.retire(self._msr(insn))
                 yield costs.APIC_ACCESS
             elif t is isa.Pause:
-                if g.epoch == insn.epoch and not self._interruptible(g):
+                while g.epoch == insn.epoch and not self._interruptible(g):
                     yield self.wake
                 g.retire(None)
                 yield costs.SPIN_LOOP

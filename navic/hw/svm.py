@@ -187,7 +187,7 @@ class Svm:
                 yield costs.HLT_WAKE
             elif t is isa.Pause:
                 if g.epoch == insn.epoch and not (eval_pending and g.IF):
-                    while not (pcpu.intr_pending or pcpu.doorbell_pending
+                    while not (pcpu.intr_pending or pcpu.doorbell_pending or g.epoch != insn.epoch
                                or (not avic and vmcb.v_irq and g.IF)):
                         yield pcpu.wake
                 g.retire(None)

@@ -137,6 +137,8 @@ def _install_watch(kvm: Any, box: dict[str, Any], check_ir: bool, sample_us: flo
         idx = (addr - base) >> 3
         e = kvm.mem.read64(base + 8 * idx)
         writes.append((engine.now, idx, e))
+        if check_ir and e & A.PHYS_IS_RUNNING and not av.enable_ipiv:
+            bad.append(f"t={engine.now}: entry {idx}: IR=1 written with enable_ipiv off")
 
     for p in range(av.physical_table_pages):
         kvm.mem.watch(base + 4096 * p, on_write)
@@ -150,3 +152,36 @@ def _install_watch(kvm: Any, box: dict[str, Any], check_ir: bool, sample_us: flo
             engine.call_later(period, sample, label="ir-check")
 
     engine.call_later(period, sample, label="ir-check")
+
+
+@dataclass
+class VcpuSnap:
+    """A vCPU's state at the instant KVM's AVIC_INCOMPLETE_IPI handler was entered."""
+
+    irr: frozenset[int]     # vectors pending in its backing-page IRR
+    loaded: bool            # vcpu->cpu set (the thread owns a pCPU)
+    in_guest: bool          # vcpu->mode == IN_GUEST_MODE
+    blocking: bool
+    preempted: bool
+
+
+def snoop_incomplete_ipi(monkeypatch: Any) -> list[tuple[str, dict[str, VcpuSnap]]]:
+    """Wrap ``avic_incomplete_ipi_interception`` so each exit records (sender, {vcpu: VcpuSnap})
+    taken before KVM does anything — i.e. exactly what the hardware left behind."""
+    from navic.hv import svm as S
+    from navic.hv.kvm import IN_GUEST_MODE
+    from navic.hw import vmcb as V
+
+    orig = S.SvmVendor._handlers[V.SVM_EXIT_AVIC_INCOMPLETE_IPI]
+    log: list[tuple[str, dict[str, VcpuSnap]]] = []
+
+    def wrapper(self: Any, vcpu: Any) -> Any:
+        snap = {}
+        for v in self.kvm.vcpus:
+            irr = frozenset(x for x in range(256) if v.apic.test_irr(x))
+            snap[v.name] = VcpuSnap(irr, v.cpu is not None, v.mode == IN_GUEST_MODE, v.blocking, v.preempted)
+        log.append((vcpu.name, snap))
+        return (yield from orig(self, vcpu))
+
+    monkeypatch.setitem(S.SvmVendor._handlers, V.SVM_EXIT_AVIC_INCOMPLETE_IPI, wrapper)
+    return log
