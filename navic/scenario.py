@@ -37,13 +37,12 @@ from navic.config import (
     VmConfig,
 )
 from navic.guest.ops import (
-    Add,
-    Await,
-    TscDeadline,
     DELIVERY_MODES,
     DEST_MODES,
     SHORTHANDS,
     TRIGGERS,
+    Add,
+    Await,
     Cli,
     Compute,
     Eoi,
@@ -57,6 +56,7 @@ from navic.guest.ops import (
     Read,
     Repeat,
     Sti,
+    TscDeadline,
     Wait,
     Write,
     Wrmsr,
@@ -809,7 +809,7 @@ def _parse_workload(raw: Any, vms: dict[int, VmConfig], owner: dict[str, int], s
     programs, devices = build(kind, params, level=level, ncpus=ncpus, seed=seed)
     for p in programs:
         if p.cpu in owner:
-            raise ctx.fail("workload", f"a workload whose CPUs have no [[program]] of their own", kind,
+            raise ctx.fail("workload", "a workload whose CPUs have no [[program]] of their own", kind,
                            f" ({p.cpu} already has program[{owner[p.cpu]}])")
     return programs, devices
 

@@ -92,7 +92,7 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     def run_scenario(scn: Any, *, schedule: Any = None) -> dict[str, Any]:
         calls.append(scn)
-        if scn.host.virt == "kvm":
+        if scn.name == "unsupported":
             raise UnsupportedScenario(f'{scn.source}: host.virt: only "none" runs, got "kvm"')
         return dict(FAKE_RESULT, scenario=scn.name)
 
@@ -178,7 +178,7 @@ def test_run_readable(tmp_path: Path, fake_runner: list[Any]) -> None:
 
 
 def test_unsupported_scenario_exit_2(tmp_path: Path, fake_runner: list[Any]) -> None:
-    path = write(tmp_path, "kvm", GOOD.replace('virt = "none"', 'virt = "kvm"'))
+    path = write(tmp_path, "kvm", GOOD.replace('name = "good"', 'name = "unsupported"'))
     result = CliRunner().invoke(main, ["run", str(path), "--json"])
     assert result.exit_code == 2
     assert result.stderr == f'{path}: host.virt: only "none" runs, got "kvm"\n'
