@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/navic demo
+	$(BIN)/navic compare --out navic-report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

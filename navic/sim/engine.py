@@ -14,6 +14,15 @@ Every nondeterministic decision goes through :attr:`Engine.chooser` (:mod:`navic
 which of several events due at the same instant runs first, and any explicit choice a model
 makes with :meth:`Engine.choose` (e.g. erratum 1235's stale IsRunning read). The default
 chooser is deterministic for a given seed, so same scenario + seed ⇒ same run.
+
+**Window mode** (``chooser.wants_window``; used by the interleaving explorer and by schedule
+replay, never by time-and-seed runs): before every step the engine collects the *candidates* —
+the earliest pending event of each distinct agent (a process, or a callback label), in time order,
+no later than ``chooser.horizon`` cycles after the earliest one, at most ``chooser.width`` of them —
+and runs the one ``chooser.window(candidates)`` returns. Index 0 is the time-order schedule. Running
+a later candidate is a *delay* of the earlier agents: logical time advances to that event's time
+and the events left behind run late, at the current time (time never goes backwards). The run
+stops after ``chooser.max_steps`` steps when that is non-zero. The time-driven loop is untouched.
 """
 
 from __future__ import annotations
@@ -99,6 +108,7 @@ class Engine:
         self.steps = 0
         self.stopped = False
         self.processes: list[Process] = []
+        self.truncated = False  # window mode: the run hit chooser.max_steps
 
     # -- scheduling ------------------------------------------------------------------------
     def _push(self, time: int, target: Any, value: Any) -> None:
@@ -154,6 +164,9 @@ class Engine:
 
     def run(self, until: int | None = None) -> None:
         """Run until the queue is empty, :meth:`stop` is called, or time would pass ``until``."""
+        if self.chooser.wants_window:
+            self._run_window(until)
+            return
         q = self._q
         while q and not self.stopped:
             if until is not None and q[0][0] > until:
@@ -167,6 +180,75 @@ class Engine:
                     target.fn(*target.args)
                 continue
             self._step(target, value)
+
+    def candidates(self, until: int | None = None) -> list[tuple[int, int, Any, Any]]:
+        """The window of events one of which may run next (see the module docstring), earliest
+        first. Cancelled callbacks are dropped from the queue on the way."""
+        q = self._q
+        while q and type(q[0][2]) is Handle and q[0][2].cancelled:
+            heapq.heappop(q)
+        if not q:
+            return []
+        ch = self.chooser
+        head = q[0]
+        limit = max(head[0], self.now) + ch.horizon
+        if until is not None and limit > until:
+            limit = until
+        width = ch.width or len(q)
+        out = [head]
+        seen = {_agent(head[2])}
+        if len(q) == 1 or width == 1:
+            return out
+        for e in sorted(q):
+            if e[0] > limit:
+                break
+            if e is head:
+                continue
+            tgt = e[2]
+            if type(tgt) is Handle and tgt.cancelled:
+                continue
+            key = _agent(tgt)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(e)
+            if len(out) >= width:
+                break
+        return out
+
+    def _run_window(self, until: int | None) -> None:
+        q = self._q
+        ch = self.chooser
+        max_steps = ch.max_steps
+        while q and not self.stopped:
+            cands = self.candidates(until)
+            if not cands:
+                break
+            first = cands[0]
+            if until is not None and first[0] > until:
+                self.now = max(self.now, until)
+                return
+            if len(cands) > 1:
+                idx = ch.window([(e[0], _label(e[2])) for e in cands])
+                chosen = cands[idx]
+            else:
+                chosen = first
+            if chosen is q[0]:
+                heapq.heappop(q)
+            else:
+                q.remove(chosen)
+                heapq.heapify(q)
+            time, _seq, target, value = chosen
+            if time > self.now:
+                self.now = time
+            self.steps += 1
+            if type(target) is Handle:
+                target.fn(*target.args)
+            else:
+                self._step(target, value)
+            if max_steps and self.steps >= max_steps:
+                self.truncated = True
+                return
 
     def _step(self, p: Process, value: Any) -> None:
         try:
@@ -185,6 +267,13 @@ class Engine:
             self._push(self.now, p, None)
         else:
             raise SimulationError(f"process {p.name} yielded {y!r}; expected cycles (int) or a Signal")
+
+
+def _agent(target: Any) -> Any:
+    """Who an event belongs to: events of one agent keep their order in window mode."""
+    if type(target) is Handle:
+        return target.label or getattr(target.fn, "__qualname__", "callback")
+    return target
 
 
 def _label(target: Any) -> str:

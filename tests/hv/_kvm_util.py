@@ -55,6 +55,10 @@ class Traced:
     def exits(self, reason: str | None = None, vcpu: str | None = None) -> list[Any]:
         return [e for e in self.ev("kvm_exit", vcpu) if reason is None or e.fields["reason"] == reason]
 
+    def busy_exits(self, vcpu: str | None = None) -> list[Any]:
+        """Every exit except HLT (a program that ends halts, which exits)."""
+        return [e for e in self.ev("kvm_exit", vcpu) if e.fields["reason"] != "hlt"]
+
     def incomplete_ipis(self, vcpu: str | None = None) -> list[tuple[int, int, int, int]]:
         """(icr_lo, icr_hi, failure ID, index) of every AVIC_INCOMPLETE_IPI, decoded from the
         exit's EXITINFO1/2 exactly as KVM does."""
