@@ -61,6 +61,19 @@ def load_or_exit(path: str | Path) -> Scenario:
     return load_scenario(path)
 
 
+def simulate_one(scn: Scenario, **kw: Any) -> Any:
+    """Like :func:`run_one` but returns the live :class:`navic.runner.Run` (for traces, stats)."""
+    runner = importlib.import_module("navic.runner")
+    try:
+        return runner.simulate(scn, **kw)
+    except (runner.UnsupportedScenario, NotImplementedError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not message.startswith(f"{scn.source}:"):
+            message = f"{scn.source}: not supported yet: {message}"
+        click.echo(message, err=True)
+        raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
+
+
 def run_one(scn: Scenario) -> dict[str, Any]:
     """Run a checked scenario with :func:`navic.runner.run_scenario` (imported lazily so that
     parse errors are reported even when the simulator is broken or absent).
@@ -237,9 +250,18 @@ def render_result(result: Mapping[str, Any], console: Console, *, max_rows: int 
               help="Also write the JSON result to this file.")
 @click.option("--max-rows", type=click.IntRange(min=1), default=50, show_default=True,
               help="Rows per table in the readable output.")
-def run(file: str, as_json: bool, out: str | None, max_rows: int) -> None:
+@click.option("--trace-text", is_flag=True,
+              help="Print the run's events, one per line, in trace-cmd report's shape (KVM tracepoint names).")
+def run(file: str, as_json: bool, out: str | None, max_rows: int, trace_text: bool) -> None:
     """Run the scenario FILE (TOML; see docs/scenarios.md)."""
     scn = load_or_exit(file)
+    if trace_text:
+        r = simulate_one(scn, trace=True)
+        for line in r.trace.text_lines(r.costs.ghz):
+            click.echo(line)
+        if out is not None:
+            Path(out).write_text(to_json(r.result()), encoding="utf-8")
+        return
     emit_result(run_one(scn), as_json=as_json, out=out, max_rows=max_rows)
 
 

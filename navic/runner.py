@@ -21,7 +21,7 @@ from navic.apic.registers import (
     APIC_TMR,
     APIC_TPR,
 )
-from navic.check import oracle
+from navic.check import oracle, provenance
 from navic.config import Scenario
 from navic.guest.kernel import GuestCpu, SharedMemory
 from navic.hw.device import Device
@@ -150,9 +150,12 @@ def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = Fal
             Device(engine, dcfg, costs.ghz, i, lambda d: machine.device_interrupt(d.cfg.target, d.cfg.vector))
 
     until = int(scn.max_time_us * costs.ghz * 1000)
+    sends = provenance.track(run)   # send-time destinations for the provenance checks
+    getattr(engine.chooser, "attach", lambda _run: None)(run)   # explorer: state hashing
     engine.run(until=until)
     quiescent = not engine._q and engine.now < until
     rec.violations.extend(oracle.end_of_run(run, quiescent=quiescent))
+    rec.violations.extend(sends.check())
     if isinstance(engine.chooser, ReplayChooser):
         run.replayed = engine.chooser.log  # type: ignore[attr-defined]
     return run

@@ -78,23 +78,29 @@ class Host:
 
     def _host_ipi_arrive(self, cpu: int, kind: str) -> None:
         p = self.pcpus[cpu]
-        if kind == "posted_intr" and p.guest_mode:
-            p.pi_pending = True
-            p.wake.fire()
+        if kind == "posted_intr":
+            if p.guest_mode:
+                p.pi_pending = True
+                p.wake.fire()
             return
         if kind == "pi_wakeup" and self.pi_wakeup_handler is not None:
             # Handled by the host's IRQ handler (pi_wakeup_handler) wherever the pCPU is: if it is
             # in guest mode it exits first (external interrupt), then the handler runs.
             self.pi_wakeup_handler(cpu)
-        if p.guest_mode:
-            p.intr_pending = True
-            p.wake.fire()
+        self.host_interrupt(p)
 
     def _slice_end(self, cpu: int) -> None:
-        p = self.pcpus[cpu]
-        if p.guest_mode:
-            p.intr_pending = True   # the host timer tick exits the guest
-            p.wake.fire()
+        self.host_interrupt(self.pcpus[cpu])   # the host timer tick
+
+    @staticmethod
+    def host_interrupt(p: HostCpu) -> None:
+        """A host interrupt reaches pCPU ``p``. It is latched: in guest mode it forces
+        #VMEXIT(INTR) at the next instruction boundary; between vcpu_enter_guest()'s
+        local_irq_disable() and VMRUN it stays pending, so VMRUN exits at once (the INTR intercept);
+        in host mode with IRQs enabled it is simply handled — vcpu_enter_guest() drops the latch
+        when it disables IRQs."""
+        p.intr_pending = True
+        p.wake.fire()
 
     # -- doorbells (MSR C001_011Bh or the AVIC IPI path) ------------------------------------
     def doorbell(self, host_apic_id: int, src: int | None = None) -> None:

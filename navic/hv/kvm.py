@@ -150,7 +150,9 @@ class Kvm:
             self.trace.emit("kvm_apicv_inhibit_changed", level="L0", reason=reason, set=inhibited)
         for v in self.vcpus:
             v.requests.add(REQ_APICV_UPDATE)
-            self.kvm_vcpu_kick(v)
+            # KVM_REQ_APICV_UPDATE is KVM_REQUEST_NO_WAKEUP: a blocked vCPU is not woken, it
+            # re-evaluates at its next entry; one in guest mode is forced out.
+            self.kvm_vcpu_kick_no_wakeup(v)
 
     def recalc_apic_map(self) -> None:
         """kvm_recalculate_apic_map(): physical IDs must be 1:1 with vCPUs for APICv."""
@@ -188,7 +190,6 @@ class Kvm:
     def vcpu_enter_guest(self, vcpu: Vcpu) -> Gen:
         """x86.c vcpu_enter_guest(): requests, event injection, the mode barrier, VMRUN, exit."""
         pcpu = vcpu.pcpu
-        pcpu.intr_pending = False  # host IRQs are enabled here: pending host interrupts handled
         if REQ_APICV_UPDATE in vcpu.requests:
             vcpu.requests.discard(REQ_APICV_UPDATE)
             self.vendor.refresh_apicv_exec_ctrl(vcpu)
@@ -196,11 +197,16 @@ class Kvm:
             yield from self.flush_ipis(vcpu)
         self.vendor.inject_pending_events(vcpu)
         vcpu.requests.discard(REQ_EVENT)
+        # local_irq_disable(): host interrupts that arrived while IRQs were enabled have been
+        # handled; any that arrives from here on stays pending and makes VMRUN exit at once.
+        pcpu.intr_pending = False
         vcpu.mode = IN_GUEST_MODE
         yield 0  # smp_mb__after_srcu_read_unlock(): pairs with kvm_vcpu_kick()'s mode read
         if vcpu.requests or vcpu.need_resched:
             vcpu.mode = OUTSIDE_GUEST_MODE
             return "cancel"
+        if self.trace.on:
+            self.trace.emit("kvm_entry", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name, guest_level="L1")
         exit_reason = yield from self.vendor.run(vcpu)
         vcpu.mode = OUTSIDE_GUEST_MODE
         return (yield from self.vendor.handle_exit(vcpu, exit_reason))
@@ -282,6 +288,11 @@ class Kvm:
         """kvm_vcpu_kick(): wake it if blocked, else force a VM-exit with a reschedule IPI."""
         if self.kvm_vcpu_wake_up(vcpu):
             return
+        self.kvm_vcpu_kick_no_wakeup(vcpu, from_vcpu=from_vcpu)
+
+    def kvm_vcpu_kick_no_wakeup(self, vcpu: Vcpu, *, from_vcpu: Vcpu | None = None) -> None:
+        """The IPI half of kvm_vcpu_kick() (kvm_make_all_cpus_request() with NO_WAKEUP):
+        IN_GUEST_MODE -> EXITING_GUEST_MODE and a reschedule IPI to its pCPU."""
         if vcpu.mode == IN_GUEST_MODE:
             vcpu.mode = EXITING_GUEST_MODE
             if vcpu.cpu is not None and not (from_vcpu is not None and from_vcpu.cpu == vcpu.cpu):

@@ -5,6 +5,10 @@ bit, or an NMI/INIT/SIPI latch, is set for it) with :meth:`Recorder.accepted`; w
 handler starts, :meth:`Recorder.delivered` consumes all acceptances pending for that (cpu,
 vector) — several sends coalesced into one IRR bit are served by one handler run, which is
 architectural — and the oldest one gives the delivery's kind, sender and latency.
+
+:attr:`Recorder.history` keeps both kinds of event in order — ``("a", cpu, vector, kind, sent_by,
+t_sent)`` per acceptance and ``("d", cpu, vector)`` per handler run — for the per-send provenance
+checks of :mod:`navic.check.provenance` (duplicated / misrouted deliveries).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Recorder:
         self.exits: dict[str, dict[str, int]] = {}
         self.violations: list[dict[str, Any]] = []
         self._pending: dict[tuple[str, int], deque[tuple[int, str | None, str]]] = {}
+        self.history: list[tuple[Any, ...]] = []
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -36,9 +41,11 @@ class Recorder:
         if q is None:
             q = self._pending[key] = deque()
         q.append((t_sent, sent_by, kind))
+        self.history.append(("a", cpu, vector, kind, sent_by, t_sent))
 
     def delivered(self, cpu: str, vector: int, kind: str) -> None:
         now = self.clock.now
+        self.history.append(("d", cpu, vector))
         q = self._pending.pop((cpu, vector), None)
         sent_by: str | None = None
         latency: int | None = None

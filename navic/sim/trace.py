@@ -43,12 +43,20 @@ class Trace:
         """trace-cmd-report-like lines: ``task-pid [cpu] ts: event: fields``."""
         out = []
         for e in self.events:
-            task = f"{(e.vcpu or e.level).replace('.', '_')}-{e.level}"
+            task = f"{e.vcpu or e.level}-{_pid(e.vcpu or e.level)}"
             cpu = f"{e.pcpu:03d}" if e.pcpu is not None else "---"
             ts = e.t / (ghz * 1e9)
             fields = " ".join(f"{k}={_fmt(v)}" for k, v in e.fields.items())
             out.append(f"{task:>16} [{cpu}] {ts:.9f}: {e.name}: {fields}".rstrip())
         return out
+
+
+def _pid(task: str) -> int:
+    """A stable pseudo thread id per task name (vCPU threads 1000+index per level)."""
+    if "." in task and task[1:].split(".")[0].isdigit() and task.split(".")[1].isdigit():
+        level, idx = task[1:].split(".")
+        return int(level) * 1000 + int(idx)
+    return {"L0": 1, "L1": 2, "L2": 3, "hw": 0}.get(task, 9)
 
 
 def _fmt(v: Any) -> str:

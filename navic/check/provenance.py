@@ -1,0 +1,170 @@
+"""Per-send provenance checks: duplicated and misrouted deliveries.
+
+The oracle (:mod:`navic.check.oracle`) looks at what is still pending at the end of a run (stuck,
+lost). This module looks at where every handler run came from:
+
+* **duplicated** — more handler runs for (cpu, vector) than *distinct* acceptances into it. An
+  acceptance is attributed to the send (guest ICR / SELF_IPI write) it came from; the same send
+  accepted twice into the same target (e.g. an AVIC_INCOMPLETE_IPI handler that sets IRR again
+  after the hardware already did — digest §9.2 invariant 4) counts once. Concretely, a handler run
+  is a duplicate when every acceptance it consumes belongs to a send an earlier handler run on that
+  (cpu, vector) already served. Acceptances from timers, devices and writes this module cannot
+  attribute are always distinct; handler runs that consume no acceptance at all come from local
+  sources the recorder does not see (LVT error, LINT) and are not judged.
+* **misrouted** — a handler ran (consumed an acceptance) on a CPU that the architectural
+  destination resolution *at send time* did not select: for fixed/NMI/INIT/SIPI messages every
+  matching APIC; for lowest priority any legal candidate (arbitration is the platform's choice).
+
+Sends are observed at the instruction level: :class:`Tracker` wraps each guest's
+``next_insn`` and, when an instruction is an ICR write (x2APIC MSR 830h, xAPIC MMIO 300h) or an
+x2APIC SELF_IPI write (MSR 83Fh), resolves its destinations with :mod:`navic.apic.dest` against the
+current APIC state. Acceptances and handler runs come from :attr:`Recorder.history`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+from navic.apic import dest as apic_dest
+from navic.apic.icr import DM_INIT, DM_LOWEST, DM_NMI, DM_SIPI, DM_SMI, SH_SELF, Icr
+from navic.apic.registers import APIC_ICR, APIC_ICR2
+from navic.hw import isa
+
+_MSR_ICR = 0x830
+_MSR_SELF_IPI = 0x83F
+_IPI_KINDS = frozenset({"fixed", "lowest", "nmi", "init", "sipi", "smi"})
+
+
+class Tracker:
+    """Observes the sends of one run; :meth:`check` returns the provenance violations."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        # sender name -> ([send times], [(vector key, allowed target names)])
+        self.times: dict[str, list[int]] = {}
+        self.sends: dict[str, list[tuple[int, frozenset[str]]]] = {}
+        if run.kvm is not None:
+            pairs = [(v.name, v.apic) for v in run.kvm.vcpus]
+        else:
+            pairs = [(n, a) for n, a in zip(run.machine.names, run.machine.apics, strict=False)]
+        self.names = [n for n, _ in pairs]
+        self.apics = [a for _, a in pairs]
+        self.apic_of = dict(pairs)
+        clock = run.engine
+        for g in run.guests:
+            if g.name in self.apic_of:
+                self._wrap(g, clock)
+
+    def _wrap(self, g: Any, clock: Any) -> None:
+        orig = g.next_insn
+        src = self.apic_of[g.name]
+        note = self._note
+        wrmsr, mmio = isa.Wrmsr, isa.MmioWrite
+
+        def next_insn() -> Any:
+            insn = orig()
+            t = type(insn)
+            if t is wrmsr:
+                msr = insn.msr
+                if msr == _MSR_ICR:
+                    v = insn.value
+                    note(g.name, src, clock.now, Icr.decode(v & 0xFFFFFFFF, v >> 32, True))
+                elif msr == _MSR_SELF_IPI:
+                    note(g.name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
+            elif t is mmio and insn.addr == g.apic_base + APIC_ICR:
+                note(g.name, src, clock.now, Icr.decode(insn.value, src.regs[APIC_ICR2 >> 2], False))
+            return insn
+
+        g.next_insn = next_insn
+
+    def _note(self, sender: str, src: Any, now: int, icr: Icr) -> None:
+        mode = icr.delivery_mode
+        if icr.shorthand == SH_SELF:
+            allowed = frozenset({sender})
+        elif mode == DM_LOWEST:
+            allowed = frozenset(self.names[self.apics.index(a)]
+                                for a in apic_dest.lowest_priority_candidates(self.apics, src, icr))
+        else:
+            allowed = frozenset(n for n, a in zip(self.names, self.apics, strict=True)
+                                if apic_dest.match_dest(a, src, icr))
+        key = 2 if mode == DM_NMI else 0 if mode in (DM_INIT, DM_SMI) else icr.vector
+        if mode == DM_SIPI:
+            key = icr.vector
+        times = self.times.setdefault(sender, [])
+        sends = self.sends.setdefault(sender, [])
+        if times and times[-1] == now:
+            times.pop()
+            sends.pop()
+        times.append(now)
+        sends.append((key, allowed))
+
+    def _send_of(self, sent_by: str | None, t_sent: int, vector: int) -> tuple[int, frozenset[str]] | None:
+        """The send an acceptance came from: the sender's latest send at or before ``t_sent``
+        (emulated and bare-metal paths pass the ICR-write time; the AVIC path the IRR-set time,
+        which falls inside the ICR write)."""
+        if sent_by is None:
+            return None
+        times = self.times.get(sent_by)
+        if not times:
+            return None
+        i = bisect.bisect_right(times, t_sent) - 1
+        if i < 0:
+            return None
+        key, allowed = self.sends[sent_by][i]
+        if key != vector:
+            return None   # not this send (e.g. a write this tracker does not see)
+        return times[i], allowed
+
+    def check(self) -> list[dict[str, Any]]:
+        hist = self.run.recorder.history
+        pending: dict[tuple[str, int], list[tuple[Any, str | None, bool, int]]] = {}
+        served: dict[tuple[str, int], set[Any]] = {}
+        runs: dict[tuple[str, int], int] = {}
+        dups: dict[tuple[str, int], int] = {}
+        out: list[dict[str, Any]] = []
+        misrouted_seen: set[Any] = set()
+        for n, h in enumerate(hist):
+            if h[0] == "a":
+                _, cpu, vector, kind, sent_by, t_sent = h
+                send = self._send_of(sent_by, t_sent, vector) if kind in _IPI_KINDS else None
+                if send is None:
+                    key: Any = ("#", n)
+                    bad = False
+                else:
+                    key = (sent_by, send[0])
+                    bad = cpu not in send[1]
+                pending.setdefault((cpu, vector), []).append((key, sent_by, bad, t_sent))
+                continue
+            _, cpu, vector = h
+            cv = (cpu, vector)
+            consumed = pending.pop(cv, None)
+            if not consumed:
+                continue   # a local source the recorder does not see (LVT error, thermal...)
+            runs[cv] = runs.get(cv, 0) + 1
+            done = served.setdefault(cv, set())
+            if all(c[0] in done for c in consumed):
+                dups[cv] = dups.get(cv, 0) + 1
+            for key, sent_by, bad, t_sent in consumed:
+                done.add(key)
+                if bad and (cpu, key) not in misrouted_seen:
+                    misrouted_seen.add((cpu, key))
+                    out.append({
+                        "kind": "misrouted", "cpu": cpu, "vector": vector, "sent_by": sent_by,
+                        "t_sent": t_sent,
+                        "detail": (f"handler for vector {vector:#x} ran on {cpu}, which the destination "
+                                   f"of {sent_by}'s send at t={key[1]} did not select"),
+                    })
+        for (cpu, vector), n_dup in sorted(dups.items()):
+            n_runs = runs[(cpu, vector)]
+            out.append({
+                "kind": "duplicated", "cpu": cpu, "vector": vector, "sent_by": None, "t_sent": None,
+                "detail": (f"{n_runs} handler runs for vector {vector:#x} on {cpu} but only "
+                           f"{len(served[(cpu, vector)])} distinct acceptance(s): {n_dup} run(s) served "
+                           "sends that had already been handled"),
+            })
+        return out
+
+
+def track(run: Any) -> Tracker:
+    return Tracker(run)
