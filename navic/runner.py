@@ -51,8 +51,9 @@ def build_kvm(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr
 
     features = features_for(scn.host.cpu)
     if features.vendor != "amd":
-        raise UnsupportedScenario(f"{scn.source}: host.cpu: VMX (\"{scn.host.cpu}\") with virt = \"kvm\" "
-                                  "is not supported in this version")
+        from navic.hv.vmx import build_kvm_vmx
+
+        return build_kvm_vmx(scn, engine, costs, rec, tr, guest)
     host = Host(scn, engine, costs, rec, tr)
     errata = SvmVendor._errata(scn.l0, features)
     erratum = None

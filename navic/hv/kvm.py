@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from navic.apic import dest as apic_dest
 from navic.apic.icr import Icr
 from navic.apic.lapic import ApicHooks, LocalApic
+from navic.apic.registers import APIC_LDR as APIC_LDR_OFFSET
 from navic.guest.kernel import GuestCpu
 from navic.hv.inhibit import Inhibits
 from navic.sim.engine import Handle, Signal
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from navic.hv.host import Host
 
 OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE = 0, 1, 2
+# vcpu->arch.mp_state (the two KVM_MP_STATE_* values navic needs).
+MP_STATE_RUNNABLE, MP_STATE_INIT_RECEIVED = "runnable", "init_received"
 MODE_NAMES = {OUTSIDE_GUEST_MODE: "outside", IN_GUEST_MODE: "in_guest", EXITING_GUEST_MODE: "exiting"}
 
 # Requests (KVM_REQ_*).
@@ -109,6 +112,8 @@ class Vcpu:
         self.pending_ipis: list[Icr] = []
         self.exit_insn: Any = None        # instruction a fault-style exit left for emulation
         self.nmi_injected = False
+        self.mp_state = MP_STATE_RUNNABLE
+        self.saved_ldr: int | None = None  # the OS's LDR, restored by its AP start-up path after SIPI
         self.interrupt_window = False     # V_IRQ requested (APICv off)
 
     def __repr__(self) -> str:
@@ -172,9 +177,14 @@ class Kvm:
         yield from host.sched.acquire(vcpu)
         self.vendor.vcpu_load(vcpu, vcpu.cpu)
         while True:
-            r = yield from self.vcpu_enter_guest(vcpu)
-            if r == "halt":
-                yield from self.kvm_vcpu_halt(vcpu)
+            if vcpu.mp_state != MP_STATE_RUNNABLE:
+                # vcpu_run() -> vcpu_block(): INIT received, not runnable until a SIPI arrives.
+                yield from self.kvm_vcpu_block(vcpu)
+                self.kvm_apic_accept_events(vcpu)
+            else:
+                r = yield from self.vcpu_enter_guest(vcpu)
+                if r == "halt":
+                    yield from self.kvm_vcpu_halt(vcpu)
             if vcpu.need_resched:
                 yield from self.preempt(vcpu)
 
@@ -195,6 +205,9 @@ class Kvm:
             self.vendor.refresh_apicv_exec_ctrl(vcpu)
         if vcpu.pending_ipis:
             yield from self.flush_ipis(vcpu)
+        self.kvm_apic_accept_events(vcpu)
+        if vcpu.mp_state != MP_STATE_RUNNABLE:
+            return "init_received"
         self.vendor.inject_pending_events(vcpu)
         vcpu.requests.discard(REQ_EVENT)
         # local_irq_disable(): host interrupts that arrived while IRQs were enabled have been
@@ -212,12 +225,41 @@ class Kvm:
         return (yield from self.vendor.handle_exit(vcpu, exit_reason))
 
     # -- HLT: kvm_vcpu_halt() / kvm_vcpu_block() -------------------------------------------
+    def kvm_apic_accept_events(self, vcpu: Vcpu) -> None:
+        """kvm_apic_accept_events() (+ the SMI request): a latched INIT resets the APIC and makes
+        the vCPU wait for SIPI (KVM_MP_STATE_INIT_RECEIVED); a SIPI in that state restarts it (see
+        docs/model.md "INIT and SIPI"); a SIPI to a running vCPU is dropped. An SMI enters SMM,
+        which the program does not see: it is only recorded, as on bare metal."""
+        from navic.hw.machine import os_apic_defaults
+
+        a = vcpu.apic
+        if a.init_pending:
+            vcpu.saved_ldr = a.read_reg(APIC_LDR_OFFSET)
+            a.take_init()
+            a.init_reset()
+            vcpu.mp_state = MP_STATE_INIT_RECEIVED
+            vcpu.guest.note_event(0, "init")
+        if a.sipi_vector is not None:
+            vec = a.take_sipi()
+            if vcpu.mp_state == MP_STATE_INIT_RECEIVED:
+                os_apic_defaults(a, ldr=vcpu.saved_ldr)
+                vcpu.mp_state = MP_STATE_RUNNABLE
+                vcpu.guest.note_event(vec if vec is not None else 0, "sipi")
+        if a.smi_pending and vcpu.mp_state == MP_STATE_RUNNABLE:
+            a.take_smi()
+            vcpu.guest.note_event(0, "smi")
+
     def kvm_vcpu_has_events(self, vcpu: Vcpu) -> bool:
         """kvm_arch_vcpu_runnable(): something the guest can take now."""
         a = vcpu.apic
         g = vcpu.guest
+        if vcpu.mp_state != MP_STATE_RUNNABLE:
+            return a.init_pending or a.sipi_vector is not None
         if REQ_EVENT in vcpu.requests and not vcpu.apicv_active:
             return True
+        sync = getattr(self.vendor, "sync_pir_to_irr", None)
+        if sync is not None:
+            sync(vcpu)   # kvm_apic_has_interrupt() -> sync_pir_to_irr (VMX: posted interrupts -> vIRR)
         if a.nmi_pending or a.init_pending or vcpu.nmi_injected:
             return True
         return g.IF and a.has_interrupt() >= 0
@@ -330,11 +372,17 @@ class Kvm:
                 a.set_tmr(vector)
             else:
                 a.clear_tmr(vector)
-            a.set_irr(vector)
+            deliver = getattr(self.vendor, "deliver_interrupt", None)
+            if deliver is None:
+                a.set_irr(vector)
             self.rec.accepted(vcpu.name, vector, kind or KIND_BY_MODE[mode], sender, t_sent)
             if self.trace.on:
                 self.trace.emit("kvm_apic_accept_irq", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name,
                                 vec=vector, dm=KIND_BY_MODE[mode], tm="level" if trigger else "edge")
+            if deliver is not None:
+                # kvm_x86_ops.deliver_interrupt (VMX: post into the PIR, then notify or wake).
+                yield from deliver(vcpu, mode, trigger, vector, from_vcpu=from_vcpu)
+                return True
             vcpu.poll.fire()
             yield 0  # smp_mb__after_atomic(): IRR is visible before vcpu->mode is read
             self.vendor.complete_interrupt_delivery(vcpu, from_vcpu=from_vcpu)

@@ -228,8 +228,6 @@ class SvmVendor:
         g = vcpu.guest
         if vmcb.event_inj & (1 << 31):
             return
-        if a.init_pending:
-            self._init_sipi(vcpu)
         if a.nmi_pending and not g.nmi_blocked:
             a.take_nmi()
             vmcb.event_inj = (1 << 31) | (2 << 8) | 2
@@ -248,21 +246,6 @@ class SvmVendor:
             vmcb.v_irq = 1
             vmcb.v_intr_vector = 0
             vmcb.set_intercept(V.INTERCEPT_VINTR)
-
-    def _init_sipi(self, vcpu: Vcpu) -> None:
-        """kvm_apic_accept_events(), simplified: INIT resets the APIC; the following SIPI (if
-        already latched) restarts the program (see docs/model.md "INIT and SIPI")."""
-        from navic.hw.machine import os_apic_defaults
-
-        a = vcpu.apic
-        ldr = a.read_reg(APIC_LDR)
-        a.take_init()
-        a.init_reset()
-        vcpu.guest.note_event(0, "init")
-        vec = a.take_sipi()
-        os_apic_defaults(a, ldr=ldr)
-        if vec is not None:
-            vcpu.guest.note_event(vec, "sipi")
 
     # -- running ---------------------------------------------------------------------------
     def run(self, vcpu: Vcpu) -> Gen:

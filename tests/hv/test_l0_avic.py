@@ -10,11 +10,10 @@ also checks invariants 1 and 2 of digest §9.2 on the real physical APIC ID tabl
 from __future__ import annotations
 
 import pytest
+from _kvm_util import prog, scenario, snoop_incomplete_ipi, traced
 
 from navic.hw import avic as A
 from navic.hw import vmcb as V
-
-from _kvm_util import prog, scenario, snoop_incomplete_ipi, traced
 
 STI = '{ op = "sti" }'
 VEC = 0x40
@@ -463,3 +462,44 @@ def test_device_interrupt_doorbell_vs_ga_log(monkeypatch, how):
         assert [e.fields["vcpu_idx"] for e in t.ev("kvm_avic_ga_log")] == [1] * 3
         assert len(t.ev("kvm_vcpu_wakeup", "l1.1")) == 3
         assert t.ev("kvm_avic_doorbell") == []
+
+
+# =====================================================================================================
+# INIT / SIPI / SMI: emulated (ID 0), with the same guest-visible outcome as bare metal
+# =====================================================================================================
+INIT_SIPI_SENDER = after(20000, '{ op = "ipi", to = 1, mode = "init", trigger = "level" }',
+                         '{ op = "ipi", to = 1, vector = 0x71 }',          # to a vCPU waiting for SIPI
+                         '{ op = "compute", cycles = 20000 }',
+                         '{ op = "ipi", to = 1, mode = "sipi", vector = 0x10 }',
+                         '{ op = "compute", cycles = 20000 }',
+                         '{ op = "ipi", to = 1, vector = 0x70 }')
+INIT_SIPI_TARGET = [STI, '{ op = "repeat", times = 100, ops = [ { op = "compute", cycles = 1000 } ] }',
+                    '{ op = "wait", vector = 0x70, how = "spin" }']
+
+
+@pytest.mark.parametrize("l0", ["", "apicv = false"])
+def test_init_makes_the_vcpu_wait_for_sipi(monkeypatch, l0):
+    text = scenario([prog(0, INIT_SIPI_SENDER), prog(1, INIT_SIPI_TARGET)], apic="xapic", l0=l0, max_time_us=300)
+    bare = traced(text.replace('virt = "kvm"', 'virt = "none"'))
+    t = traced(text, monkeypatch=monkeypatch)
+    clean(t)
+    seq = [(d["cpu"], d["vector"], d["kind"]) for d in t.result["deliveries"]]
+    # INIT resets the APIC (0x71 is refused: software-disabled), SIPI restarts the program.
+    assert seq == [("l1.1", 0, "init"), ("l1.1", 0x10, "sipi"), ("l1.1", 0x70, "fixed")]
+    assert seq == [(d["cpu"], d["vector"], d["kind"]) for d in bare.result["deliveries"]]
+    init_t, sipi_t = t.result["deliveries"][0]["t"], t.result["deliveries"][1]["t"]
+    # Between INIT and SIPI the vCPU never entered the guest (KVM_MP_STATE_INIT_RECEIVED).
+    assert not [e for e in t.ev("kvm_entry", "l1.1") if init_t < e.t < sipi_t]
+    assert [e for e in t.ev("kvm_vcpu_block", "l1.1") if init_t <= e.t < sipi_t]
+    if not l0:
+        ids = [(lo >> 8 & 7, fid) for lo, _, fid, _ in t.incomplete_ipis("l1.0")]
+        assert ids == [(5, 0), (0, 1), (6, 0)]           # INIT: ID 0; 0x71: ID 1 (blocked); SIPI: ID 0
+
+
+def test_smi_ipi_is_recorded_like_bare_metal(monkeypatch):
+    text = scenario([prog(0, after(20000, '{ op = "ipi", to = 1, mode = "smi" }')), prog(1, spin(0x70))],
+                    apic="xapic", max_time_us=100)
+    t = traced(text, monkeypatch=monkeypatch)
+    clean(t)
+    assert t.incomplete_ipis("l1.0") == [(2 << 8 | LEVEL_BIT, 1 << 24, A.AVIC_IPI_FAILURE_INVALID_INT_TYPE, 0)]
+    assert t.got() == [("l1.1", 0, "smi")] == traced(text.replace('virt = "kvm"', 'virt = "none"')).got()

@@ -8,10 +8,9 @@ target. KVM's workaround is enable_ipiv = false, forced on by "auto" for family 
 from __future__ import annotations
 
 import pytest
+from _kvm_util import prog, scenario, snoop_incomplete_ipi, traced
 
 from navic.hw import avic as A
-
-from _kvm_util import prog, scenario, snoop_incomplete_ipi, traced
 
 N = 5
 

@@ -10,10 +10,9 @@ The checks run on every table write and every simulated microsecond (_kvm_util.t
 from __future__ import annotations
 
 import pytest
+from _kvm_util import prog, scenario, traced
 
 from navic.hw import avic as A
-
-from _kvm_util import prog, scenario, traced
 
 ROUNDS = 15
 

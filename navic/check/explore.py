@@ -1,0 +1,472 @@
+"""The interleaving explorer: systematic search over a scenario's schedules (``navic explore``).
+
+Method (docs/verification.md has the full description and the bounds):
+
+* **Schedules.** The engine runs in *window mode* (:mod:`navic.sim.engine`): before every atomic
+  step it offers the next events of up to ``width`` distinct agents (vCPU threads, doorbell/IPI
+  arrivals, timers, scheduler ticks ...) whose time is within ``horizon`` cycles of the earliest.
+  Alternative 0 is the time-order schedule; running another candidate *delays* the earlier agents
+  (they run late). Model-level alternatives (``engine.choose``, e.g. erratum 1235's stale
+  IsRunning read) are decision points too.
+* **Bounding.** Iterative preemption bounding in the style of CHESS: bound k = 0, 1, ..., K; a
+  schedule's cost is its number of deviations from the default (every non-default window pick or
+  model alternative costs 1). Each bound is searched depth-first and statelessly: a run is
+  re-executed from the start with a prefix of decisions, and the next prefix is found by
+  backtracking to the deepest decision point with an untried alternative that fits the bound.
+  Runs stop after ``max_steps`` engine steps.
+* **State hashing.** At every decision point past the forced prefix the explorer hashes the
+  system state (APIC/backing pages, VMCBs, the physical APIC ID table, vCPU/pCPU/scheduler state,
+  the erratum window, pending acceptances, guest state, every process's position, and the queue of
+  pending events relative to now). A state already reached in this bound with at least as much
+  remaining budget is not explored again (the run is cut there).
+* **Checks.** Every complete run goes through the oracle (stuck, lost) and the provenance checks
+  (duplicated, misrouted) exactly as ``navic run`` does.
+* **Counterexamples.** The first violating schedule is minimised (delta debugging over its
+  non-default decisions, keeping those needed for the same violation kind, CPU and vector) and
+  written as a schedule file that ``navic run SCENARIO --schedule FILE`` replays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from navic.config import Scenario
+from navic.sim.chooser import Chooser, ReplayChooser
+from navic.sim.engine import Handle, _label
+
+SCHEDULE_FORMAT = 1
+DESIGNS = ("none", "shadow", "dummy")
+
+DEFAULT_MAX_STEPS = 20_000
+DEFAULT_PREEMPTIONS = 2
+DEFAULT_HORIZON = 6_000   # cycles (2 µs at 3 GHz)
+DEFAULT_WIDTH = 3
+
+
+class Pruned(Exception):
+    """Raised inside a run when it reaches a state already explored with at least this budget."""
+
+
+# ---------------------------------------------------------------------------------------------
+# State hashing
+# ---------------------------------------------------------------------------------------------
+_PLAIN = (int, bool, str, float, type(None))
+
+
+def _locals(frame: Any) -> tuple[Any, ...]:
+    out = []
+    for k, v in frame.f_locals.items():
+        if type(v) in _PLAIN:
+            out.append((k, v))
+        elif hasattr(v, "index") and type(v).__module__.endswith("ops"):
+            out.append((k, type(v).__name__, v.index))   # a guest op: which one
+    return tuple(out)
+
+
+def _pc(gen: Any) -> tuple[Any, ...]:
+    """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals."""
+    out = []
+    while gen is not None:
+        f = getattr(gen, "gi_frame", None)
+        if f is None:
+            out.append(None)
+            break
+        out.append((f.f_code, f.f_lasti, _locals(f)))
+        gen = getattr(gen, "gi_yieldfrom", None)
+    return tuple(out)
+
+
+def _apic(a: Any, now: int) -> tuple[Any, ...]:
+    deadline = a._tmr_deadline
+    return (hash(bytes(a.page)), a.nmi_pending, a.init_pending, a.smi_pending, a.extint_pending,
+            getattr(a, "sipi_vector", None), a._esr_pending, a._esr_armed,
+            None if deadline is None else deadline - now)
+
+
+def state_hash(run: Any) -> bytes:
+    """A digest of everything that determines how the run continues (see the module docstring)."""
+    eng = run.engine
+    now = eng.now
+    parts: list[Any] = []
+    # Pending events relative to now, in the order they would run (not their sequence numbers).
+    parts.append(tuple((e[0] - now, _label(e[2])) for e in sorted(eng._q)
+                       if not (type(e[2]) is Handle and e[2].cancelled)))
+    parts.append(tuple((p.name, _pc(p.gen), p.waiting_on.name if p.waiting_on else None)
+                       for p in eng.processes if p.alive))
+    for g in run.guests:
+        parts.append((g.name, g.IF, g.nmi_blocked, g.wait_for_sipi, g.finished,
+                      tuple(sorted(g.handled.items())), tuple(sorted(g._consumed.items())),
+                      tuple(sorted(g.reads.items())), g.x2apic, g.apic_base,
+                      tuple((f.kind, f.saved_if, _pc(f.gen)) for f in g.frames)))
+    rec = run.recorder
+    parts.append(tuple(sorted((k, len(q), q[0][1], q[0][2]) for k, q in rec._pending.items() if q)))
+    kvm = run.kvm
+    if kvm is not None:
+        mem = kvm.mem
+        for v in kvm.vcpus:
+            parts.append((v.name, _apic(v.apic, now), v.mode, v.blocking, v.blocked, v.cpu,
+                          tuple(sorted(v.requests)), v.apicv_active, len(v.pending_ipis),
+                          v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
+                          v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
+                          hash(bytes(v.vmcb.mem.page(v.vmcb.hpa))) if hasattr(v, "vmcb") else None))
+        host = kvm.host
+        for p in host.pcpus:
+            parts.append((p.index, p.guest_mode, p.doorbell_pending, p.intr_pending, p.pi_pending,
+                          getattr(p.running, "name", None)))
+        s = host.sched
+        parts.append((tuple(getattr(t, "name", None) for t in s.current),
+                      tuple(tuple(t.name for t in rq) for rq in s.runq),
+                      tuple(now - x for x in s.slice_start)))
+        av = getattr(kvm.vendor, "avic", None)
+        if av is not None:
+            for i in range(av.physical_table_pages):
+                parts.append(hash(bytes(mem.page(av.physical_table_hpa + 4096 * i))))
+            parts.append(hash(bytes(mem.page(av.logical_table_hpa))))
+        err = getattr(getattr(host.silicon, "avic", None), "erratum", None)
+        if err is not None:
+            parts.append(tuple(sorted((hpa, err.ipi_seq - seq, hid) for hpa, (seq, hid) in err._cleared.items())))
+        inh = getattr(kvm, "inhibits", None)
+        if inh is not None:
+            parts.append(tuple(sorted(inh.active)))
+    else:
+        m = run.machine
+        for i, a in enumerate(m.apics):
+            parts.append((i, _apic(a, now), getattr(m.pcpus[i], "halted", None)))
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The exploring chooser
+# ---------------------------------------------------------------------------------------------
+class ExploreChooser(Chooser):
+    """Drives one run: forced decisions for the first ``len(prefix)`` decision points, the default
+    (0) after that; records every decision point in :attr:`trail` as (kind, labels, chosen, cost
+    before). With ``visited`` it hashes the state at each new decision point and raises
+    :class:`Pruned` when that state was already explored with at least the remaining budget."""
+
+    wants_window = True
+
+    def __init__(self, prefix: list[int], *, budget: int, horizon: int, width: int, max_steps: int,
+                 visited: dict[bytes, int] | None = None, all_states: set[bytes] | None = None) -> None:
+        self.prefix = prefix
+        self.budget = budget
+        self.horizon = horizon
+        self.width = width
+        self.max_steps = max_steps
+        self.visited = visited
+        self.all_states = all_states if all_states is not None else set()
+        self.trail: list[tuple[str, list[str], int, int]] = []
+        self.cost = 0
+        self.run: Any = None
+        self.new_states = 0
+
+    def attach(self, run: Any) -> None:
+        self.run = run
+
+    def _decide(self, kind: str, labels: list[str]) -> int:
+        i = len(self.trail)
+        if i < len(self.prefix):
+            c = self.prefix[i]
+        else:
+            c = 0
+            if self.visited is not None and self.run is not None:
+                h = state_hash(self.run)
+                remaining = self.budget - self.cost
+                seen = self.visited.get(h)
+                if seen is not None and seen >= remaining:
+                    raise Pruned
+                if seen is None:
+                    self.new_states += 1
+                    self.all_states.add(h)
+                self.visited[h] = remaining
+            else:
+                self.new_states += 1
+        self.trail.append((kind, labels, c, self.cost))
+        if c:
+            self.cost += 1
+        return c
+
+    def window(self, candidates: list[tuple[int, str]]) -> int:
+        return self._decide("window", [c[1] for c in candidates])
+
+    def choose(self, label: str, n: int, weights: list[float] | None = None) -> int:
+        return self._decide("choose", [label] * n)
+
+    def decisions(self) -> list[list[Any]]:
+        """The non-default decisions of this run in schedule-file form [kind, label, index, at]."""
+        out: list[list[Any]] = []
+        for at, (kind, labels, c, _cost) in enumerate(self.trail):
+            if c:
+                out.append([kind, labels[c], c, at])
+        return out
+
+
+def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int) -> list[int] | None:
+    """Depth-first backtracking: the deepest decision point with an untried alternative that keeps
+    the schedule within ``budget`` deviations."""
+    for i in range(len(trail) - 1, -1, -1):
+        _kind, labels, c, cost_before = trail[i]
+        if c + 1 < len(labels) and cost_before + 1 <= budget:
+            return [t[2] for t in trail[:i]] + [c + 1]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario handling: designs, mutants, running
+# ---------------------------------------------------------------------------------------------
+def apply_design(scn: Scenario, design: str | None) -> Scenario:
+    """``--design`` overrides ``[l0] nested_apicv`` (nested runs are not supported yet; the value is
+    passed through into the scenario)."""
+    if design is None:
+        return scn
+    if design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}; expected one of {', '.join(DESIGNS)}")
+    return dataclasses.replace(scn, l0=dataclasses.replace(scn.l0, nested_apicv=design))
+
+
+@contextlib.contextmanager
+def _mutant(name: str | None) -> Iterator[None]:
+    if name is None:
+        yield
+        return
+    from navic.check.mutants import active
+
+    with active(name):
+        yield
+
+
+def violation_key(v: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return (v.get("kind"), v.get("cpu"), v.get("vector"))
+
+
+def _simulate(scn: Scenario, chooser: Chooser) -> Any:
+    from navic import runner
+
+    return runner.simulate(scn, chooser=chooser)
+
+
+@dataclasses.dataclass
+class Options:
+    max_steps: int = DEFAULT_MAX_STEPS
+    preemptions: int = DEFAULT_PREEMPTIONS
+    horizon: int = DEFAULT_HORIZON
+    width: int = DEFAULT_WIDTH
+    hashing: bool = True
+    mutant: str | None = None
+    design: str | None = None
+    time_limit: float | None = None
+
+
+@dataclasses.dataclass
+class Progress:
+    bound: int = 0
+    states: int = 0
+    schedules: int = 0
+    pruned: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    complete_bound: int = -1   # highest bound whose space was exhausted
+
+
+@dataclasses.dataclass
+class Outcome:
+    progress: Progress
+    complete: bool
+    interrupted: bool = False
+    timed_out: bool = False
+    violation: dict[str, Any] | None = None
+    decisions: list[list[Any]] | None = None      # minimised
+    raw_decisions: list[list[Any]] | None = None  # as found
+    schedule_file: str | None = None
+    replay_ok: bool | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        p = self.progress
+        doc: dict[str, Any] = {
+            "states": p.states,
+            "schedules": p.schedules,
+            "seconds": round(p.seconds, 3),
+            "complete": self.complete,
+            "violation": None,
+        }
+        if self.violation is not None:
+            v = self.violation
+            doc["violation"] = {"kind": v.get("kind"), "cpu": v.get("cpu"), "vector": v.get("vector"),
+                                "detail": v.get("detail"), "schedule_file": self.schedule_file}
+        return doc
+
+
+class Explorer:
+    def __init__(self, scn: Scenario, opts: Options, *,
+                 on_progress: Callable[[Progress], None] | None = None) -> None:
+        self.scn = apply_design(scn, opts.design)
+        self.opts = opts
+        self.on_progress = on_progress
+        # Width >= 2 keeps the numbering of decision points the same for every bound (and replay).
+        self.width = max(2, opts.width)
+
+    def _chooser(self, prefix: list[int], budget: int, visited: dict[bytes, int] | None) -> ExploreChooser:
+        o = self.opts
+        return ExploreChooser(prefix, budget=budget, horizon=o.horizon, width=self.width,
+                              max_steps=o.max_steps, visited=visited, all_states=self.all_states)
+
+    def replay_chooser(self, decisions: list[list[Any]]) -> ReplayChooser:
+        o = self.opts
+        return ReplayChooser(decisions, window=True, horizon=o.horizon, width=self.width, max_steps=o.max_steps)
+
+    def run(self) -> Outcome:
+        o = self.opts
+        prog = Progress()
+        start = time.monotonic()
+        self.all_states: set[bytes] = set()
+        outcome: Outcome | None = None
+        try:
+            with _mutant(o.mutant):
+                for bound in range(o.preemptions + 1):
+                    prog.bound = bound
+                    visited: dict[bytes, int] | None = {} if o.hashing else None
+                    prefix: list[int] | None = []
+                    while prefix is not None:
+                        if o.time_limit is not None and time.monotonic() - start > o.time_limit:
+                            prog.seconds = time.monotonic() - start
+                            return Outcome(prog, complete=False, timed_out=True)
+                        ch = self._chooser(prefix, bound, visited)
+                        try:
+                            run = _simulate(self.scn, ch)
+                        except Pruned:
+                            run = None
+                            prog.pruned += 1
+                        prog.schedules += 1
+                        prog.states = len(self.all_states) if visited is not None else prog.states + ch.new_states
+                        if run is not None:
+                            if run.engine.truncated:
+                                prog.truncated += 1
+                            if run.recorder.violations:
+                                prog.seconds = time.monotonic() - start
+                                outcome = Outcome(prog, complete=False, violation=run.recorder.violations[0],
+                                                  raw_decisions=ch.decisions())
+                                break
+                        prefix = next_prefix(ch.trail, bound)
+                        prog.seconds = time.monotonic() - start
+                        if self.on_progress is not None:
+                            self.on_progress(prog)
+                    if outcome is not None:
+                        break
+                    prog.complete_bound = bound
+                if outcome is None:
+                    prog.seconds = time.monotonic() - start
+                    return Outcome(prog, complete=True)
+                outcome.decisions = self.minimize(outcome.raw_decisions or [], outcome.violation or {})
+                prog.seconds = time.monotonic() - start
+                return outcome
+        except KeyboardInterrupt:
+            prog.seconds = time.monotonic() - start
+            return Outcome(prog, complete=False, interrupted=True)
+
+    # -- counterexamples ----------------------------------------------------------------------
+    def reproduces(self, decisions: list[list[Any]], want: tuple[Any, Any, Any]) -> list[list[Any]] | None:
+        """Replay ``decisions``; the decisions actually applied if the run shows violation ``want``."""
+        ch = self.replay_chooser(decisions)
+        run = _simulate(self.scn, ch)
+        if any(violation_key(v) == want for v in run.recorder.violations):
+            return [list(d) for d in ch.log]
+        return None
+
+    def minimize(self, decisions: list[list[Any]], violation: dict[str, Any]) -> list[list[Any]]:
+        """ddmin (Zeller & Hildebrandt) over the non-default decisions."""
+        want = violation_key(violation)
+        with _mutant(self.opts.mutant):
+            cur = self.reproduces(decisions, want)
+            if cur is None:   # should not happen: the run is deterministic
+                return decisions
+            n = 2
+            while len(cur) >= 2:
+                chunk = max(1, len(cur) // n)
+                subsets = [cur[i:i + chunk] for i in range(0, len(cur), chunk)]
+                reduced = False
+                for i in range(len(subsets)):
+                    complement = [d for j, s in enumerate(subsets) if j != i for d in s]
+                    got = self.reproduces(complement, want)
+                    if got is not None and len(got) < len(cur):
+                        cur, n, reduced = got, max(n - 1, 2), True
+                        break
+                if not reduced:
+                    if n >= len(cur):
+                        break
+                    n = min(len(cur), 2 * n)
+            if len(cur) == 1:
+                got = self.reproduces([], want)
+                if got is not None:
+                    cur = got
+            return cur
+
+    def schedule_doc(self, path: str | Path, outcome: Outcome) -> dict[str, Any]:
+        src = Path(self.scn.source) if self.scn.source else None
+        sha = hashlib.sha256(src.read_bytes()).hexdigest() if src is not None and src.is_file() else None
+        return {
+            "navic_schedule": SCHEDULE_FORMAT,
+            "scenario": str(src) if src is not None else None,
+            "scenario_sha256": sha,
+            "design": self.scn.l0.nested_apicv,
+            "mutant": self.opts.mutant,
+            "engine": {"mode": "window", "horizon": self.opts.horizon, "width": self.width,
+                       "max_steps": self.opts.max_steps},
+            "violation": {k: outcome.violation.get(k) for k in ("kind", "cpu", "vector", "detail")}
+            if outcome.violation else None,
+            "decisions": outcome.decisions or [],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule files
+# ---------------------------------------------------------------------------------------------
+class ScheduleError(ValueError):
+    pass
+
+
+def write_schedule(path: str | Path, doc: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+def load_schedule(path: str | Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScheduleError(f"{path}: cannot read schedule: {exc}") from None
+    if isinstance(doc, list):   # a bare decision list (sequential ReplayChooser form)
+        return {"decisions": doc, "engine": {"mode": "ties"}}
+    if not isinstance(doc, dict) or not isinstance(doc.get("decisions"), list):
+        raise ScheduleError(f"{path}: not a navic schedule (expected an object with 'decisions')")
+    return doc
+
+
+def schedule_chooser(doc: dict[str, Any]) -> ReplayChooser:
+    eng = doc.get("engine") or {}
+    if eng.get("mode") == "window":
+        return ReplayChooser(doc["decisions"], window=True, horizon=int(eng.get("horizon", 0)),
+                             width=int(eng.get("width", 0)), max_steps=int(eng.get("max_steps", 0)))
+    return ReplayChooser([tuple(d) for d in doc["decisions"]])
+
+
+def scenario_for_schedule(scn: Scenario, doc: dict[str, Any]) -> Scenario:
+    design = doc.get("design")
+    if design and design != scn.l0.nested_apicv:
+        scn = apply_design(scn, design)
+    return scn
+
+
+def replay(scn: Scenario, doc: dict[str, Any], *, trace: bool = False) -> Any:
+    """Run ``scn`` under a schedule document (with its design and mutant), as ``navic run
+    --schedule`` does; returns the :class:`navic.runner.Run`."""
+    from navic import runner
+
+    scn = scenario_for_schedule(scn, doc)
+    with _mutant(doc.get("mutant")):
+        return runner.simulate(scn, chooser=schedule_chooser(doc), trace=trace)
