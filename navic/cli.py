@@ -252,9 +252,22 @@ def render_result(result: Mapping[str, Any], console: Console, *, max_rows: int 
               help="Rows per table in the readable output.")
 @click.option("--trace-text", is_flag=True,
               help="Print the run's events, one per line, in trace-cmd report's shape (KVM tracepoint names).")
-def run(file: str, as_json: bool, out: str | None, max_rows: int, trace_text: bool) -> None:
+@click.option("--schedule", "schedule", type=click.Path(dir_okay=False, exists=True),
+              help="Replay a schedule written by `navic explore` (deterministic; same violation).")
+def run(file: str, as_json: bool, out: str | None, max_rows: int, trace_text: bool,
+        schedule: str | None) -> None:
     """Run the scenario FILE (TOML; see docs/scenarios.md)."""
     scn = load_or_exit(file)
+    if schedule is not None:
+        r = _replay_schedule(scn, schedule, trace=trace_text)
+        if trace_text:
+            for line in r.trace.text_lines(r.costs.ghz):
+                click.echo(line)
+            if out is not None:
+                Path(out).write_text(to_json(r.result()), encoding="utf-8")
+            return
+        emit_result(r.result(), as_json=as_json, out=out, max_rows=max_rows)
+        return
     if trace_text:
         r = simulate_one(scn, trace=True)
         for line in r.trace.text_lines(r.costs.ghz):
@@ -263,6 +276,142 @@ def run(file: str, as_json: bool, out: str | None, max_rows: int, trace_text: bo
             Path(out).write_text(to_json(r.result()), encoding="utf-8")
         return
     emit_result(run_one(scn), as_json=as_json, out=out, max_rows=max_rows)
+
+
+def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
+    """``navic run --schedule``: load the schedule, check it names this scenario, replay it (with
+    the design and mutant it was found under)."""
+    import hashlib
+
+    from navic.check import explore
+
+    try:
+        doc = explore.load_schedule(path)
+    except explore.ScheduleError as exc:
+        raise ScenarioError(str(exc)) from None
+    sha = doc.get("scenario_sha256")
+    if sha and Path(file_path := scn.source).is_file():
+        if hashlib.sha256(Path(file_path).read_bytes()).hexdigest() != sha:
+            click.echo(f"navic: warning: {path} was recorded for a different version of {scn.source}; "
+                       "the replay may diverge", err=True)
+    if doc.get("mutant"):
+        click.echo(f"navic: replaying with mutant {doc['mutant']!r} (recorded in {path})", err=True)
+    runner = importlib.import_module("navic.runner")
+    try:
+        return explore.replay(scn, doc, trace=trace)
+    except (runner.UnsupportedScenario, NotImplementedError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not message.startswith(f"{scn.source}:"):
+            message = f"{scn.source}: not supported yet: {message}"
+        click.echo(message, err=True)
+        raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# navic explore
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--design", type=click.Choice(["none", "shadow", "dummy"]), default=None,
+              help="Nested design (overrides [l0] nested_apicv; passed through into the scenario).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Engine steps per run (each run is cut there).")
+@click.option("--preemptions", "-k", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Bound K: deviations from the time-order schedule per run (iteratively 0..K).")
+@click.option("--horizon", type=click.IntRange(min=0), default=6_000, show_default=True,
+              help="Cycles after the earliest pending event that another agent's event may be run early.")
+@click.option("--width", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Candidates per decision point (the earliest event and up to WIDTH-1 others).")
+@click.option("--no-hash", "no_hash", is_flag=True, help="Do not prune revisited states (purely stateless search).")
+@click.option("--mutant", default=None, help="Explore a deliberately broken model (see navic/check/mutants.py).")
+@click.option("--time-limit", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
+@click.option("--schedule-out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Where to write a violation's schedule (default: SCENARIO-STEM.schedule.json here).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def explore(file: str, design: str | None, max_steps: int, preemptions: int, horizon: int, width: int,
+            no_hash: bool, mutant: str | None, time_limit: float | None, schedule_out: str | None,
+            as_json: bool) -> None:
+    """Search the schedules of scenario FILE systematically for oracle violations (stuck, lost,
+    duplicated, misrouted) within bounds; write the first one found as a replayable schedule."""
+    from rich.progress import Progress as Bar
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from navic.check import explore as X
+
+    scn = load_or_exit(file)
+    if mutant is not None:
+        from navic.check import mutants
+
+        try:
+            mutants.get(mutant)
+        except KeyError as exc:
+            raise click.BadParameter(str(exc.args[0]), param_hint="--mutant") from None
+    opts = X.Options(max_steps=max_steps, preemptions=preemptions, horizon=horizon, width=width,
+                     hashing=not no_hash, mutant=mutant, design=design, time_limit=time_limit)
+    err = Console(file=sys.stderr, highlight=False)
+    bar = Bar(SpinnerColumn(), TextColumn("[bold]exploring[/bold] {task.description}"), TimeElapsedColumn(),
+              console=err, transient=True, disable=not err.is_terminal)
+    task = bar.add_task("", total=None)
+
+    def tick(p: X.Progress) -> None:
+        bar.update(task, description=(f"bound {p.bound}/{preemptions}  schedules {p.schedules}  "
+                                      f"states {p.states}  pruned {p.pruned}"))
+
+    runner = importlib.import_module("navic.runner")
+    explorer = X.Explorer(scn, opts, on_progress=tick)
+    try:
+        with bar:
+            outcome = explorer.run()
+    except (runner.UnsupportedScenario, NotImplementedError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not message.startswith(f"{scn.source}:"):
+            message = f"{scn.source}: not supported yet: {message}"
+        click.echo(message, err=True)
+        raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
+    if outcome.violation is not None:
+        target = schedule_out or f"{Path(file).stem}.schedule.json"
+        X.write_schedule(target, explorer.schedule_doc(target, outcome))
+        outcome.schedule_file = target
+        outcome.replay_ok = X.check_replay(scn, target, outcome.violation)
+    if as_json:
+        click.echo(to_json(outcome.as_json()), nl=False)
+    else:
+        _render_explore(outcome, opts, file)
+    if outcome.interrupted:
+        raise click.exceptions.Exit(130)
+    if outcome.violation is not None:
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+def _render_explore(outcome: Any, opts: Any, file: str) -> None:
+    p = outcome.progress
+    con = _console()
+    bounds = (f"K={opts.preemptions} deviations, max-steps={opts.max_steps}, horizon={opts.horizon} cycles, "
+              f"width={max(2, opts.width)}{', no state hashing' if not opts.hashing else ''}"
+              + (f", mutant {opts.mutant}" if opts.mutant else "")
+              + (f", design {opts.design}" if opts.design else ""))
+    con.print(f"explored {p.states} states, {p.schedules} schedules ({p.pruned} cut at a known state, "
+              f"{p.truncated} at max-steps) in {p.seconds:.2f} s; bounds: {bounds}")
+    if outcome.interrupted or outcome.timed_out:
+        why = "interrupted" if outcome.interrupted else "time limit reached"
+        done = (f"bounds 0..{p.complete_bound} exhausted" if p.complete_bound >= 0 else "no bound exhausted")
+        con.print(f"[yellow]{why}[/yellow]: {done}; bound {p.bound} partly explored")
+        return
+    v = outcome.violation
+    if v is None:
+        con.print("[green]no violation within bounds[/green]")
+        return
+    vec = v.get("vector")
+    con.print(f"[red]VIOLATION[/red] {v.get('kind')} on {v.get('cpu')} vector "
+              f"{vec:#x}" if isinstance(vec, int) else f"[red]VIOLATION[/red] {v.get('kind')} on {v.get('cpu')}")
+    con.print(f"  {v.get('detail')}")
+    n = len(outcome.decisions or [])
+    con.print(f"  minimised schedule: {n} decision(s) (from {len(outcome.raw_decisions or [])}) "
+              f"-> {outcome.schedule_file}"
+              + ("" if outcome.replay_ok else "  [red](replay did NOT reproduce it)[/red]"))
+    for d in outcome.decisions or []:
+        con.print(f"    at decision {d[3]}: {d[0]} -> {d[1]} (alternative {d[2]})")
+    con.print(f"  replay: navic run {file} --schedule {outcome.schedule_file} [--trace-text]")
 
 
 # ---------------------------------------------------------------------------------------------

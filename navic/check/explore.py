@@ -470,3 +470,11 @@ def replay(scn: Scenario, doc: dict[str, Any], *, trace: bool = False) -> Any:
     scn = scenario_for_schedule(scn, doc)
     with _mutant(doc.get("mutant")):
         return runner.simulate(scn, chooser=schedule_chooser(doc), trace=trace)
+
+
+def check_replay(scn: Scenario, path: str | Path, violation: dict[str, Any]) -> bool:
+    """Does replaying the schedule file reproduce ``violation`` (kind, CPU, vector)?"""
+    doc = load_schedule(path)
+    run = replay(scn, doc)
+    want = violation_key(violation)
+    return any(violation_key(v) == want for v in run.recorder.violations)

@@ -27,7 +27,7 @@ import bisect
 from typing import Any
 
 from navic.apic import dest as apic_dest
-from navic.apic.icr import DM_INIT, DM_LOWEST, DM_NMI, DM_SIPI, DM_SMI, SH_SELF, Icr
+from navic.apic.icr import DM_INIT, DM_LOWEST, DM_NMI, DM_SMI, SH_SELF, Icr
 from navic.apic.registers import APIC_ICR, APIC_ICR2
 from navic.hw import isa
 
@@ -43,11 +43,12 @@ class Tracker:
         self.run = run
         # sender name -> ([send times], [(vector key, allowed target names)])
         self.times: dict[str, list[int]] = {}
-        self.sends: dict[str, list[tuple[int, frozenset[str]]]] = {}
+        self.sends: dict[str, list[tuple[int, Any]]] = {}
         if run.kvm is not None:
             pairs = [(v.name, v.apic) for v in run.kvm.vcpus]
         else:
             pairs = [(n, a) for n, a in zip(run.machine.names, run.machine.apics, strict=False)]
+        self.pairs = pairs
         self.names = [n for n, _ in pairs]
         self.apics = [a for _, a in pairs]
         self.apic_of = dict(pairs)
@@ -60,7 +61,9 @@ class Tracker:
         orig = g.next_insn
         src = self.apic_of[g.name]
         note = self._note
+        name = g.name
         wrmsr, mmio = isa.Wrmsr, isa.MmioWrite
+        icr_off = APIC_ICR
 
         def next_insn() -> Any:
             insn = orig()
@@ -69,37 +72,46 @@ class Tracker:
                 msr = insn.msr
                 if msr == _MSR_ICR:
                     v = insn.value
-                    note(g.name, src, clock.now, Icr.decode(v & 0xFFFFFFFF, v >> 32, True))
+                    note(name, src, clock.now, Icr.decode(v & 0xFFFFFFFF, v >> 32, True))
                 elif msr == _MSR_SELF_IPI:
-                    note(g.name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
-            elif t is mmio and insn.addr == g.apic_base + APIC_ICR:
-                note(g.name, src, clock.now, Icr.decode(insn.value, src.regs[APIC_ICR2 >> 2], False))
+                    note(name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
+            elif t is mmio and insn.addr - g.apic_base == icr_off:
+                note(name, src, clock.now, Icr.decode(insn.value, src.regs[APIC_ICR2 >> 2], False))
             return insn
 
         g.next_insn = next_insn
 
     def _note(self, sender: str, src: Any, now: int, icr: Icr) -> None:
         mode = icr.delivery_mode
+        allowed: Any
         if icr.shorthand == SH_SELF:
-            allowed = frozenset({sender})
+            allowed = (sender,)
         elif mode == DM_LOWEST:
-            allowed = frozenset(self.names[self.apics.index(a)]
-                                for a in apic_dest.lowest_priority_candidates(self.apics, src, icr))
+            cands = apic_dest.lowest_priority_candidates(self.apics, src, icr)
+            allowed = tuple([self.names[self.apics.index(a)] for a in cands])
         else:
-            allowed = frozenset(n for n, a in zip(self.names, self.apics, strict=True)
-                                if apic_dest.match_dest(a, src, icr))
-        key = 2 if mode == DM_NMI else 0 if mode in (DM_INIT, DM_SMI) else icr.vector
-        if mode == DM_SIPI:
+            md = apic_dest.match_dest
+            allowed = tuple([n for n, a in self.pairs if md(a, src, icr)])
+        if len(allowed) > 8:
+            allowed = frozenset(allowed)
+        if mode == DM_NMI:
+            key = 2
+        elif mode == DM_INIT or mode == DM_SMI:
+            key = 0
+        else:
             key = icr.vector
-        times = self.times.setdefault(sender, [])
-        sends = self.sends.setdefault(sender, [])
+        times = self.times.get(sender)
+        if times is None:
+            times = self.times[sender] = []
+            self.sends[sender] = []
+        sends = self.sends[sender]
         if times and times[-1] == now:
             times.pop()
             sends.pop()
         times.append(now)
         sends.append((key, allowed))
 
-    def _send_of(self, sent_by: str | None, t_sent: int, vector: int) -> tuple[int, frozenset[str]] | None:
+    def _send_of(self, sent_by: str | None, t_sent: int, vector: int) -> tuple[int, Any] | None:
         """The send an acceptance came from: the sender's latest send at or before ``t_sent``
         (emulated and bare-metal paths pass the ICR-write time; the AVIC path the IRR-set time,
         which falls inside the ICR write)."""

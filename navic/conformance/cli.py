@@ -86,7 +86,8 @@ def qemu_cmd(count: int, seed: str, cpus: int | None, only: int | None, jobs: in
             if show_case or r.minimal is None and r.divergences:
                 click.echo("  case:\n" + _indent(r.case.describe()))
             if r.minimal is not None:
-                click.echo(f"  minimal case ({len(r.minimal.ops)} ops; rerun: --seed {seed} --only {r.index}):")
+                click.echo(f"  minimal case ({len(r.minimal.ops)} ops; "
+                           f"rerun: --seed {seed} --only {r.index}):")
                 click.echo(_indent(r.minimal.describe()))
                 for d in r.minimal_divergences[:12]:
                     click.echo(f"    {d}")

@@ -44,7 +44,8 @@ def lowest_vectors(case: Case) -> dict[int, frozenset[int]]:
     return out
 
 
-def _split_lowest(out: Outcome, lp: dict[int, frozenset[int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+def _split_lowest(out: Outcome, lp: dict[int, frozenset[int]]
+                  ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     """(per-CPU deliveries without lowest-priority vectors, vector -> receivers)."""
     rest: dict[int, list[int]] = {}
     recv: dict[int, list[int]] = {v: [] for v in lp}
@@ -58,7 +59,8 @@ def _split_lowest(out: Outcome, lp: dict[int, frozenset[int]]) -> tuple[dict[int
     return rest, recv
 
 
-def compare(case: Case, emu: Outcome, nav: Outcome, *, ignore: frozenset[str] = frozenset()) -> list[Divergence]:
+def compare(case: Case, emu: Outcome, nav: Outcome, *,
+            ignore: frozenset[str] = frozenset()) -> list[Divergence]:
     """Divergences between the emulator's outcome and navic's (empty: they agree).
 
     ``ignore`` holds field names (``"esr"``) or ``"l1.N.field"`` keys a quirk made meaningless.

@@ -133,7 +133,8 @@ class _Emitter:
                       f"    mov ebx, {vid}", "    call log_read")
         elif t is O.Wrmsr:
             v = op.value  # type: ignore[attr-defined]
-            self.emit(f"    mov ecx, {op.msr:#x}", f"    mov eax, {v & 0xFFFFFFFF:#x}",  # type: ignore[attr-defined]
+            msr = op.msr  # type: ignore[attr-defined]
+            self.emit(f"    mov ecx, {msr:#x}", f"    mov eax, {v & 0xFFFFFFFF:#x}",
                       f"    mov edx, {(v >> 32) & 0xFFFFFFFF:#x}", "    wrmsr")
         elif t is O.Ipi:
             assert isinstance(op, O.Ipi)

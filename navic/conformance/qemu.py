@@ -126,7 +126,8 @@ def run_case(case: Case, *, workdir: str | Path | None = None, timeout: float = 
                 parse_output(data, prog.var_names)
             why = {(image.EXIT_TIMEOUT << 1) | 1: "APs did not start or dump",
                    (image.EXIT_STORM << 1) | 1: "interrupt storm (delivery log full)"}.get(status, "")
-            raise EmulatorError(f"QEMU exit status {status} {why}: {r.stderr.decode(errors='replace')[-2000:]}")
+            err = r.stderr.decode(errors="replace")[-2000:]
+            raise EmulatorError(f"QEMU exit status {status} {why}: {err}")
         res = parse_output(data, prog.var_names)
         res.wall = wall
         return res

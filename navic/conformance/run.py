@@ -113,7 +113,8 @@ class Checker:
         assert self.keep is not None
         d = self.keep / f"case-{res.index:05d}"
         d.mkdir(parents=True, exist_ok=True)
-        (d / "case.txt").write_text(res.case.describe() + "\n\n" + "\n".join(map(str, res.divergences)) + "\n")
+        (d / "case.txt").write_text(res.case.describe() + "\n\n"
+                                    + "\n".join(map(str, res.divergences)) + "\n")
         try:
             self.emulate(res.case, d)
         except qemu.EmulatorError:

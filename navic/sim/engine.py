@@ -56,7 +56,10 @@ class Signal:
         eng = self.engine
         for p in waiters:
             p.waiting_on = None
-            eng._push(eng.now, p, value)
+            if type(p) is Process:
+                eng._push(eng.now, p, value)
+            else:
+                p.wake(value)  # a non-process waiter (e.g. an L1 thread stepped by an L1 vCPU)
         return len(waiters)
 
 

@@ -87,8 +87,8 @@ def traced(text: str, *, monkeypatch: Any = None, check_ir: bool = True, sample_
     """Run with tracing on. With ``monkeypatch``, watch every write to the real physical table and
     check invariants 1/2 of digest §9.2 on each write and every ``sample_us`` of simulated time:
 
-    * IR = 1 in the real table ⇒ enable_ipiv, the vCPU is loaded (not blocking) on the pCPU whose
-      host APIC ID the entry names;
+    * IR = 1 in the real table ⇒ enable_ipiv, APICv active for the vCPU, and it is loaded (not
+      blocking) on the pCPU whose host APIC ID the entry names;
     * every created vCPU has a Valid entry while APICv is active for it.
     """
     box: dict[str, Any] = {}
@@ -115,14 +115,16 @@ def check_table(kvm: Any) -> list[str]:
     av = kvm.vendor.avic
     host = kvm.host
     for v in kvm.vcpus:
-        if not v.apicv_active:
-            continue
+        if v.vcpu_id > av.x2avic_max_id and v.vcpu_id > av.features.avic_max_physical_id:
+            continue   # no entry at all (PHYSICAL_ID_TOO_BIG)
         e = kvm.mem.read64(av.physical_entry_hpa(v.vcpu_id))
-        if not e & A.PHYS_VALID:
+        if v.apicv_active and not e & A.PHYS_VALID:
             bad.append(f"t={kvm.engine.now}: {v.name} active but its entry is not Valid")
         if e & A.PHYS_IS_RUNNING:
             if not av.enable_ipiv:
                 bad.append(f"t={kvm.engine.now}: {v.name}: IR=1 in the real table with enable_ipiv off")
+            if not v.apicv_active:
+                bad.append(f"t={kvm.engine.now}: {v.name}: IR=1 in the real table with APICv inactive")
             hid = e & A.PHYS_HOST_ID_MASK
             if v.cpu is None or host.pcpus[v.cpu].apic_id != hid or v.blocking:
                 bad.append(f"t={kvm.engine.now}: {v.name}: IR=1 host {hid} but cpu={v.cpu} "

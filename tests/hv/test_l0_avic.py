@@ -492,8 +492,8 @@ def test_init_makes_the_vcpu_wait_for_sipi(monkeypatch, l0):
     assert not [e for e in t.ev("kvm_entry", "l1.1") if init_t < e.t < sipi_t]
     assert [e for e in t.ev("kvm_vcpu_block", "l1.1") if init_t <= e.t < sipi_t]
     if not l0:
-        ids = [(lo >> 8 & 7, fid) for lo, _, fid, _ in t.incomplete_ipis("l1.0")]
-        assert ids == [(5, 0), (0, 1), (6, 0)]           # INIT: ID 0; 0x71: ID 1 (blocked); SIPI: ID 0
+        ids = [(lo >> 8 & 7, fid) for lo, _, fid, _ in t.incomplete_ipis("l1.0") if lo >> 8 & 7]
+        assert ids == [(5, 0), (6, 0)]                   # INIT and SIPI: ID 0, emulated
 
 
 def test_smi_ipi_is_recorded_like_bare_metal(monkeypatch):
@@ -503,3 +503,22 @@ def test_smi_ipi_is_recorded_like_bare_metal(monkeypatch):
     clean(t)
     assert t.incomplete_ipis("l1.0") == [(2 << 8 | LEVEL_BIT, 1 << 24, A.AVIC_IPI_FAILURE_INVALID_INT_TYPE, 0)]
     assert t.got() == [("l1.1", 0, "smi")] == traced(text.replace('virt = "kvm"', 'virt = "none"')).got()
+
+
+def test_logical_multicast_to_blocked_target_reports_logical_index(monkeypatch):
+    """ID 1 on an xAVIC logical IPI names the *logical* table index of the not-running target
+    (APM: "physical or logical table index"); KVM wakes it and the running one gets its doorbell."""
+    snaps = snoop_incomplete_ipi(monkeypatch)
+    progs = [prog(0, after(20000, '{ op = "ipi", dest = 0x22, dest_mode = "logical", vector = 0x60 }')),
+             prog(1, [STI, '{ op = "write", reg = "LDR", value = 0x02000000 }', *spin(0x60)[1:]]),
+             prog(2, [STI, '{ op = "write", reg = "LDR", value = 0x20000000 }', *hlt(0x60)[1:]])]
+    t = traced(scenario(progs, apic="xapic", vcpus=3, l0="halt_poll_ns = 0"), monkeypatch=monkeypatch)
+    clean(t)
+    # l1.2: guest physical ID 2, logical ID bit 5 -> flat logical index 5.
+    assert t.incomplete_ipis("l1.0") == [(0x60 | LEVEL_BIT | 1 << 11, 0x22 << 24,
+                                          A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING, 5)]
+    (_, snap), = snaps
+    assert snap["l1.2"].blocking and snap["l1.2"].irr == {0x60}
+    assert [e.vcpu for e in t.ev("kvm_vcpu_wakeup")] == ["l1.2"]
+    assert t.got() == [("l1.1", 0x60, "fixed"), ("l1.2", 0x60, "fixed")]
+    assert t.counter("emulated_ipis") == 0

@@ -1,0 +1,84 @@
+"""A VM's guest-physical memory as its own hypervisor (L1) sees it: :class:`HostMemory`'s API over
+guest-physical addresses, backed by host frames through L0's nested page table.
+
+L1's KVM keeps its VMCBs (vmcb12), physical/logical APIC ID tables and its L2 vCPUs' backing pages
+here. ``page(gpa)`` hands out the host frame itself, so L1's ``LocalApic`` of an L2 vCPU and the
+silicon (which reaches the same page through vmcb02's HPA) share one register file.
+
+Writes to a frame that L0 write-protects in its NPT (the shadow design tracks L1's physical APIC ID
+table) do not land directly: they are handed to ``on_tracked_write`` — the L1 vCPU then executes
+a real store that takes a nested page fault at L0, which emulates it (KVM's write tracking).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from navic.hw.memory import PAGE_MASK, PAGE_SHIFT, HostMemory, Npt
+
+
+class GuestMemory:
+    """Guest-physical memory of one VM (allocation, access, write tracking hooks)."""
+
+    def __init__(self, host_mem: HostMemory, npt: Npt, base_gpa: int = 0x10_0000) -> None:
+        self.host = host_mem
+        self.npt = npt
+        self._next_gfn = base_gpa >> PAGE_SHIFT
+        # Called instead of the write when the target frame is write-protected by L0:
+        # on_tracked_write(gpa, size, value). None = write through (no tracking in force).
+        self.on_tracked_write: Callable[[int, int, int], None] | None = None
+
+    # -- allocation ---------------------------------------------------------------------------
+    def alloc(self, npages: int = 1, contiguous: bool = True) -> int:
+        """Allocate guest-physical pages (backed by fresh host frames); returns the first GPA."""
+        gpa = self._next_gfn << PAGE_SHIFT
+        for i in range(npages):
+            hpa = self.host.alloc(1)
+            self.npt.map(gpa + (i << PAGE_SHIFT), hpa, writable=True)
+        self._next_gfn += npages
+        return gpa
+
+    def hpa(self, gpa: int) -> int:
+        """The host-physical address backing ``gpa`` (L0's NPT walk)."""
+        return self.npt.translate(gpa, write=False)
+
+    def page(self, gpa: int) -> bytearray:
+        return self.host.page(self.hpa(gpa))
+
+    def is_valid(self, gpa: int) -> bool:
+        return self.npt.lookup(gpa) is not None
+
+    # -- access -------------------------------------------------------------------------------
+    def read(self, gpa: int, size: int) -> int:
+        return self.host.read(self.hpa(gpa), size)
+
+    def read32(self, gpa: int) -> int:
+        return self.host.read32(self.hpa(gpa))
+
+    def read64(self, gpa: int) -> int:
+        return self.host.read64(self.hpa(gpa))
+
+    def write(self, gpa: int, size: int, value: int) -> None:
+        if self.on_tracked_write is not None and self.npt.is_write_protected(gpa >> PAGE_SHIFT):
+            self.on_tracked_write(gpa, size, value)
+            return
+        self.host.write(self.hpa(gpa), size, value)
+
+    def write32(self, gpa: int, value: int) -> None:
+        self.write(gpa, 4, value)
+
+    def write64(self, gpa: int, value: int) -> None:
+        self.write(gpa, 8, value)
+
+    def set_bit(self, gpa: int, bit: int) -> bool:
+        return self.host.set_bit(self.hpa(gpa), bit)
+
+    def clear_bit(self, gpa: int, bit: int) -> bool:
+        return self.host.clear_bit(self.hpa(gpa), bit)
+
+    def test_bit(self, gpa: int, bit: int) -> bool:
+        return self.host.test_bit(self.hpa(gpa), bit)
+
+    def watch(self, gpa: int, callback: Callable[[int, int, int, int], None]) -> None:
+        """Observe writes to the frame holding ``gpa`` (observer sees host-physical addresses)."""
+        self.host.watch(self.hpa(gpa) & ~PAGE_MASK, callback)

@@ -1,0 +1,303 @@
+"""L1: the guest hypervisor. The same KVM code as L0, on the virtual SVM that L0 provides.
+
+* :class:`L1Host` is what L1's :class:`~navic.hv.kvm.Kvm` sees as its host: the L1 vCPUs are its
+  "pCPUs" (their L1 APIC IDs are the host IDs it writes into its AVIC tables), its memory is L1
+  guest-physical memory (:class:`~navic.hv.guestmem.GuestMemory`), and its doorbells and host IPIs
+  are instructions that the current L1 thread executes (WRMSR to the doorbell MSR or to its x2APIC
+  ICR), which L0 intercepts or accelerates like any guest's.
+* :class:`L1Cpu` is the L1 kernel on one L1 vCPU: it implements the guest-CPU protocol the silicon
+  steps (``next_insn`` / ``retire`` / ``enter_handler`` / ``IF`` / ``epoch``) by running the L1
+  scheduler's current thread — an L1 KVM vCPU thread for an L2 vCPU — or idling in HLT.
+* :class:`VirtualSvm` is L1 KVM's "silicon": VMRUN is the ``isa.Vmrun`` instruction, which exits
+  to L0 and comes back as a nested #VMEXIT (docs/nested-design.md).
+
+What an L1 thread yields is translated into instructions: ``int n`` → ``Compute(n)`` (``0`` keeps
+the atomic-step boundary), a ``Signal`` → the thread blocks and the scheduler switches or idles
+(a wake-up from elsewhere is delivered as a reschedule IPI to that L1 vCPU, as Linux's ``ttwu``
+does), an instruction → executed by the silicon with its result sent back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from navic.hv.sched import HostScheduler
+from navic.hw import isa
+from navic.hw.isa import Insn
+from navic.sim.engine import Signal
+
+if TYPE_CHECKING:
+    from navic.hv.guestmem import GuestMemory
+    from navic.hv.kvm import Kvm, Vcpu
+    from navic.hw.svm import GuestContext
+
+RESCHEDULE_VECTOR = 0xFD      # Linux RESCHEDULE_VECTOR
+LOCAL_TIMER_VECTOR = 0xEC     # Linux LOCAL_TIMER_VECTOR
+MSR_DOORBELL = 0xC001011B
+X2APIC_ICR_MSR = 0x830
+X2APIC_EOI_MSR = 0x80B
+
+
+class L1Thread:
+    """A thread of the L1 OS: the generator of L1 KVM's vcpu_thread for one L2 vCPU."""
+
+    __slots__ = ("gen", "vcpu", "result", "waiting", "pending", "host")
+
+    def __init__(self, host: L1Host, vcpu: Vcpu, gen: Generator[Any, Any, Any]) -> None:
+        self.host = host
+        self.vcpu = vcpu
+        self.gen = gen
+        self.result: Any = None
+        self.waiting: Signal | None = None
+        self.pending: deque[Insn] = deque()   # instructions queued by synchronous KVM code
+
+    def wake(self, value: Any) -> None:
+        """Signal-waiter protocol (navic.sim.engine.Signal.fire)."""
+        self.waiting = None
+        self.result = value
+        self.host.thread_runnable(self)
+
+
+class L1PCpu:
+    """An L1 vCPU as L1's KVM sees it: a 'physical' CPU with an APIC ID."""
+
+    def __init__(self, index: int, apic_id: int) -> None:
+        self.index = index
+        self.apic_id = apic_id
+        self.intr_pending = False   # written by generic KVM code; meaningless at L1
+
+
+class L1Host:
+    """L1's host: what ``Kvm.host`` is for the L1 hypervisor."""
+
+    def __init__(self, l0_kvm: Kvm, mem: GuestMemory, l1_vcpus: list[Vcpu], params: Any) -> None:
+        self.l0 = params                  # L1 KVM's module parameters (an L0Config-shaped object)
+        self.kvm0 = l0_kvm
+        self.engine = l0_kvm.engine
+        self.costs = l0_kvm.costs
+        self.rec = l0_kvm.rec
+        self.trace = l0_kvm.trace
+        self.mem = mem
+        self.l1_vcpus = l1_vcpus
+        self.pcpus = [L1PCpu(i, v.vcpu_id) for i, v in enumerate(l1_vcpus)]
+        self.by_apic_id = {p.apic_id: p for p in self.pcpus}
+        slice_cycles = int(params.timeslice_us * self.costs.ghz * 1000)
+        self.sched = HostScheduler(self.engine, len(self.pcpus), slice_cycles, self.costs.CONTEXT_SWITCH,
+                                   on_slice_end=self._slice_end)
+        self.backing_owner: dict[int, Any] = {}
+        self.threads: dict[str, L1Thread] = {}
+        self.cpus: list[L1Cpu] = []
+        self.stepping: L1Thread | None = None   # the L1 thread whose code is running right now
+        self.silicon: VirtualSvm = VirtualSvm(self)
+        self.iommu = None
+
+    # -- threads ------------------------------------------------------------------------------
+    def spawn(self, vcpu: Vcpu, gen: Generator[Any, Any, Any]) -> L1Thread:
+        t = L1Thread(self, vcpu, gen)
+        self.threads[vcpu.name] = t
+        # The thread starts on its home L1 vCPU: it is runnable there until it acquires it.
+        self.cpus[vcpu.home].runnable.append(t)
+        return t
+
+    def thread_runnable(self, t: L1Thread) -> None:
+        cpu = self.cpus[t.vcpu.cpu if t.vcpu.cpu is not None else t.vcpu.home]
+        if t not in cpu.runnable:
+            cpu.runnable.append(t)
+        cpu.poke(self.stepping)
+
+    # -- what L1's KVM calls on its "host" ----------------------------------------------------
+    def send_host_ipi(self, cpu: int, kind: str, src: int | None = None) -> None:
+        """A reschedule IPI to another L1 vCPU: a WRMSR to the L1 vCPU's x2APIC ICR."""
+        self.rec.count("l1_host_ipis")
+        dest = self.pcpus[cpu].apic_id
+        self._issue(isa.Wrmsr(X2APIC_ICR_MSR, (dest << 32) | RESCHEDULE_VECTOR), cpu)
+
+    def doorbell(self, host_apic_id: int, src: int | None = None) -> None:
+        """avic_ring_doorbell() at L1: WRMSR(C001_011B), which L0 intercepts and emulates."""
+        self.rec.count("l1_doorbells")
+        self._issue(isa.Wrmsr(MSR_DOORBELL, host_apic_id), None)
+
+    def _issue(self, insn: Insn, target_cpu: int | None) -> None:
+        t = self.stepping
+        if t is not None:
+            t.pending.append(insn)
+            return
+        # Not inside L1 code (an L1 timer callback): the effect without the instruction.
+        if target_cpu is not None:
+            self.interrupt_l1_vcpu(target_cpu, RESCHEDULE_VECTOR)
+
+    def interrupt_l1_vcpu(self, cpu: int, vector: int) -> None:
+        """Deliver an interrupt to an L1 vCPU through L0 (as its APIC would receive it)."""
+        from navic.hv.kvm import DM_FIXED, drain
+
+        v = self.l1_vcpus[cpu]
+        drain(self.kvm0.kvm_apic_accept_irq(v, DM_FIXED, vector, 0, 1, None, self.engine.now, kind="l1-kernel"))
+
+    def _slice_end(self, cpu: int) -> None:
+        self.interrupt_l1_vcpu(cpu, LOCAL_TIMER_VECTOR)
+
+    def on_hw_irr_set(self, backing_gpa: int, vector: int, sender: str, t_sent: int | None = None) -> None:
+        owner = self.backing_owner.get(backing_gpa)
+        if owner is not None:
+            self.rec.accepted(owner.name, vector, "fixed", sender, self.engine.now if t_sent is None else t_sent)
+            owner.poll.fire()
+
+
+class VirtualSvm:
+    """The SVM that L0 offers L1: VMRUN is an instruction that L0 intercepts (nested.c)."""
+
+    def __init__(self, host: L1Host) -> None:
+        self.host = host
+        self.features: Any = None
+
+    def vmrun(self, pcpu: Any, ctx: GuestContext) -> Generator[Any, Any, int]:
+        self.host.rec.count("l1_vmruns")
+        code = yield isa.Vmrun(ctx.vmcb.hpa)
+        return int(code)
+
+
+class _Frame:
+    __slots__ = ("gen", "saved_if", "result")
+
+    def __init__(self, gen: Generator[Insn, Any, None], saved_if: bool) -> None:
+        self.gen = gen
+        self.saved_if = saved_if
+        self.result: Any = None
+
+
+class L1Cpu:
+    """The L1 kernel on one L1 vCPU (the guest-CPU protocol the silicon steps)."""
+
+    def __init__(self, host: L1Host, index: int, name: str, *, x2apic: bool = True) -> None:
+        self.host = host
+        self.index = index
+        self.name = name
+        self.x2apic = x2apic
+        self.apic_base = 0xFEE00000
+        self.IF = True
+        self.nmi_blocked = False
+        self.wait_for_sipi = False
+        self.epoch = 0
+        self.finished = True
+        self.reads: dict[str, int] = {}
+        self.handled: dict[int, int] = {}
+        self.frames: list[_Frame] = []
+        self.runnable: deque[L1Thread] = deque()
+        self._issuer: L1Thread | _Frame | None = None
+        self.poll_wake: Any = None
+        self.clock = host.engine
+        self.ipi_sent_at = 0
+        self.shared = None
+
+    # -- wake-ups ----------------------------------------------------------------------------
+    def poke(self, waker: L1Thread | None) -> None:
+        """A thread became runnable here: the vCPU re-checks (a spin loop sees it; a halted vCPU
+        needs a reschedule IPI, which a remote waker sends)."""
+        self.epoch += 1
+        if self.poll_wake is not None:
+            self.poll_wake()
+        if waker is None or waker.vcpu.cpu != self.index:
+            self.host.interrupt_l1_vcpu(self.index, RESCHEDULE_VECTOR)
+
+    # -- guest-CPU protocol -------------------------------------------------------------------
+    def next_insn(self) -> Insn:
+        host = self.host
+        while True:
+            if self.frames:
+                f = self.frames[-1]
+                res, f.result = f.result, None
+                try:
+                    insn = f.gen.send(res)
+                    self._issuer = f
+                    return insn
+                except StopIteration:
+                    self.frames.pop()
+                    self.IF = f.saved_if
+                    self._issuer = None
+                    return isa.IRET
+            t = self._current()
+            if t is None:
+                self._issuer = None
+                return isa.HLT
+            if t.pending:
+                self._issuer = None
+                return t.pending.popleft()
+            if t.waiting is not None:
+                # The thread holds this CPU but waits (halt polling): spin until something changes.
+                self._issuer = None
+                return isa.Pause(self.epoch)
+            res, t.result = t.result, None
+            host.stepping = t
+            try:
+                y = t.gen.send(res)
+            finally:
+                host.stepping = None
+            ty = type(y)
+            if ty is int or y is None:
+                self._issuer = t
+                if t.pending:   # synchronous side effects first (doorbell, IPI, tracked store)
+                    t.pending.append(isa.Compute(y or 0))
+                    self._issuer = None
+                    return t.pending.popleft()
+                return isa.Compute(y or 0)
+            if ty is Signal:
+                t.waiting = y
+                y.waiters.append(t)  # type: ignore[arg-type]
+                if t.pending:
+                    self._issuer = None
+                    return t.pending.popleft()
+                continue
+            self._issuer = t
+            if t.pending:
+                t.pending.append(y)
+                self._issuer = None
+                return t.pending.popleft()
+            return y
+
+    def _current(self) -> L1Thread | None:
+        host = self.host
+        cur = host.sched.current[self.index]
+        if cur is not None:
+            t = host.threads[cur.name]
+            if t.waiting is None or t.pending:
+                return t
+            # The current thread blocks without releasing the CPU (halt polling): spin on it.
+            return t
+        while self.runnable:
+            t = self.runnable[0]
+            if t.waiting is None:
+                return t
+            self.runnable.popleft()
+        return None
+
+    def retire(self, result: Any) -> None:
+        i = self._issuer
+        if i is not None:
+            i.result = result
+        self._issuer = None
+
+    def enter_handler(self, vector: int, kind: str) -> None:
+        saved = self.IF
+        self.IF = False
+        self.frames.append(_Frame(self._handler(vector), saved))
+        self.handled[vector] = self.handled.get(vector, 0) + 1
+        self.epoch += 1
+        cur = self.host.sched.current[self.index]
+        if vector == LOCAL_TIMER_VECTOR and cur is not None and self.host.sched.runq[self.index]:
+            cur.need_resched = True
+
+    def note_event(self, vector: int, kind: str) -> None:
+        self.epoch += 1
+
+    def _handler(self, vector: int) -> Generator[Insn, Any, None]:
+        yield isa.Compute(self.host.costs.INTR_ENTRY)
+        if self.x2apic:
+            yield isa.Wrmsr(X2APIC_EOI_MSR, 0)
+        else:
+            yield isa.MmioWrite(self.apic_base + 0xB0, 0)
+
+    @property
+    def in_handler(self) -> bool:
+        return bool(self.frames)
