@@ -17,8 +17,27 @@ from collections.abc import Callable
 from navic.hw.memory import PAGE_MASK, PAGE_SHIFT, HostMemory, Npt
 
 
+class _FrameView:
+    """``HostMemory.frames``-like read-only view keyed by guest frame number (for hardware
+    algorithms that L0 re-runs in software against a guest's tables)."""
+
+    __slots__ = ("gm",)
+
+    def __init__(self, gm: GuestMemory) -> None:
+        self.gm = gm
+
+    def get(self, gfn: int, default: bytearray | None = None) -> bytearray | None:
+        hpa = self.gm.npt.lookup(gfn << PAGE_SHIFT)
+        return default if hpa is None else self.gm.host.page(hpa)
+
+    def __contains__(self, gfn: object) -> bool:
+        return isinstance(gfn, int) and self.gm.npt.lookup(gfn << PAGE_SHIFT) is not None
+
+
 class GuestMemory:
     """Guest-physical memory of one VM (allocation, access, write tracking hooks)."""
+
+    _watch: dict[int, list] = {}   # no software write observers at this level (HostMemory API)
 
     def __init__(self, host_mem: HostMemory, npt: Npt, base_gpa: int = 0x10_0000) -> None:
         self.host = host_mem
@@ -27,6 +46,10 @@ class GuestMemory:
         # Called instead of the write when the target frame is write-protected by L0:
         # on_tracked_write(gpa, size, value). None = write through (no tracking in force).
         self.on_tracked_write: Callable[[int, int, int], None] | None = None
+
+    @property
+    def frames(self) -> _FrameView:
+        return _FrameView(self)
 
     # -- allocation ---------------------------------------------------------------------------
     def alloc(self, npages: int = 1, contiguous: bool = True) -> int:

@@ -79,3 +79,21 @@ class Fault:
 
     def __str__(self) -> str:
         return f"{self.vector}: {self.reason}" if self.reason else self.vector
+
+
+@dataclass(frozen=True, slots=True)
+class Vmrun(Insn):
+    """VMRUN with rAX = the guest-physical address of a VMCB (a guest hypervisor running its guest).
+    L0 intercepts it; the result is the exit code of the nested #VMEXIT that ends it."""
+
+    vmcb: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemWrite(Insn):
+    """A store of ``size`` bytes to guest-physical ``gpa`` that L0 must see (its nested page table
+    write-protects the frame): it takes a nested page fault and L0 emulates it."""
+
+    gpa: int
+    size: int
+    value: int

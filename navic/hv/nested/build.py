@@ -1,0 +1,128 @@
+"""Build a nested system: L0 KVM on the silicon, one L1 VM whose vCPUs run L1's KVM (the same code)
+through :class:`~navic.hv.l1.L1Cpu`, and L1's VM (L2) whose vCPUs run the scenario's ``l2.N``
+programs. The design named by ``[l0] nested_apicv`` decides what L1 is offered."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from navic.config import Scenario
+from navic.guest.kernel import GuestCpu
+from navic.hv.guestmem import GuestMemory
+from navic.hv.host import Host
+from navic.hv.kvm import Kvm, Vcpu
+from navic.hv.l1 import L1Cpu, L1Host
+from navic.hv.nested.core import NestedSvm
+from navic.hv.svm import SvmVendor
+from navic.hw.avic import AvicEngine
+from navic.hw.errata import Erratum1235
+from navic.hw.features import features_for
+from navic.hw.machine import os_apic_defaults
+from navic.hw.memory import Npt
+from navic.hw.svm import Svm
+from navic.sim.cost import CostModel
+from navic.sim.engine import Engine
+from navic.sim.record import Recorder
+from navic.sim.trace import Trace
+
+MSR_DOORBELL = 0xC001011B
+
+
+def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr: Trace,
+                 l2_guest: Callable[[int], GuestCpu], unsupported: type[Exception]) -> tuple[Kvm, Kvm]:
+    assert scn.l2 is not None
+    features = features_for(scn.host.cpu)
+    if features.vendor != "amd":
+        raise unsupported(f"{scn.source}: l2: nested guests on VMX (\"{scn.host.cpu}\") are not supported "
+                          "in this version")
+    design = scn.l0.nested_apicv
+    if design == "shadow":
+        try:
+            import navic.hv.nested.shadow  # noqa: F401
+        except ImportError:
+            raise unsupported(f"{scn.source}: l0.nested_apicv: the \"shadow\" design is not available in "
+                              "this version") from None
+
+    # ---- L0 -------------------------------------------------------------------------------------
+    host = Host(scn, engine, costs, rec, tr)
+    errata = SvmVendor._errata(scn.l0, features)
+    erratum = Erratum1235(engine, host.mem, window=scn.l0.erratum_1235_window,
+                          p=scn.l0.erratum_1235_p) if "1235" in errata else None
+    host.silicon = Svm(host, features, AvicEngine(host.mem, features, doorbell=host.doorbell, erratum=erratum))
+    kvm0 = Kvm(host)
+    kvm0.vendor = SvmVendor(kvm0, host, host.silicon, features)
+    if erratum is not None:
+        erratum.track_table(kvm0.vendor.avic.physical_table_hpa, kvm0.vendor.avic.physical_table_pages)
+    npt = Npt()
+    l1mem = GuestMemory(host.mem, npt)
+    nested = NestedSvm(kvm0, host, l1mem, design)
+    kvm0.vendor.nested = nested
+
+    vm1 = scn.l1
+    npcpus = len(host.pcpus)
+    l1_vcpus: list[Vcpu] = []
+    l1_params = dataclasses.replace(scn.l0, apicv=scn.l1.apicv_for_l2, timeslice_us=scn.l1.timeslice_us,
+                                    force_avic=False)
+    # L1's host view needs its vCPUs first; L1Cpu objects need the L1 host: create in two steps.
+    placeholders: list[Any] = []
+    for i in range(vm1.vcpus):
+        backing = host.mem.alloc(1)
+        v = Vcpu(kvm0, i, f"l1.{i}", vm1.apic_id(i), vm1.apic, _Placeholder(), backing, home=i % npcpus)
+        kvm0.vcpus.append(v)
+        host.backing_owner[backing] = v
+        os_apic_defaults(v.apic)
+        l1_vcpus.append(v)
+        placeholders.append(v)
+    l1host = L1Host(kvm0, l1mem, l1_vcpus, l1_params)
+    nested.l1host = l1host
+    for i, v in enumerate(l1_vcpus):
+        cpu = L1Cpu(l1host, i, v.name, x2apic=vm1.apic == "x2apic")
+        cpu.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
+        l1host.cpus.append(cpu)
+        v.guest = cpu
+        kvm0.vendor.vcpu_create(v)
+        v.ctx01 = v.ctx
+        v.ctx01.msr_wr.add(MSR_DOORBELL)
+        v.nested = None
+        v.nested_inhibit = False
+    kvm0.recalc_apic_map()
+    kvm0.vendor.post_create()
+    for v in l1_vcpus:
+        v.ctx01.msr_wr.add(MSR_DOORBELL)
+
+    # ---- L1's KVM -------------------------------------------------------------------------------
+    l1_features = dataclasses.replace(
+        features, avic=nested.design.offers_avic, avic_enumerated=nested.design.offers_avic,
+        x2avic=features.x2avic and nested.design.offers_avic and design == "dummy",
+        x2avic_ext=features.x2avic_ext and nested.design.offers_avic and design == "dummy")
+    l1host.silicon.features = l1_features
+    kvm1 = Kvm(l1host, name="l2")
+    kvm1.exit_level = "l1"
+    kvm1.vendor = SvmVendor(kvm1, l1host, l1host.silicon, l1_features)
+    vm2 = scn.l2
+    n1 = len(l1_vcpus)
+    for i in range(vm2.vcpus):
+        backing = l1mem.alloc(1)
+        v = Vcpu(kvm1, i, f"l2.{i}", vm2.apic_id(i), vm2.apic, l2_guest(i), backing, home=i % n1)
+        kvm1.vcpus.append(v)
+        l1host.backing_owner[backing] = v
+        os_apic_defaults(v.apic)
+        kvm1.vendor.vcpu_create(v)
+        v.ctx01 = v.ctx
+        nested.vcpu_by_vmcb12[v.vmcb.hpa] = v
+    kvm1.recalc_apic_map()
+    kvm1.vendor.post_create()
+    for v in kvm1.vcpus:
+        l1host.spawn(v, kvm1.vcpu_thread(v))
+    for v in l1_vcpus:
+        engine.spawn(kvm0.vcpu_thread(v), v.name)
+    return kvm0, kvm1
+
+
+class _Placeholder:
+    """Stands in for an L1 vCPU's guest until its L1Cpu exists."""
+
+    IF = True
+    x2apic = True
