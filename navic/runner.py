@@ -94,6 +94,7 @@ class Run:
     machine: Machine
     guests: list[GuestCpu] = field(default_factory=list)
     kvm: Any = None
+    kvm2: Any = None     # L1's KVM (nested scenarios)
 
     def result(self) -> dict[str, Any]:
         return build_result(self)
@@ -101,8 +102,8 @@ class Run:
 
 def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = False,
              schedule: list[tuple[str, str, int]] | None = None) -> Run:
-    if scn.l2 is not None:
-        raise UnsupportedScenario(f"{scn.source}: l2: nested guests are not supported in this version")
+    if scn.l2 is not None and scn.host.virt != "kvm":
+        raise UnsupportedScenario(f'{scn.source}: l2: a nested guest needs host.virt = "kvm"')
     if schedule is not None:
         chooser = ReplayChooser(schedule)
     engine = Engine(seed=scn.seed, chooser=chooser)
@@ -125,17 +126,22 @@ def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = Fal
 
     shared = SharedMemory()
 
-    def guest(i: int) -> GuestCpu:
-        name = f"l1.{i}"
-        g = GuestCpu(name, programs.get(name), x2apic=(vm.apic == "x2apic"),
-                     apic_id_of=vm.apic_id, on_delivery=on_delivery, on_error=on_error)
+    def guest(i: int, level: int = 1) -> GuestCpu:
+        name = f"l{level}.{i}"
+        cfg = vm if level == 1 else scn.l2
+        g = GuestCpu(name, programs.get(name), x2apic=(cfg.apic == "x2apic"),
+                     apic_id_of=cfg.apic_id, on_delivery=on_delivery, on_error=on_error)
         g.clock = engine
         g.shared = shared
         shared.cpus.append(g)
         run.guests.append(g)
         return g
 
-    if scn.host.virt == "kvm":
+    if scn.l2 is not None:
+        from navic.hv.nested.build import build_nested
+
+        run.kvm, run.kvm2 = build_nested(scn, engine, costs, rec, tr, lambda i: guest(i, 2), UnsupportedScenario)
+    elif scn.host.virt == "kvm":
         run.kvm = build_kvm(scn, engine, costs, rec, tr, guest)
         if scn.devices:
             from navic.hv.iommu import attach_devices
@@ -223,5 +229,8 @@ def build_result(run: Run) -> dict[str, Any]:
 
 def _apics(run: Run) -> dict[str, Any]:
     if run.kvm is not None:
-        return {v.name: apic_dump(v.apic) for v in run.kvm.vcpus}
+        out = {v.name: apic_dump(v.apic) for v in run.kvm.vcpus}
+        if run.kvm2 is not None:
+            out.update({v.name: apic_dump(v.apic) for v in run.kvm2.vcpus})
+        return out
     return {name: apic_dump(a) for name, a in zip(run.machine.names, run.machine.apics, strict=True)}

@@ -59,7 +59,7 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
 def _cpu_views(run: Any) -> dict[str, tuple[Any, Any, bool]]:
     views: dict[str, tuple[Any, Any, bool]] = {}
     if run.kvm is not None:
-        for v in run.kvm.vcpus:
+        for v in list(run.kvm.vcpus) + (list(run.kvm2.vcpus) if getattr(run, "kvm2", None) is not None else []):
             views[v.name] = (v.apic, v.guest, bool(v.blocked or v.blocking))
         return views
     m = run.machine

@@ -139,6 +139,7 @@ class Kvm:
         self.vendor: Any = None  # set by the vendor module (SVM/AVIC or VMX)
         self.apic_timer_fn = self._apic_timer_expired
         self.inhibits = Inhibits(self.engine)
+        self.exit_level = "l0"   # where this KVM's exits are counted ("l1" for L1's KVM)
 
     # -- APICv inhibits (kvm_set_or_clear_apicv_inhibit) -----------------------------------
     def set_apicv_inhibit(self, reason: str) -> None:
@@ -208,6 +209,9 @@ class Kvm:
         self.kvm_apic_accept_events(vcpu)
         if vcpu.mp_state != MP_STATE_RUNNABLE:
             return "init_received"
+        check_nested = getattr(self.vendor, "check_nested_events", None)
+        if check_nested is not None:
+            yield from check_nested(vcpu)
         self.vendor.inject_pending_events(vcpu)
         vcpu.requests.discard(REQ_EVENT)
         # local_irq_disable(): host interrupts that arrived while IRQs were enabled have been
@@ -219,7 +223,10 @@ class Kvm:
             vcpu.mode = OUTSIDE_GUEST_MODE
             return "cancel"
         if self.trace.on:
-            self.trace.emit("kvm_entry", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name, guest_level="L1")
+            ctx = getattr(vcpu, "ctx", None)
+            self.trace.emit("kvm_entry", pcpu=vcpu.cpu, level=self.exit_level.upper(),
+                            vcpu=ctx.name if ctx is not None else vcpu.name,
+                            guest_level=ctx.level if ctx is not None else "L1")
         exit_reason = yield from self.vendor.run(vcpu)
         vcpu.mode = OUTSIDE_GUEST_MODE
         return (yield from self.vendor.handle_exit(vcpu, exit_reason))

@@ -58,6 +58,7 @@ class SvmVendor:
         else:
             self.enable_ipiv = bool(l0.ipiv)
         self.avic = AvicVm(kvm, features, enable_ipiv=self.enable_ipiv)
+        self.nested: Any = None   # navic.hv.nested.core.NestedSvm when L1 may run L2
 
     @staticmethod
     def _errata(l0: Any, features: Any) -> frozenset[str]:
@@ -72,8 +73,11 @@ class SvmVendor:
         hpa = mem.alloc(1)
         vmcb = V.Vmcb(mem, hpa)
         vcpu.vmcb = vmcb
-        vcpu.ctx = GuestContext(vcpu.name, "L1", vmcb, vcpu.guest)
+        vcpu.ctx = GuestContext(vcpu.name, "L2" if self.kvm.exit_level == "l1" else "L1", vmcb, vcpu.guest)
         vcpu.ctx.bind_vapic(vcpu.apic)
+        vcpu.ctx01 = vcpu.ctx          # the vCPU's own context; ctx02 replaces vcpu.ctx while it runs L2
+        vcpu.nested = None
+        vcpu.nested_inhibit = False
         vcpu.ldr_reg = 0
         vcpu.dfr_reg = 0xFFFFFFFF
         vcpu.avic_physical_id_entry = 0
@@ -127,9 +131,11 @@ class SvmVendor:
         self._set_msr_intercepts(vcpu, active=False)
 
     def _set_msr_intercepts(self, vcpu: Vcpu, *, active: bool) -> None:
-        ctx = vcpu.ctx
+        ctx = getattr(vcpu, "ctx01", vcpu.ctx)
         ctx.msr_rd = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
         ctx.msr_wr = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE, LVTT_MSR}
+        if self.nested is not None:
+            ctx.msr_wr.add(A.MSR_AMD64_SVM_AVIC_DOORBELL)   # nested doorbell emulation
         if active and self.features.x2avic and vcpu.apic.mode == "x2apic":
             ctx.msr_wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
         else:
@@ -161,18 +167,26 @@ class SvmVendor:
         vcpu.last_cpu = cpu
         if cpu is not None:
             self.avic.vcpu_load(vcpu, cpu)
+            if self.nested is not None and not vcpu.blocking:
+                self.nested.design.vcpu_load(vcpu, cpu)   # __nested_avic_load()
 
     def vcpu_put(self, vcpu: Vcpu) -> None:
         if vcpu.blocking:
             return
         self.avic.vcpu_put(vcpu)
+        if self.nested is not None:
+            self.nested.design.vcpu_put(vcpu, blocking=False)   # __nested_avic_put()
 
     def vcpu_blocking(self, vcpu: Vcpu) -> None:
         self.avic.vcpu_put(vcpu, blocking=True)
+        if self.nested is not None:
+            self.nested.design.vcpu_put(vcpu, blocking=True)
 
     def vcpu_unblocking(self, vcpu: Vcpu) -> None:
         if vcpu.cpu is not None and vcpu.apicv_active:
             self.avic._load(vcpu, vcpu.cpu)
+        if self.nested is not None and vcpu.cpu is not None:
+            self.nested.design.vcpu_load(vcpu, vcpu.cpu)
 
     def update_irtes(self, vcpu: Vcpu, *, running: bool, host_id: int | None, ga_log: bool = False) -> None:
         iommu = getattr(self.host, "iommu", None)
@@ -228,6 +242,8 @@ class SvmVendor:
         g = vcpu.guest
         if vmcb.event_inj & (1 << 31):
             return
+        if vcpu.nested is not None and vcpu.nested.active:
+            return   # L1 events while L2 runs: nested #VMEXIT(INTR) first (check_nested_events)
         if a.nmi_pending and not g.nmi_blocked:
             a.take_nmi()
             vmcb.event_inj = (1 << 31) | (2 << 8) | 2
@@ -253,14 +269,17 @@ class SvmVendor:
         return (yield from self.hw.vmrun(self.host.pcpus[vcpu.cpu], vcpu.ctx))
 
     def handle_exit(self, vcpu: Vcpu, code: int) -> Gen:
-        """svm_handle_exit(): dispatch on the exit code."""
+        """svm_handle_exit(): dispatch on the exit code (exits from L2 go to nested.c first)."""
         kvm = self.kvm
+        st = vcpu.nested
+        if st is not None and st.active:
+            return (yield from self.nested.handle_l2_exit(vcpu, code))
         name = V.exit_name(code)
-        kvm.rec.exit("l0", name)
+        kvm.rec.exit(kvm.exit_level, name)
         vmcb = vcpu.vmcb
         if kvm.trace.on:
-            kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name, reason=name,
-                           info1=vmcb.exit_info_1, info2=vmcb.exit_info_2)
+            kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level=kvm.exit_level.upper(), vcpu=vcpu.ctx.name,
+                           reason=name, info1=vmcb.exit_info_1, info2=vmcb.exit_info_2)
         yield kvm.costs.EXIT_DISPATCH
         handler = self._handlers.get(code)
         if handler is None:
@@ -299,6 +318,14 @@ class SvmVendor:
         yield costs.MSR_EMULATE
         a = vcpu.apic
         write = type(insn) is isa.Wrmsr
+        if insn.msr == A.MSR_AMD64_SVM_AVIC_DOORBELL:
+            if not write:
+                vcpu.guest.retire(Fault("#GP", "the AVIC doorbell MSR is write-only"))
+            elif self.nested is None:
+                vcpu.guest.retire(Fault("#GP", "AVIC is not offered to this guest"))
+            else:
+                vcpu.guest.retire((yield from self.nested.design.on_doorbell_write(vcpu, insn.value)))
+            return "continue"
         try:
             if insn.msr == MSR_IA32_APICBASE and write:
                 old = a.apic_base
@@ -331,9 +358,14 @@ class SvmVendor:
             self.kvm.recalc_apic_map()
 
     def _exit_npf(self, vcpu: Vcpu) -> Gen:
-        """npf_interception() on the APIC page with APICv off: MMIO emulation (instruction decode)."""
+        """npf_interception(): a tracked store of a guest hypervisor (write tracking of its AVIC
+        tables), or the APIC page with APICv off (MMIO emulation: instruction decode)."""
         insn = vcpu.ctx.exit_insn
         vcpu.ctx.exit_insn = None
+        if type(insn) is isa.MemWrite:
+            yield from self.nested.design.on_tracked_write(vcpu, insn.gpa, insn.size, insn.value)
+            vcpu.guest.retire(None)
+            return "continue"
         yield self.kvm.costs.MMIO_EMULATE
         off = insn.addr - 0xFEE00000
         a = vcpu.apic
@@ -428,7 +460,20 @@ class SvmVendor:
             kvm.rec.count("avic_invalid_backing_page_warn")
         return "continue"
 
+    def _exit_vmrun(self, vcpu: Vcpu) -> Gen:
+        """vmrun_interception(): nested.c's nested_svm_vmrun(); #UD when SVM is not offered."""
+        if self.nested is None:
+            vcpu.guest.retire(Fault("#UD", "VMRUN: SVM is not exposed to this guest"))
+            vcpu.ctx.exit_insn = None
+            return "continue"
+        return (yield from self.nested.vmrun(vcpu))
+
+    def check_nested_events(self, vcpu: Vcpu) -> Gen:
+        if self.nested is not None:
+            yield from self.nested.check_nested_events(vcpu)
+
     _handlers: dict[int, Any] = {
+        V.SVM_EXIT_VMRUN: _exit_vmrun,
         V.SVM_EXIT_INTR: _exit_intr,
         V.SVM_EXIT_VINTR: _exit_vintr,
         V.SVM_EXIT_HLT: _exit_hlt,

@@ -59,6 +59,7 @@ class GuestContext:
     exit_insn: Any = None
     exit_insn_offset: int = 0
     _eval: bool = False
+    npt: Any = None   # the nested page table L0 keeps for this guest (for MemWrite / tracking)
 
     @property
     def vapic(self) -> LocalApic:
@@ -175,6 +176,24 @@ class Svm:
                     exit_code, info1, info2 = r
                     break
                 g.retire(Fault("#GP", f"MSR {msr:#x} not implemented"))
+                yield costs.INSN
+            elif t is isa.Vmrun:
+                # A guest hypervisor's VMRUN: L0 always intercepts it (nested.c emulates it).
+                if vmcb.intercept(V.INTERCEPT_VMRUN):
+                    ctx.exit_insn = insn
+                    exit_code, info1, info2 = V.SVM_EXIT_VMRUN, 0, 0
+                    break
+                g.retire(Fault("#UD", "VMRUN not intercepted"))
+                yield costs.INSN
+            elif t is isa.MemWrite:
+                npt = ctx.npt
+                if npt is not None and npt.is_write_protected(insn.gpa >> 12):
+                    ctx.exit_insn = insn
+                    exit_code, info1, info2 = V.SVM_EXIT_NPF, (1 << 1) | 1, insn.gpa  # write, present
+                    break
+                hpa = npt.translate(insn.gpa, write=True) if npt is not None else insn.gpa
+                self.host.mem.write(hpa, insn.size, insn.value)
+                g.retire(None)
                 yield costs.INSN
             elif insn is isa.HLT:
                 if vmcb.intercept(V.INTERCEPT_HLT):

@@ -108,6 +108,7 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
         v = Vcpu(kvm1, i, f"l2.{i}", vm2.apic_id(i), vm2.apic, l2_guest(i), backing, home=i % n1)
         kvm1.vcpus.append(v)
         l1host.backing_owner[backing] = v
+        host.backing_owner[l1mem.hpa(backing)] = v   # the silicon sees the page by its HPA
         os_apic_defaults(v.apic)
         kvm1.vendor.vcpu_create(v)
         v.ctx01 = v.ctx
