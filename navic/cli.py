@@ -288,7 +288,8 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
     try:
         doc = explore.load_schedule(path)
     except explore.ScheduleError as exc:
-        raise ScenarioError(str(exc)) from None
+        click.echo(str(exc), err=True)
+        raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
     sha = doc.get("scenario_sha256")
     if sha and Path(file_path := scn.source).is_file():
         if hashlib.sha256(Path(file_path).read_bytes()).hexdigest() != sha:

@@ -106,7 +106,9 @@ def state_hash(run: Any) -> bytes:
                       tuple(sorted(g.reads.items())), g.x2apic, g.apic_base,
                       tuple((f.kind, f.saved_if, _pc(f.gen)) for f in g.frames)))
     rec = run.recorder
-    parts.append(tuple(sorted((k, len(q), q[0][1], q[0][2]) for k, q in rec._pending.items() if q)))
+    # Pending acceptances with their provenance (send times relative to now: which send they are).
+    parts.append(tuple(sorted((k, tuple((now - t, sb, kind) for t, sb, kind in q))
+                              for k, q in rec._pending.items() if q)))
     kvm = run.kvm
     if kvm is not None:
         mem = kvm.mem

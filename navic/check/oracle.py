@@ -28,6 +28,7 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
     now = run.engine.now
     bound = 0 if quiescent else int(bound_us * run.costs.ghz * 1000)
     cpus = _cpu_views(run)
+    views_vcpu = {v.name: v for v in run.kvm.vcpus} if run.kvm is not None else {}
     out: list[dict[str, Any]] = []
     for (cpu, vector), pending in sorted(rec._pending.items()):
         if not pending:
@@ -35,10 +36,21 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
         t_sent, sent_by, kind = pending[0]
         if (now - t_sent <= bound and not quiescent) or cpu not in cpus:
             continue
-        apic, guest, halted = cpus[cpu]
+        apic, guest, halted, scheduled = cpus[cpu]
+        if not halted and not scheduled and not quiescent:
+            continue
         if kind in ("nmi", "init", "sipi", "smi"):
             continue
-        if not apic.hw_enabled or not apic.test_irr(vector):
+        pid = getattr(views_vcpu.get(cpu), "pid", None) if views_vcpu else None
+        in_pir = pid is not None and pid.pir_test(vector)   # VMX: posted but not yet synced to vIRR
+        if not (apic.test_irr(vector) or in_pir):
+            if not apic.test_isr(vector) or halted or quiescent:
+                # Accepted, left IRR, and no handler ever ran for it: it vanished.
+                out.append(_violation("lost", cpu, vector, sent_by, t_sent, now,
+                                      f"vector {vector:#x} was accepted by {cpu} but left IRR without "
+                                      f"its handler running"))
+            continue
+        if not apic.hw_enabled:
             continue
         if not guest.IF or (vector & 0xF0) <= (apic.regs[0xA0 >> 2] & 0xF0):
             continue
@@ -56,14 +68,26 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
     return out
 
 
-def _cpu_views(run: Any) -> dict[str, tuple[Any, Any, bool]]:
-    views: dict[str, tuple[Any, Any, bool]] = {}
+def _violation(kind: str, cpu: str, vector: int, sent_by: Any, t_sent: int, now: int, detail: str) -> dict[str, Any]:
+    return {"kind": kind, "cpu": cpu, "vector": vector, "sent_by": sent_by, "t_sent": t_sent,
+            "pending_cycles": now - t_sent, "detail": detail}
+
+
+def _cpu_views(run: Any) -> dict[str, tuple[Any, Any, bool, bool]]:
+    """cpu name -> (apic, guest, halted, scheduled). A vCPU that is neither halted nor scheduled
+    is preempted: waiting for it is a scheduling delay, not a loss (unless the run went quiet)."""
+    views: dict[str, tuple[Any, Any, bool, bool]] = {}
     if run.kvm is not None:
-        for v in list(run.kvm.vcpus) + (list(run.kvm2.vcpus) if getattr(run, "kvm2", None) is not None else []):
-            views[v.name] = (v.apic, v.guest, bool(v.blocked or v.blocking))
+        l1 = list(run.kvm.vcpus)
+        for v in l1:
+            views[v.name] = (v.apic, v.guest, bool(v.blocked or v.blocking), v.cpu is not None)
+        for v in (run.kvm2.vcpus if getattr(run, "kvm2", None) is not None else ()):
+            host_vcpu = l1[v.cpu] if v.cpu is not None else None
+            on_cpu = host_vcpu is not None and host_vcpu.cpu is not None
+            views[v.name] = (v.apic, v.guest, bool(v.blocked or v.blocking), on_cpu)
         return views
     m = run.machine
     for i, g in enumerate(m.guests):
         if g is not None:
-            views[g.name] = (m.apics[i], g, m.pcpus[i].halted)
+            views[g.name] = (m.apics[i], g, m.pcpus[i].halted, True)
     return views

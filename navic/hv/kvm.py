@@ -244,6 +244,7 @@ class Kvm:
             vcpu.saved_ldr = a.read_reg(APIC_LDR_OFFSET)
             a.take_init()
             a.init_reset()
+            self.rec.discard_pending(vcpu.name)
             vcpu.mp_state = MP_STATE_INIT_RECEIVED
             vcpu.guest.note_event(0, "init")
         if a.sipi_vector is not None:

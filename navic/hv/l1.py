@@ -257,20 +257,20 @@ class L1Cpu:
             return y
 
     def _current(self) -> L1Thread | None:
+        """The thread to step: first any runnable thread that does not hold this CPU yet (it runs
+        until it queues for the CPU, so the scheduler knows it exists and arms its slice), then
+        the thread that holds the CPU (even if it waits without releasing it: halt polling)."""
         host = self.host
         cur = host.sched.current[self.index]
-        if cur is not None:
-            t = host.threads[cur.name]
-            if t.waiting is None or t.pending:
-                return t
-            # The current thread blocks without releasing the CPU (halt polling): spin on it.
+        cur_t = host.threads[cur.name] if cur is not None else None
+        runnable = self.runnable
+        while runnable:
+            t = runnable[0]
+            if t.waiting is not None or t is cur_t:
+                runnable.popleft()
+                continue
             return t
-        while self.runnable:
-            t = self.runnable[0]
-            if t.waiting is None:
-                return t
-            self.runnable.popleft()
-        return None
+        return cur_t
 
     def retire(self, result: Any) -> None:
         i = self._issuer
@@ -284,6 +284,7 @@ class L1Cpu:
         self.frames.append(_Frame(self._handler(vector), saved))
         self.handled[vector] = self.handled.get(vector, 0) + 1
         self.epoch += 1
+        self.host.rec.delivered(self.name, vector, kind)
         cur = self.host.sched.current[self.index]
         if vector == LOCAL_TIMER_VECTOR and cur is not None and self.host.sched.runq[self.index]:
             cur.need_resched = True

@@ -277,6 +277,12 @@ class SvmVendor:
         name = V.exit_name(code)
         kvm.rec.exit(kvm.exit_level, name)
         vmcb = vcpu.vmcb
+        eii = vmcb.exit_int_info
+        if eii & (1 << 31):
+            # svm_complete_interrupts(): an event injected but not delivered comes back in
+            # EXITINTINFO; KVM re-queues it for the next entry.
+            vmcb.exit_int_info = 0
+            vmcb.event_inj = eii
         if kvm.trace.on:
             kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level=kvm.exit_level.upper(), vcpu=vcpu.ctx.name,
                            reason=name, info1=vmcb.exit_info_1, info2=vmcb.exit_info_2)

@@ -138,6 +138,7 @@ class Machine:
     def init_cpu(self, cpu: PhysCpu, g: GuestCpu) -> None:
         g.saved_ldr = cpu.apic.read_reg(APIC_LDR)  # type: ignore[attr-defined]
         cpu.apic.init_reset()
+        self.rec.discard_pending(g.name)
 
     def sipi_cpu(self, cpu: PhysCpu, g: GuestCpu) -> None:
         os_apic_defaults(cpu.apic, ldr=getattr(g, "saved_ldr", None))

@@ -55,8 +55,8 @@ class Signal:
         self.waiters = []
         eng = self.engine
         for p in waiters:
-            p.waiting_on = None
             if type(p) is Process:
+                p.waiting_on = None
                 eng._push(eng.now, p, value)
             else:
                 p.wake(value)  # a non-process waiter (e.g. an L1 thread stepped by an L1 vCPU)

@@ -63,5 +63,17 @@ class Recorder:
     def error(self, cpu: str, index: int | None, op: str, error: str) -> None:
         self.errors.append({"cpu": cpu, "index": index, "op": op, "error": error, "t": self.clock.now})
 
+    def discard_pending(self, cpu: str, reason: str = "init") -> int:
+        """An INIT reset the CPU's APIC: interrupts pending in its IRR are gone (architecturally
+        discarded, not lost). Returns how many acceptances were dropped."""
+        keys = [k for k in self._pending if k[0] == cpu and k[1] not in (0,)]
+        n = 0
+        for k in keys:
+            if self._pending[k] and self._pending[k][0][2] not in ("init", "sipi"):
+                n += len(self._pending.pop(k))
+        if n:
+            self.count(f"discarded_by_{reason}", n)
+        return n
+
     def pending_count(self) -> int:
         return sum(len(q) for q in self._pending.values())

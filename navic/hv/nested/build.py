@@ -84,6 +84,7 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
         v.guest = cpu
         kvm0.vendor.vcpu_create(v)
         v.ctx01 = v.ctx
+        v.ctx01.npt = npt           # L1 runs on L0's nested page table (write tracking)
         v.ctx01.msr_wr.add(MSR_DOORBELL)
         v.nested = None
         v.nested_inhibit = False
