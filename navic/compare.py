@@ -108,8 +108,10 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def row_metrics(case: Case, cfg: ConfigSpec, result: dict[str, Any]) -> dict[str, Any]:
     """One table row from a run result (all per-IPI figures divide by the IPIs delivered)."""
-    ipi = [d for d in result["deliveries"] if d.get("sent_by") is not None]
-    basis = ipi or result["deliveries"]
+    prefix = f"l{cfg.level}."   # the workload's own CPUs (not L1's kernel IPIs in nested runs)
+    mine = [d for d in result["deliveries"] if d["cpu"].startswith(prefix)]
+    ipi = [d for d in mine if d.get("sent_by") is not None]
+    basis = ipi or mine
     n = max(1, len(basis))
     exits = result.get("exits", {})
     counters = result.get("counters", {})

@@ -95,6 +95,7 @@ class Run:
     guests: list[GuestCpu] = field(default_factory=list)
     kvm: Any = None
     kvm2: Any = None     # L1's KVM (nested scenarios)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     def result(self) -> dict[str, Any]:
         return build_result(self)
@@ -162,6 +163,7 @@ def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = Fal
     engine.run(until=until)
     quiescent = not engine._q and engine.now < until
     rec.violations.extend(oracle.end_of_run(run, quiescent=quiescent))
+    run.warnings = oracle.stalls(run, quiescent=quiescent)
     rec.violations.extend(sends.check())
     if isinstance(engine.chooser, ReplayChooser):
         run.replayed = engine.chooser.log  # type: ignore[attr-defined]
@@ -223,6 +225,7 @@ def build_result(run: Run) -> dict[str, Any]:
         "exits": {k: dict(sorted(v.items())) for k, v in sorted(rec.exits.items())},
         "counters": counters,
         "violations": rec.violations,
+        "warnings": run.warnings,
         "inhibits": run.kvm.inhibits.report() if run.kvm is not None else {},
     }
 

@@ -68,6 +68,21 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
     return out
 
 
+def stalls(run: Any, *, quiescent: bool) -> list[dict[str, Any]]:
+    """Warnings, not violations: when nothing is left to happen, a CPU still inside its program
+    and not halted spins forever (a wait for a vector nobody sends, or a lost wake-up of a memory
+    handshake such as a TLB-shootdown acknowledgement)."""
+    if not quiescent:
+        return []
+    now = run.engine.now
+    out = []
+    for cpu, (_apic, guest, halted, _scheduled) in sorted(_cpu_views(run).items()):
+        if getattr(guest, "program", None) is not None and not guest.finished and not halted:
+            out.append({"kind": "stalled", "cpu": cpu, "t": now,
+                        "detail": f"{cpu} is still in its program, spinning, when nothing is left to happen"})
+    return out
+
+
 def _violation(kind: str, cpu: str, vector: int, sent_by: Any, t_sent: int, now: int, detail: str) -> dict[str, Any]:
     return {"kind": kind, "cpu": cpu, "vector": vector, "sent_by": sent_by, "t_sent": t_sent,
             "pending_cycles": now - t_sent, "detail": detail}

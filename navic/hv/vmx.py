@@ -521,6 +521,7 @@ def build_kvm_vmx(scn: Any, engine: Any, costs: Any, rec: Any, tr: Any, guest: A
         backing = host.mem.alloc(1)   # the virtual-APIC page = KVM's apic->regs
         v = Vcpu(kvm, i, f"l1.{i}", vm.apic_id(i), vm.apic, guest(i), backing, home=i % npcpus)
         kvm.vcpus.append(v)
+        v.guest.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
         host.backing_owner[backing] = v
         os_apic_defaults(v.apic)
         kvm.vendor.vcpu_create(v)

@@ -213,7 +213,8 @@ class Vmx:
                 yield costs.HLT_WAKE
             elif t is isa.Pause:
                 if g.epoch == insn.epoch and not (g.IF and ctx.vid and self.pending_virtual(ctx) >= 0):
-                    while not (pcpu.intr_pending or pcpu.pi_pending or (g.IF and ctx.intr_window_exiting)):
+                    while not (pcpu.intr_pending or pcpu.pi_pending or g.epoch != insn.epoch
+                               or (g.IF and ctx.intr_window_exiting)):
                         yield pcpu.wake
                 g.retire(None)
                 yield costs.SPIN_LOOP
