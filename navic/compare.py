@@ -59,21 +59,24 @@ class Case:
     workload: str
     params: dict[str, Any] = field(default_factory=dict)
     vcpus: int = 2
-    apic: str = "x2apic"
+    apic: str = "x2apic"                  # the workload VM's APIC mode (L1, or L2 for l2-* configs)
     configs: tuple[str, ...] = DEFAULT_CONFIGS
     max_time_us: float = 50_000.0
     seed: int = 1
+    name: str = ""                        # table label; default the workload kind
+    l1_apic: str = "x2apic"               # L1's own APIC mode in l2-* configs
 
     @property
     def label(self) -> str:
-        return self.workload
+        return self.name or self.workload
 
 
 DEFAULT_SUITE: tuple[Case, ...] = (
-    Case("ipi-pingpong", {"iterations": 200}, vcpus=2),
-    Case("ipi-halt", {"iterations": 40, "gap_cycles": 60_000}, vcpus=2),
-    Case("tlb-shootdown", {"iterations": 5, "mode": "logical"}, vcpus=8),
-    Case("hackbench", {"iterations": 20}, vcpus=4),
+    Case("ipi-pingpong", {"iterations": 200}, vcpus=2, apic="xapic"),
+    Case("ipi-pingpong", {"iterations": 200}, vcpus=2, apic="x2apic", name="ipi-pingpong-x2apic"),
+    Case("ipi-halt", {"iterations": 40, "gap_cycles": 60_000}, vcpus=2, apic="xapic"),
+    Case("tlb-shootdown", {"iterations": 5, "mode": "broadcast"}, vcpus=8, apic="xapic"),
+    Case("hackbench", {"iterations": 20}, vcpus=4, apic="xapic"),
 )
 
 
@@ -81,11 +84,11 @@ def scenario_dict(case: Case, cfg: ConfigSpec) -> dict[str, Any]:
     """The scenario (as a TOML-shaped dict) that runs ``case`` under ``cfg``."""
     vcpus = case.vcpus
     d: dict[str, Any] = {
-        "name": f"{case.workload}@{cfg.name}",
+        "name": f"{case.label}@{cfg.name}",
         "seed": case.seed,
         "max_time_us": case.max_time_us,
         "host": {"cpu": cfg.cpu, "virt": cfg.virt, "pcpus": max(vcpus, 2)},
-        "l1": {"vcpus": vcpus, "apic": case.apic},
+        "l1": {"vcpus": vcpus, "apic": case.apic if cfg.level == 1 else case.l1_apic},
         "workload": {"kind": case.workload, **case.params},
     }
     l0 = dict(cfg.l0)
@@ -121,7 +124,8 @@ def row_metrics(case: Case, cfg: ConfigSpec, result: dict[str, Any]) -> dict[str
 
     lat = [d["latency_ns"] for d in basis if d.get("latency_ns") is not None]
     return {
-        "workload": case.workload,
+        "workload": case.label,
+        "kind": case.workload,
         "config": cfg.name,
         "cpu_model": cfg.cpu,
         "level": cfg.level if cfg.virt == "kvm" else 0,
@@ -148,7 +152,7 @@ def _run_one(job: tuple[Case, str]) -> dict[str, Any]:
         scn = parse_scenario(scenario_dict(case, cfg), f"<compare {case.workload}@{cfg_name}>")
         result = run_scenario(scn)
     except (UnsupportedScenario, ScenarioError) as e:
-        return {"workload": case.workload, "config": cfg_name, "skipped": str(e).split(": ", 1)[-1]}
+        return {"workload": case.label, "config": cfg_name, "skipped": str(e).split(": ", 1)[-1]}
     return row_metrics(case, cfg, result)
 
 
@@ -192,10 +196,11 @@ def load_suite(path: str | Path) -> tuple[Case, ...]:
         raise ScenarioError(src, "case", "expected one or more [[case]] tables, got none")
     for i, raw in enumerate(raw_cases):
         p = f"case[{i}]"
-        unknown = set(raw) - {"workload", "params", "vcpus", "apic", "configs", "max_time_us", "seed"}
+        keys = {"workload", "params", "vcpus", "apic", "configs", "max_time_us", "seed", "name", "l1_apic"}
+        unknown = set(raw) - keys
         if unknown:
-            raise ScenarioError(src, f"{p}.{sorted(unknown)[0]}", "unknown key; expected one of workload, params, "
-                                "vcpus, apic, configs, max_time_us, seed")
+            raise ScenarioError(src, f"{p}.{sorted(unknown)[0]}",
+                                f"unknown key; expected one of {', '.join(sorted(keys))}")
         if "workload" not in raw:
             raise ScenarioError(src, f"{p}.workload", "expected a workload name, got nothing")
         configs = tuple(raw.get("configs", DEFAULT_CONFIGS))
@@ -205,7 +210,7 @@ def load_suite(path: str | Path) -> tuple[Case, ...]:
                                     f"expected one of {', '.join(CONFIGS)}, got {c!r}")
         case = Case(raw["workload"], dict(raw.get("params", {})), int(raw.get("vcpus", 2)),
                     raw.get("apic", "x2apic"), configs, float(raw.get("max_time_us", 50_000.0)),
-                    int(raw.get("seed", 1)))
+                    int(raw.get("seed", 1)), str(raw.get("name", "")), raw.get("l1_apic", "x2apic"))
         # Validate through the scenario checker once (names the key path on error).
         try:
             parse_scenario(scenario_dict(case, CONFIGS["bare"]), f"{src}: {p}")
@@ -238,6 +243,11 @@ def summary_text(rows: list[dict[str, Any]]) -> str:
         if ipiv and ipiv["latency_ns"]["p50"]:
             parts.append(f"Intel IPIv: {ipiv['exits_per_ipi']['l0']:g} exits, {ipiv['latency_ns']['p50']:.0f} ns.")
         l2 = [r for r in rows if r["workload"] == wl and r["level"] == 2 and r["latency_ns"]["p50"]]
+        z4 = {r["design"]: r for r in l2 if r["cpu_model"] == "zen4"}
+        if len(z4) == 3:
+            parts.append("In L2 on zen4: " + "; ".join(
+                f"{d} {z4[d]['exits_per_ipi']['l0_l2']:g} L0-only + {z4[d]['exits_per_ipi']['l1']:g} L1 exits, "
+                f"{z4[d]['latency_ns']['p50']:.0f} ns" for d in ("shadow", "dummy", "none")) + ".")
         if l2:
             best = min(l2, key=lambda r: r["latency_ns"]["p50"])
             worst = max(l2, key=lambda r: r["latency_ns"]["p50"])
@@ -348,6 +358,29 @@ def write_plots(rows: list[dict[str, Any]], outdir: Path) -> list[Path]:
 def public_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows as results.json publishes them (without the raw latency lists)."""
     return [{k: v for k, v in r.items() if k != "latencies_ns"} for r in rows]
+
+
+def write_traces(cases: Iterable[Case], outdir: Path, iterations: int = 20) -> list[Path]:
+    """One Perfetto trace per configuration for the (first) ping-pong case, kept short."""
+    from navic.runner import UnsupportedScenario, simulate
+    from navic.sim.perfetto import chrome_trace
+
+    case = next((c for c in cases if c.workload == "ipi-pingpong"), None)
+    if case is None:
+        return []
+    small = Case(case.workload, {**case.params, "iterations": iterations}, case.vcpus, case.apic, case.configs,
+                 case.max_time_us, case.seed, case.name, case.l1_apic)
+    out = []
+    for cfg_name in small.configs:
+        cfg = CONFIGS[cfg_name]
+        try:
+            run = simulate(parse_scenario(scenario_dict(small, cfg), f"<trace {cfg_name}>"), trace=True)
+        except (UnsupportedScenario, ScenarioError):
+            continue
+        p = outdir / f"trace-{_slug(small.label)}-{cfg_name}.json"
+        p.write_text(json.dumps(chrome_trace(run), sort_keys=True) + "\n")
+        out.append(p)
+    return out
 
 
 def write_report(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], outdir: Path, command: str

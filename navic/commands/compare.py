@@ -33,8 +33,8 @@ def compare_cmd(suite_file: str | None, outdir: str, as_json: bool, jobs: int | 
     command = "navic " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "navic compare"
     cases = C.load_suite(suite_file) if suite_file else C.DEFAULT_SUITE
     if configs:
-        cases = tuple(C.Case(c.workload, c.params, c.vcpus, c.apic,
-                             tuple(x for x in c.configs if x in configs), c.max_time_us, c.seed) for c in cases)
+        cases = tuple(C.Case(c.workload, c.params, c.vcpus, c.apic, tuple(x for x in c.configs if x in configs),
+                             c.max_time_us, c.seed, c.name, c.l1_apic) for c in cases)
     total = sum(len(c.configs) for c in cases)
     err = Console(stderr=True)
     t0 = time.monotonic()
@@ -47,6 +47,7 @@ def compare_cmd(suite_file: str | None, outdir: str, as_json: bool, jobs: int | 
 
         rows, skipped = C.run_suite(cases, jobs=jobs, progress=tick)
     paths = C.write_report(rows, skipped, Path(outdir), command)
+    traces = C.write_traces(cases, Path(outdir))
     if as_json:
         click.echo(to_json({"rows": C.public_rows(rows), "skipped": skipped}))
         return
@@ -68,6 +69,6 @@ def compare_cmd(suite_file: str | None, outdir: str, as_json: bool, jobs: int | 
         configs_skipped = sorted({s["config"] for s in skipped})
         out.print(f"[dim]not runnable in this version: {', '.join(configs_skipped)} "
                   f"(reasons in {paths['report']})[/]")
-    out.print(f"report: {paths['report']}  results: {paths['results']}  "
-              f"({len(rows)} runs in {time.monotonic() - t0:.1f} s)")
+    out.print(f"report: {paths['report']}  results: {paths['results']}  Perfetto traces: {len(traces)} "
+              f"(ui.perfetto.dev)  ({len(rows)} runs in {time.monotonic() - t0:.1f} s)")
 
