@@ -37,6 +37,7 @@ class L0Config:
     doorbell_strict: bool = True
     erratum_1235_p: float = 0.1
     erratum_1235_window: int = 2
+    inhibits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

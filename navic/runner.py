@@ -157,6 +157,9 @@ def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = Fal
         for i, dcfg in enumerate(scn.devices):
             Device(engine, dcfg, costs.ghz, i, lambda d: machine.device_interrupt(d.cfg.target, d.cfg.vector))
 
+    if run.kvm is not None:
+        for reason in scn.l0.inhibits:   # forced by the scenario (causes navic does not model)
+            run.kvm.set_apicv_inhibit(reason)
     until = int(scn.max_time_us * costs.ghz * 1000)
     sends = provenance.track(run)   # send-time destinations for the provenance checks
     getattr(engine.chooser, "attach", lambda _run: None)(run)   # explorer: state hashing

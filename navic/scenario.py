@@ -259,6 +259,26 @@ class Number(Check):
         return float(value)
 
 
+class Inhibits(Check):
+    """An array of APICv inhibit reason names to raise at start (reasons navic raises by itself
+    are not accepted here)."""
+
+    FORCEABLE = ("ABSENT", "HYPERV", "BLOCKIRQ", "IRQWIN", "PIT_REINJ", "SEV", "DISABLED")
+    expected = "an array of inhibit reason names (" + ", ".join(f'"{r}"' for r in FORCEABLE) + ")"
+
+    def __call__(self, value: Any, ctx: _Ctx, path: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ctx.fail(path, self.expected, value)
+        out = []
+        for i, item in enumerate(value):
+            if item not in self.FORCEABLE:
+                raise ctx.fail(f"{path}[{i}]", "one of " + ", ".join(f'"{r}"' for r in self.FORCEABLE), item)
+            if item in out:
+                raise ctx.fail(f"{path}[{i}]", "each reason listed once", item, " (a duplicate)")
+            out.append(item)
+        return tuple(out)
+
+
 class Probability(Check):
     expected = "a number 0..1"
 
@@ -467,6 +487,8 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
         Key("doorbell_strict", Bool(), doc="default true"),
         Key("erratum_1235_p", Probability(),
             doc="probability that a hardware IsRunning read inside the erratum window is stale; default 0.1"),
+        Key("inhibits", Inhibits(),
+            doc="APICv inhibit reasons to raise at start, for causes navic does not model (no PIC/PIT/Hyper-V)"),
         Key("erratum_1235_window", Int(0, 1_000_000),
             doc="erratum 1235 window, in hardware IPI evaluations after IsRunning was cleared; default 2"),
     ),

@@ -47,5 +47,17 @@ class Inhibits:
         self.history[reason][-1][1] = self.clock.now
         return not self.active
 
+    def set_vcpu(self, reason: str, vcpu: str) -> None:
+        """A per-vCPU inhibit (NESTED: the vCPU runs L2). Reported as "REASON:vcpu"."""
+        key = f"{reason}:{vcpu}"
+        ranges = self.history.setdefault(key, [])
+        if not ranges or ranges[-1][1] is not None:
+            ranges.append([self.clock.now, None])
+
+    def clear_vcpu(self, reason: str, vcpu: str) -> None:
+        ranges = self.history.get(f"{reason}:{vcpu}")
+        if ranges and ranges[-1][1] is None:
+            ranges[-1][1] = self.clock.now
+
     def report(self) -> dict[str, list[list[int | None]]]:
         return {r: [list(x) for x in ranges] for r, ranges in sorted(self.history.items())}

@@ -107,6 +107,7 @@ class NestedSvm:
         vcpu.ctx = ctx02
         # The vCPU's own (L1) AVIC is inhibited while it runs L2 (APICV_INHIBIT_REASON_NESTED).
         vcpu.nested_inhibit = True
+        kvm.inhibits.set_vcpu("NESTED", vcpu.name)
         vcpu.requests.add(REQ_APICV_UPDATE)
         if kvm.trace.on:
             kvm.trace.emit("kvm_nested_vmenter", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name, vmcb=gpa,
@@ -180,6 +181,7 @@ class NestedSvm:
         st.active = False
         vcpu.ctx = vcpu.ctx01
         vcpu.nested_inhibit = False
+        kvm.inhibits.clear_vcpu("NESTED", vcpu.name)
         vcpu.requests.add(REQ_APICV_UPDATE)
         kvm.rec.count("nested_vmexit")
         if kvm.trace.on:
