@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from navic.apic import dest as apic_dest
 from navic.apic.icr import Icr
-from navic.apic.lapic import ApicHooks, LocalApic
+from navic.apic.lapic import ApicHooks, GPFault, LocalApic
 from navic.apic.registers import APIC_LDR as APIC_LDR_OFFSET
+from navic.apic.registers import MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
 from navic.guest.kernel import GuestCpu
 from navic.hv.inhibit import Inhibits
+from navic.hw import isa
+from navic.hw.isa import Fault
 from navic.sim.engine import Handle, Signal
 
 if TYPE_CHECKING:
@@ -403,6 +406,27 @@ class Kvm:
             yield 0
             self.kvm_vcpu_kick(vcpu, from_vcpu=from_vcpu)
         return ok
+
+    def kvm_apic_msr(self, vcpu: Vcpu, insn: Any) -> Any:
+        """An intercepted APIC MSR access (lapic.c kvm_x2apic_msr_read/write, x86.c
+        kvm_set_apic_base): returns the value read, None, or the #GP to inject."""
+        a = vcpu.apic
+        msr = insn.msr
+        write = type(insn) is isa.Wrmsr
+        try:
+            if msr == MSR_IA32_APICBASE and write:
+                old = a.apic_base
+                a.set_apic_base(insn.value)
+                self.vendor._apic_base_changed(vcpu, old)
+                return None
+            if 0x800 <= msr <= 0x8FF or msr in (MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE):
+                if write:
+                    a.wrmsr(msr, insn.value)
+                    return None
+                return a.rdmsr(msr)
+            return Fault("#GP", f"MSR {msr:#x} not implemented")
+        except GPFault as e:
+            return Fault("#GP", str(e))
 
     def _apic_timer_expired(self, vcpu: Vcpu) -> None:
         """apic_timer_expired() in hrtimer context: the LVT timer fires into the vCPU's APIC."""

@@ -322,7 +322,6 @@ class SvmVendor:
         vcpu.ctx.exit_insn = None
         costs = self.kvm.costs
         yield costs.MSR_EMULATE
-        a = vcpu.apic
         write = type(insn) is isa.Wrmsr
         if insn.msr == A.MSR_AMD64_SVM_AVIC_DOORBELL:
             if not write:
@@ -332,23 +331,7 @@ class SvmVendor:
             else:
                 vcpu.guest.retire((yield from self.nested.design.on_doorbell_write(vcpu, insn.value)))
             return "continue"
-        try:
-            if insn.msr == MSR_IA32_APICBASE and write:
-                old = a.apic_base
-                a.set_apic_base(insn.value)
-                self._apic_base_changed(vcpu, old)
-                res: Any = None
-            elif insn.msr in X2APIC_MSRS or insn.msr in (MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE):
-                if write:
-                    a.wrmsr(insn.msr, insn.value)
-                    res = None
-                else:
-                    res = a.rdmsr(insn.msr)
-            else:
-                res = Fault("#GP", f"MSR {insn.msr:#x} not implemented")
-        except GPFault as e:
-            res = Fault("#GP", str(e))
-        vcpu.guest.retire(res)
+        vcpu.guest.retire(self.kvm.kvm_apic_msr(vcpu, insn))
         return "continue"
 
     def _apic_base_changed(self, vcpu: Vcpu, old: int) -> None:

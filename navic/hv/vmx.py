@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from navic.apic.lapic import GPFault
 from navic.apic.registers import (
     APIC_DFR,
     APIC_EOI,
@@ -39,7 +38,6 @@ from navic.apic.registers import (
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
 from navic.hw import isa
 from navic.hw import vmx as X
-from navic.hw.isa import Fault
 from navic.hw.vmx_guest import INTR_INFO_VALID, INTR_TYPE_NMI, VmcsContext, Vmx
 
 if TYPE_CHECKING:
@@ -389,25 +387,7 @@ class VmxVendor:
         insn = vcpu.ctx.exit_insn
         vcpu.ctx.exit_insn = None
         yield self.kvm.costs.MSR_EMULATE
-        a = vcpu.apic
-        write = type(insn) is isa.Wrmsr
-        try:
-            if insn.msr == MSR_IA32_APICBASE and write:
-                old = a.apic_base
-                a.set_apic_base(insn.value)
-                self._apic_base_changed(vcpu, old)
-                res: Any = None
-            elif insn.msr in X2APIC_MSRS or insn.msr in (MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE):
-                if write:
-                    a.wrmsr(insn.msr, insn.value)
-                    res = None
-                else:
-                    res = a.rdmsr(insn.msr)
-            else:
-                res = Fault("#GP", f"MSR {insn.msr:#x} not implemented")
-        except GPFault as e:
-            res = Fault("#GP", str(e))
-        vcpu.guest.retire(res)
+        vcpu.guest.retire(self.kvm.kvm_apic_msr(vcpu, insn))
         return "continue"
 
     def _apic_base_changed(self, vcpu: Vcpu, old: int) -> None:
