@@ -36,7 +36,6 @@ from navic.apic.registers import (
     X2APIC_READABLE,
 )
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
-from navic.hw import isa
 from navic.hw import vmx as X
 from navic.hw.vmx_guest import INTR_INFO_VALID, INTR_TYPE_NMI, VmcsContext, Vmx
 
