@@ -10,6 +10,7 @@ an instruction may be intercepted and cause a #VMEXIT to the hypervisor below.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class Insn:
@@ -97,3 +98,24 @@ class MemWrite(Insn):
     gpa: int
     size: int
     value: int
+
+
+def execute_plain(insn: Insn, g: Any, costs: Any) -> tuple[int, bool] | None:
+    """Execute an instruction that behaves the same natively and in guest mode (STI, CLI, IRET,
+    straight-line compute) on guest state ``g``. Returns (cycles, sti_shadow), or None when
+    ``insn`` is not one of them."""
+    if type(insn) is Compute:
+        g.retire(None)
+        return insn.cycles, False
+    if insn is STI:
+        g.IF = True
+        g.retire(None)
+        return costs.INSN, True          # interrupts are recognised only after the next instruction
+    if insn is CLI:
+        g.IF = False
+        g.retire(None)
+        return costs.INSN, False
+    if insn is IRET:
+        g.retire(None)
+        return costs.IRET, False
+    return None

@@ -218,23 +218,12 @@ class Vmx:
                         yield pcpu.wake
                 g.retire(None)
                 yield costs.SPIN_LOOP
-            elif insn is isa.STI:
-                g.IF = True
-                shadow = True
-                g.retire(None)
-                yield costs.INSN
-            elif insn is isa.CLI:
-                g.IF = False
-                g.retire(None)
-                yield costs.INSN
-            elif insn is isa.IRET:
-                g.retire(None)
-                yield costs.IRET
-            elif t is isa.Compute:
-                g.retire(None)
-                yield insn.cycles
-            else:  # pragma: no cover
-                raise TypeError(f"unknown instruction {insn!r}")
+            else:
+                done = isa.execute_plain(insn, g, costs)
+                if done is None:  # pragma: no cover
+                    raise TypeError(f"unknown instruction {insn!r}")
+                shadow = done[1]
+                yield done[0]
 
         # ---- VM exit ---------------------------------------------------------------------
         ctx.exit_reason = reason
