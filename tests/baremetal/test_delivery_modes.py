@@ -121,7 +121,8 @@ def test_tpr_masks_a_lower_priority_class_until_lowered():
 def test_illegal_vector_sets_send_and_receive_illegal_vector_and_delivers_nothing():
     ops = ('{ op = "ipi", to = 1, vector = 5 }, { op = "compute", cycles = 3000 }, '
            '{ op = "write", reg = "ESR", value = 0 }, { op = "read", reg = "ESR", into = "esr" }')
-    setup = ('{ op = "compute", cycles = 6000 }, { op = "write", reg = "ESR", value = 0 }, '
+    # The receiver reads its ESR well after the message has arrived (ICR writes + wire delay).
+    setup = ('{ op = "compute", cycles = 30000 }, { op = "write", reg = "ESR", value = 0 }, '
              '{ op = "read", reg = "ESR", into = "esr" },')
     r = run(scenario(ops, setup=setup, vcpus=2))
     assert got(r) == []

@@ -37,7 +37,11 @@ def test_pingpong_bare_metal_lt_avic_lt_emulated():
     em_x, em_lat, em = _measure(_variant("kvm", apicv=False))
     assert bm["exits"] == {} and bm_x == 0
     # AVIC: the IPIs and EOIs themselves never exit (only the receiver's HLTs do) ...
-    assert set(av["exits"]["l0"]) == {"hlt"} and av["inhibits"] == {}
+    # Accelerated: no emulation exits at all. The receiver's first block happens before halt
+    # polling has grown (KVM starts halt_poll_ns at 0), so a first IPI may find it not running
+    # (avic_incomplete_ipi, ID 1); polling catches the rest.
+    assert set(av["exits"]["l0"]) <= {"hlt", "avic_incomplete_ipi"} and av["inhibits"] == {}
+    assert av["exits"]["l0"].get("avic_incomplete_ipi", 0) <= 2
     # ... emulated: every ICR and EOI write is an MSR exit.
     assert em["exits"]["l0"]["msr"] >= 2 * N_IPIS and "DISABLED" in em["inhibits"]
     assert bm_x < av_x < em_x
