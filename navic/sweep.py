@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from navic import __version__
-from navic.scenario import ScenarioError, describe, parse_scenario
+from navic.scenario import _MISSING, ScenarioError, describe, parse_scenario
 
 HASH_TAG = "navic-sweep-point/1"
 SCHEMA_VERSION = "1"
@@ -159,6 +159,7 @@ class SweepSpec:
     grid: list[tuple[str, list[Any]]]
     seeds: tuple[int, ...]
     metrics: tuple[str, ...] | None = None
+    base_file: str | None = None      # the base scenario's file, when `base` names one
     points: list[Point] = field(default_factory=list)
 
     @property
@@ -208,27 +209,25 @@ def parse_spec(data: Mapping[str, Any], src: str = "<sweep>", base_dir: Path | N
         raise ScenarioError(src, unknown[0], f"unknown key; expected one of {', '.join(SPEC_KEYS)}")
     # --- base
     raw_base = data.get("base")
+    base_file: str | None = None
     if isinstance(raw_base, str):
         bpath = Path(raw_base)
         if not bpath.is_absolute() and base_dir is not None:
             bpath = base_dir / bpath
         try:
             base = _read_toml(bpath, str(bpath))
+            base_file = str(bpath)
         except ScenarioError as e:
             raise ScenarioError(src, "base", str(e)) from None
     elif isinstance(raw_base, Mapping):
         base = copy.deepcopy(dict(raw_base))
     else:
-        raise ScenarioError(src, "base", f"expected a scenario file name or a [base] table, got {describe(raw_base)}"
-                            if raw_base is not None else "expected a scenario file name or a [base] table, "
-                            "got nothing (the key is missing)")
+        raise ScenarioError(src, "base", "expected a scenario file name or a [base] table, got "
+                            + describe(raw_base if raw_base is not None else _MISSING))
     name = data.get("name", base.get("name", Path(src).stem))
     if not isinstance(name, str) or not name:
         raise ScenarioError(src, "name", f"expected a non-empty string, got {describe(name)}")
-    try:
-        parse_scenario(base, src)
-    except ScenarioError as e:
-        raise ScenarioError(src, f"base.{e.path}" if e.path else "base", e.message) from None
+    # The base alone need not be a valid scenario (a grid value may complete it): the points are checked.
     # --- grid
     raw_grid = data.get("grid", {})
     if not isinstance(raw_grid, Mapping):
@@ -248,6 +247,10 @@ def parse_spec(data: Mapping[str, Any], src: str = "<sweep>", base_dir: Path | N
             if c in seen:
                 raise ScenarioError(src, f"{kp}[{i}]", f"expected distinct values, got {describe(v)} twice")
             seen.add(c)
+        for other, _ in grid:
+            if key.startswith(other + ".") or key.startswith(other + "[") or other.startswith(key + ".") \
+                    or other.startswith(key + "["):
+                raise ScenarioError(src, kp, f'expected a key path that does not overlap grid."{other}"')
         probe = copy.deepcopy(base)
         err = set_path(probe, key, values[0])
         if err:
@@ -280,7 +283,7 @@ def parse_spec(data: Mapping[str, Any], src: str = "<sweep>", base_dir: Path | N
                 raise ScenarioError(src, f"metrics[{i}]", f"expected one of {', '.join(sorted(known))} or "
                                     f"exit_reasons.LEVEL:REASON, got {describe(m)}")
         metrics = tuple(raw_m)
-    spec = SweepSpec(src, name, base, grid, seeds, metrics)
+    spec = SweepSpec(src, name, base, grid, seeds, metrics, base_file=base_file)
     spec.points = expand(spec)
     return spec
 
@@ -289,6 +292,7 @@ def expand(spec: SweepSpec) -> list[Point]:
     """Every grid combination × seed, in grid order (the first key varies slowest), validated."""
     keys = [k for k, _ in spec.grid]
     points: list[Point] = []
+    seen: dict[str, Point] = {}
     for combo in itertools.product(*(range(len(v)) for _, v in spec.grid)):
         params = {k: spec.grid[j][1][i] for j, (k, i) in enumerate(zip(keys, combo, strict=True))}
         doc = copy.deepcopy(spec.base)
@@ -301,7 +305,12 @@ def expand(spec: SweepSpec) -> list[Point]:
                 parse_scenario(scn, spec.source)
             except ScenarioError as e:
                 raise _point_error(spec, e, params, combo, seed) from None
-            points.append(Point(point_hash(scn, seed), params, seed, scn))
+            p = Point(point_hash(scn, seed), params, seed, scn)
+            if p.hash in seen:
+                raise ScenarioError(spec.source, "grid", f"expected distinct points, got the same scenario at "
+                                    f"{seen[p.hash].label} and {p.label}")
+            seen[p.hash] = p
+            points.append(p)
     return points
 
 
@@ -309,11 +318,16 @@ def _point_error(spec: SweepSpec, e: ScenarioError, params: dict[str, Any], comb
                  seed: int) -> ScenarioError:
     """Name the grid value that made a point invalid when the error is at (or under) its key."""
     for j, (k, _) in enumerate(spec.grid):
+        if e.path == k and e.message.startswith("unknown"):
+            return ScenarioError(spec.source, f'grid."{k}"', e.message)
         if e.path == k or e.path.startswith(k + ".") or e.path.startswith(k + "["):
             return ScenarioError(spec.source, f'grid."{k}"[{combo[j]}]', e.message)
     where = ", ".join(f"{k}={_fmt_value(v)}" for k, v in params.items())
-    return ScenarioError(spec.source, f"base.{e.path}" if e.path else "base",
-                         f"{e.message} (at the grid point {where + ', ' if where else ''}seed={seed})")
+    at = f"(at grid point {where}, seed={seed})" if where else f"(at seed={seed})"
+    if spec.base_file is not None:
+        where_in_file = f"{e.path}: " if e.path else ""
+        return ScenarioError(spec.source, "base", f"{spec.base_file}: {where_in_file}{e.message} {at}")
+    return ScenarioError(spec.source, f"base.{e.path}" if e.path else "base", f"{e.message} {at}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,12 +387,33 @@ def _worker_init() -> None:
         pass
 
 
+_FINGERPRINT: str | None = None
+
+
+def model_fingerprint() -> str:
+    """A digest of the model's sources as installed here: navic/**/*.py (but the command line) and
+    navic/data/**/*.toml. It is not part of a point's identity (that is scenario + seed + version);
+    it is recorded with every row so that rows computed by other sources — an edited costs table,
+    a Dask worker running another checkout — are noticed. Computed once per process."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        files = [p for p in (*root.rglob("*.py"), *(root / "data").rglob("*.toml"))
+                 if p.parts[len(root.parts)] not in ("commands", "cli.py")]
+        for p in sorted(files):
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        _FINGERPRINT = h.hexdigest()[:16]
+    return _FINGERPRINT
+
+
 def run_point(task: Mapping[str, Any]) -> dict[str, Any]:
     """Run one point: ``task`` = {"hash", "scenario"}. Pure (the result depends on the scenario
     only) and never raises for a scenario problem; returns status, result/metrics as canonical
     JSON text, the worker's start/end times and its name."""
     started = time.time()
     out: dict[str, Any] = {"hash": task["hash"], "status": "done", "result": None, "metrics": None,
+                           "model": model_fingerprint(),
                            "error": None, "started": started, "worker": f"{socket.gethostname()}:{os.getpid()}"}
     try:
         from navic.runner import UnsupportedScenario, run_scenario
@@ -416,6 +451,7 @@ CREATE TABLE IF NOT EXISTS points (
     started       REAL,                   -- Unix time the worker started / finished the run
     finished      REAL,
     worker        TEXT,                   -- host:pid
+    model         TEXT,                   -- model_fingerprint() of the worker
     result        TEXT,                   -- JSON: run_scenario's result (status 'done')
     metrics       TEXT,                   -- JSON {metric: number or null} (status 'done')
     error         TEXT                    -- one line (status 'unsupported' or 'error')
@@ -479,16 +515,28 @@ class SweepDB:
                 ((p.hash, canonical_json(p.params), p.seed, canonical_json(p.scenario), __version__)
                  for p in spec.points))
 
+    def stale(self, spec: SweepSpec, model: str) -> list[str]:
+        """Finished points of ``spec`` computed by other model sources than ``model``."""
+        mine = {p.hash for p in spec.points}
+        return [h for h, m in self.con.execute("SELECT hash, model FROM points WHERE status IN ('done', "
+                                               "'unsupported')") if h in mine and m != model]
+
+    def reset(self, hashes: Iterable[str]) -> None:
+        with self._tx():
+            self.con.executemany("UPDATE points SET status = 'pending', started = NULL, finished = NULL, "
+                                 "worker = NULL, model = NULL, result = NULL, metrics = NULL, error = NULL "
+                                 "WHERE hash = ?", ((h,) for h in hashes))
+
     def statuses(self) -> dict[str, str]:
         return dict(self.con.execute("SELECT hash, status FROM points"))
 
     def record(self, r: Mapping[str, Any]) -> bool:
         """Store a worker's outcome (one atomic UPDATE). A row already done is never overwritten."""
         cur = self.con.execute(
-            "UPDATE points SET status = ?, started = ?, finished = ?, worker = ?, result = ?, metrics = ?, "
-            "error = ? WHERE hash = ? AND status NOT IN ('done', 'unsupported')",
-            (r["status"], r["started"], r["finished"], r["worker"], r["result"], r["metrics"], r["error"],
-             r["hash"]))
+            "UPDATE points SET status = ?, started = ?, finished = ?, worker = ?, model = ?, result = ?, "
+            "metrics = ?, error = ? WHERE hash = ? AND status NOT IN ('done', 'unsupported')",
+            (r["status"], r["started"], r["finished"], r["worker"], r.get("model"), r["result"], r["metrics"],
+             r["error"], r["hash"]))
         return cur.rowcount == 1
 
     def rows(self, hashes: Iterable[str] | None = None, status: str | None = "done") -> list[dict[str, Any]]:
@@ -536,6 +584,7 @@ class Outcome:
     seconds: float = 0.0
     interrupted: bool = False
     backend: str = "local"
+    stale: int = 0            # finished points from other model sources (kept; see redo_stale)
 
     @property
     def rate(self) -> float:
@@ -573,12 +622,13 @@ def _local_results(tasks: list[dict[str, Any]], jobs: int) -> Iterator[dict[str,
 def _dask_results(tasks: list[dict[str, Any]], scheduler: Any) -> Iterator[dict[str, Any]]:
     from distributed import Client, as_completed
 
-    client = scheduler if isinstance(scheduler, Client) else Client(scheduler, set_as_default=False, timeout="20s")
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler, set_as_default=False)
     try:
         nworkers = max(1, sum(client.nthreads().values()))
-        window = nworkers * 4
+        window = nworkers * 16
         it = iter(tasks)
-        ac = as_completed([client.submit(run_point, t, pure=False) for t in itertools.islice(it, window)])
+        ac = as_completed([client.submit(run_point, t, pure=False) for t in itertools.islice(it, window)],
+                          loop=client.loop)
         for fut in ac:
             r = fut.result()
             fut.release()
@@ -593,13 +643,21 @@ def _dask_results(tasks: list[dict[str, Any]], scheduler: Any) -> Iterator[dict[
 
 def execute(spec: SweepSpec, db: SweepDB, *, jobs: int | None = None, scheduler: Any = None,
             on_start: Callable[[int], None] | None = None,
-            on_result: Callable[[dict[str, Any], Point], None] | None = None) -> Outcome:
+            on_result: Callable[[dict[str, Any], Point], None] | None = None, redo_stale: bool = False) -> Outcome:
     """Plan the spec into ``db`` and run what is not finished. ``scheduler``: a Dask scheduler
-    address (or a ``distributed.Client``); otherwise ``jobs`` local processes (default: cores)."""
+    address (or a ``distributed.Client``); otherwise ``jobs`` local processes (default: cores).
+    ``redo_stale``: also run again the finished points computed from other model sources
+    (:func:`model_fingerprint`). A result from a worker whose sources differ from this process's is
+    not stored (status 'error')."""
     db.plan(spec)
+    model = model_fingerprint()
+    stale = db.stale(spec, model)
+    if redo_stale and stale:
+        db.reset(stale)
+        stale = []
     todo = pending_points(spec, db)
     out = Outcome(planned=len(spec.points), already=len(spec.points) - len(todo),
-                  backend="dask" if scheduler is not None else "local")
+                  backend="dask" if scheduler is not None else "local", stale=len(stale))
     if on_start:
         on_start(len(todo))
     by_hash = {p.hash: p for p in todo}
@@ -612,6 +670,10 @@ def execute(spec: SweepSpec, db: SweepDB, *, jobs: int | None = None, scheduler:
         results = _local_results(tasks, min(jobs, max(1, len(tasks))))
     try:
         for r in results:
+            if r.get("model") != model and r["status"] != "error":
+                r = {**r, "status": "error", "result": None, "metrics": None,
+                     "error": f"worker {r['worker']} runs other navic sources (model {r.get('model')}, "
+                              f"here {model}); result not stored"}
             db.record(r)
             out.ran += 1
             if r["status"] == "done":
@@ -662,13 +724,10 @@ class Report:
 
 
 def load_report(db: SweepDB) -> Report:
+    """The finished points of a database. When a (params, seed) pair was run by several navic
+    versions, the most recently finished row counts (the others are ``superseded``)."""
     spec = db.meta("spec") or {}
-    keys = [k for k, _ in spec.get("grid", [])]
-    values: dict[str, list[Any]] = {k: [] for k in keys}
-    seen: dict[str, set[str]] = {k: set() for k in keys}
-    for k, vs in spec.get("grid", []):
-        for v in vs:
-            seen[k].add(canonical_json(v))
+    grid: list[tuple[str, list[Any]]] = [(k, vs) for k, vs in spec.get("grid", [])]
     latest: dict[str, dict[str, Any]] = {}
     rows = db.rows(status="done")
     for r in rows:
@@ -676,20 +735,15 @@ def load_report(db: SweepDB) -> Report:
         if ident not in latest or (r["finished"] or 0) >= (latest[ident]["finished"] or 0):
             latest[ident] = r
     kept = list(latest.values())
-    for r in kept:
-        for k, v in r["params"].items():
-            if k not in values:
-                keys.append(k)
-                values[k], seen[k] = [], set()
-    # Values in spec order, then any others found in the database.
-    for k, vs in spec.get("grid", []):
-        present = {canonical_json(r["params"].get(k)) for r in kept}
-        values[k] = [v for v in vs if canonical_json(v) in present]
-    for r in kept:
-        for k in keys:
-            v = r["params"].get(k)
-            if canonical_json(v) not in {canonical_json(x) for x in values[k]}:
-                values[k].append(v)
+    keys = [k for k, _ in grid]
+    keys += sorted({k for r in kept for k in r["params"]} - set(keys))
+    # Each key's values: in spec order, then any others found in the database (an earlier, larger grid).
+    values: dict[str, list[Any]] = {}
+    for k in keys:
+        present = {canonical_json(r["params"].get(k)): r["params"].get(k) for r in kept}
+        ordered = [v for v in dict(grid).get(k, []) if canonical_json(v) in present]
+        done = {canonical_json(v) for v in ordered}
+        values[k] = ordered + [v for c, v in present.items() if c not in done]
     counts = dict(db.con.execute("SELECT status, count(*) FROM points GROUP BY status"))
     metrics = tuple(spec.get("metrics") or DEFAULT_METRICS)
     return Report(db.meta("name") or db.path.stem, keys, values, kept, metrics, counts, len(rows) - len(kept))
@@ -698,7 +752,8 @@ def load_report(db: SweepDB) -> Report:
 @dataclass
 class Cell:
     params: dict[str, Any]
-    n: int
+    runs: int                 # finished points (seeds) of this combination
+    n: int                    # of which the metric has a value
     mean: float | None
     lo: float | None
     hi: float | None
@@ -706,21 +761,22 @@ class Cell:
 
 def aggregate(rep: Report, metric: str) -> list[Cell]:
     """One cell per grid combination (spec order): mean, min and max over seeds (None values skipped)."""
-    groups: dict[str, tuple[dict[str, Any], list[float]]] = {}
+    groups: dict[str, tuple[dict[str, Any], list[float], list[int]]] = {}
     for r in rep.rows:
         key = canonical_json([r["params"].get(k) for k in rep.keys])
-        g = groups.setdefault(key, ({k: r["params"].get(k) for k in rep.keys}, []))
+        g = groups.setdefault(key, ({k: r["params"].get(k) for k in rep.keys}, [], [0]))
+        g[2][0] += 1
         v = r["metrics"].get(metric)
         if _is_number(v) and not math.isnan(v):
             g[1].append(float(v))
 
-    def order(item: tuple[str, tuple[dict[str, Any], list[float]]]) -> list[int]:
+    def order(item: tuple[str, tuple[dict[str, Any], list[float], list[int]]]) -> list[int]:
         p = item[1][0]
         return [_index(rep.values[k], p.get(k)) for k in rep.keys]
 
     cells = []
-    for _, (params, vals) in sorted(groups.items(), key=order):
-        cells.append(Cell(params, len(vals), statistics.fmean(vals) if vals else None,
+    for _, (params, vals, runs) in sorted(groups.items(), key=order):
+        cells.append(Cell(params, runs[0], len(vals), statistics.fmean(vals) if vals else None,
                           min(vals) if vals else None, max(vals) if vals else None))
     return cells
 
@@ -758,9 +814,7 @@ def summary_table(rep: Report, metrics: Sequence[str]) -> tuple[list[str], list[
     if not per_metric:
         return header, body
     for i, c in enumerate(per_metric[0]):
-        seeds = sum(1 for r in rep.rows if all(canonical_json(r["params"].get(k)) == canonical_json(c.params.get(k))
-                                               for k in rep.keys))
-        body.append([*(_fmt_value(c.params.get(k)) for k in keys), str(seeds),
+        body.append([*(_fmt_value(c.params.get(k)) for k in keys), str(c.runs),
                      *(fmt_cell(cells[i]) for cells in per_metric)])
     return header, body
 
@@ -805,7 +859,7 @@ def write_plots(rep: Report, metrics: Sequence[str], x: str, outdir: Path) -> li
             px = [c.params.get(x) if numeric else _index(xs, c.params.get(x)) for c in cs]
             (ln,) = ax.plot(px, [c.mean for c in cs], marker="o", label=label)
             if any(c.lo != c.hi for c in cs):
-                ax.fill_between(px, [c.lo for c in cs], [c.hi for c in cs], color=ln.get_color(), alpha=0.2)
+                ax.fill_between(px, [c.lo for c in cs], [c.hi for c in cs], color=ln.get_color(), alpha=0.12)
             plotted = True
         if not numeric:
             ax.set_xticks(range(len(xs)), [_fmt_value(v) for v in xs])
@@ -833,10 +887,10 @@ def write_report(rep: Report, metrics: Sequence[str], x: str | None, outdir: Pat
     paths: dict[str, Path] = {}
     with open(outdir / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*rep.keys, "metric", "seeds", "mean", "min", "max"])
+        w.writerow([*rep.keys, "metric", "seeds", "n", "mean", "min", "max"])
         for m in metrics:
             for c in aggregate(rep, m):
-                w.writerow([*(_fmt_value(c.params.get(k)) for k in rep.keys), m, c.n,
+                w.writerow([*(_fmt_value(c.params.get(k)) for k in rep.keys), m, c.runs, c.n,
                             c.mean if c.mean is not None else "", c.lo if c.lo is not None else "",
                             c.hi if c.hi is not None else ""])
     paths["summary"] = outdir / "summary.csv"

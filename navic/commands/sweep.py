@@ -28,6 +28,7 @@ from rich.table import Table
 
 from navic import sweep as S
 from navic.cli import EXIT_FAILURE, EXIT_SCENARIO_ERROR, main, to_json
+from navic.scenario import ScenarioError
 
 MAX_TABLE_ROWS = 60
 
@@ -65,9 +66,11 @@ def _out_console() -> Console:
 @click.option("--scheduler", metavar="ADDRESS", default=None,
               help="Run on this Dask scheduler (tcp://HOST:PORT) instead of local processes.")
 @click.option("--dry-run", is_flag=True, help="Check and expand the spec, record nothing, run nothing.")
+@click.option("--redo-stale", is_flag=True,
+              help="Also run again finished points computed from other navic sources (edited model or costs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON document.")
 def run_cmd(spec_file: str, db_path: str | None, jobs: int | None, scheduler: str | None, dry_run: bool,
-            as_json: bool) -> None:
+            redo_stale: bool, as_json: bool) -> None:
     """Run the sweep SPEC.toml: every grid point × seed not already finished in the database."""
     if jobs is not None and scheduler is not None:
         raise click.UsageError("--jobs and --scheduler are exclusive")
@@ -75,19 +78,20 @@ def run_cmd(spec_file: str, db_path: str | None, jobs: int | None, scheduler: st
     db_file = Path(db_path) if db_path else Path(f"{Path(spec_file).stem}.sweep.db")
     err = Console(stderr=True, highlight=False)
     if dry_run:
-        pending = len(spec.points)
+        pending, stale = len(spec.points), 0
         if db_file.is_file():
             with S.SweepDB(db_file, create=False) as db:
                 db.check_identity(spec)
                 status = db.statuses()
+                stale = len(db.stale(spec, S.model_fingerprint()))
             pending = sum(1 for p in spec.points if status.get(p.hash) not in S.FINAL)
         doc = {"spec": spec_file, "db": str(db_file), "points": len(spec.points), "pending": pending,
-               "grid": {k: v for k, v in spec.grid}, "seeds": list(spec.seeds)}
+               "stale": stale, "grid": {k: v for k, v in spec.grid}, "seeds": list(spec.seeds)}
         if as_json:
             click.echo(to_json(doc), nl=False)
         else:
             click.echo(f"{spec_file}: {len(spec.points)} points ({_grid_size(spec)} grid × {len(spec.seeds)} "
-                       f"seeds), {pending} to run; database {db_file}")
+                       f"seeds), {pending} to run" + (f", {stale} stale" if stale else "") + f"; database {db_file}")
         return
     if scheduler is not None:
         try:
@@ -97,10 +101,11 @@ def run_cmd(spec_file: str, db_path: str | None, jobs: int | None, scheduler: st
             raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
 
     with S.SweepDB(db_file) as db:
+        db.check_identity(spec)
         prog = Progress(TextColumn("[bold]sweep[/]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), TextColumn("{task.description}"), console=err,
-                        transient=as_json)
+                        transient=as_json, disable=not err.is_terminal)
         task = prog.add_task("", total=None, rate="")
         t0 = [0.0]
 
@@ -121,7 +126,14 @@ def run_cmd(spec_file: str, db_path: str | None, jobs: int | None, scheduler: st
             prog.update(task, advance=1, rate=f"{rate:.1f} pt/s", description=p.label + mark)
 
         try:
-            out = S.execute(spec, db, jobs=jobs, scheduler=scheduler, on_start=on_start, on_result=on_result)
+            out = S.execute(spec, db, jobs=jobs, scheduler=scheduler, on_start=on_start, on_result=on_result,
+                            redo_stale=redo_stale)
+        except ScenarioError:
+            raise
+        except KeyboardInterrupt:   # before the first point ran (execute() handles it afterwards)
+            prog.stop()
+            click.echo("navic sweep: interrupted; run the same command again to resume", err=True)
+            raise click.exceptions.Exit(130) from None
         except OSError as e:   # e.g. the Dask scheduler cannot be reached
             prog.stop()
             click.echo(f"navic sweep: {scheduler or 'local workers'}: {' '.join(str(e).split())}", err=True)
@@ -138,7 +150,8 @@ def run_cmd(spec_file: str, db_path: str | None, jobs: int | None, scheduler: st
 
     doc = {"db": str(db_file), "points": out.planned, "already_done": out.already, "ran": out.ran,
            "done": out.done, "unsupported": out.unsupported, "errors": out.errors, "seconds": round(out.seconds, 3),
-           "points_per_second": round(out.rate, 3), "backend": out.backend, "interrupted": out.interrupted}
+           "points_per_second": round(out.rate, 3), "backend": out.backend, "interrupted": out.interrupted,
+           "stale": out.stale}
     if as_json:
         click.echo(to_json(doc), nl=False)
     else:
@@ -154,6 +167,9 @@ def run_cmd(spec_file: str, db_path: str | None, jobs: int | None, scheduler: st
         con.print(f"{out.ran} points run in {out.seconds:.1f} s ({out.rate:.2f} points/s, {out.backend}); "
                   f"{out.already} were already done; {out.unsupported} unsupported, {out.errors} errors; "
                   f"database {db_file}")
+        if out.stale:
+            con.print(f"[yellow]warning[/]: {out.stale} finished points were computed from other navic sources "
+                      "(model or costs edited since); --redo-stale runs them again")
         if out.interrupted:
             con.print("[yellow]interrupted[/]: run the same command again to resume")
     if out.interrupted:
