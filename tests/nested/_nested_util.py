@@ -35,10 +35,12 @@ def scenario(programs: list[str], *, design: str, cpu: str = "zen4", pcpus: int 
             f'[l2]\nvcpus = {l2_vcpus}\napic = "{l2_apic}"\n{l2}\n' + "".join(programs))
 
 
-def pingpong(design: str, *, n: int = 20, how: str = "spin", compute: int = 0, **kw: Any) -> str:
-    """l2.0 sends 0x40 to l2.1 ``n`` times and waits for l2.1's 0x41 reply each time."""
+def pingpong(design: str, *, n: int = 20, how: str = "spin", compute: int = 0, lead: int = 0,
+             **kw: Any) -> str:
+    """l2.0 sends 0x40 to l2.1 ``n`` times and waits for l2.1's 0x41 reply each time (after
+    ``lead`` cycles of computing once, and ``compute`` cycles before each send)."""
     pre = [f'{{ op = "compute", cycles = {compute} }}'] if compute else []
-    sender = ['{ op = "sti" }',
+    sender = ['{ op = "sti" }', *([f'{{ op = "compute", cycles = {lead} }}'] if lead else []),
               f'{{ op = "repeat", times = {n}, ops = [ ' + ", ".join(
                   [*pre, '{ op = "ipi", to = 1, vector = 0x40 }',
                    f'{{ op = "wait", vector = 0x41, how = "{how}" }}']) + " ] }"]
@@ -105,18 +107,24 @@ def run(text: str) -> dict[str, Any]:
     return runner.run_scenario(loads_scenario(text, "t.toml"))
 
 
-def traced(text: str, *, watch: Any = None, sample_us: float = 0.5) -> Traced:
-    """Run with tracing on. ``watch(run_kvm0, log)`` is called every ``sample_us`` of simulated time
-    (and once at the end) once the system is built; it appends what it finds to ``log``."""
+def traced(text: str, *, watch: Any = None, on_build: Any = None, sample_us: float = 0.5) -> Traced:
+    """Run with tracing on. ``on_build(kvm0, kvm1, log)`` runs once the nested system is built;
+    ``watch(kvm0, log)`` every ``sample_us`` of simulated time and once at the end. Both append
+    what they find to ``log``."""
     scn = loads_scenario(text, "t.toml")
     log: dict[str, list[Any]] = {}
-    if watch is not None:
-        import navic.hv.nested.build as B
+    if watch is None and on_build is None:
+        r = runner.simulate(scn, trace=True)
+        return Traced(r, r.result(), log)
+    import navic.hv.nested.build as B
 
-        orig = B.build_nested
+    orig = B.build_nested
 
-        def build(*a: Any, **kw: Any) -> Any:
-            kvm0, kvm1 = orig(*a, **kw)
+    def build(*a: Any, **kw: Any) -> Any:
+        kvm0, kvm1 = orig(*a, **kw)
+        if on_build is not None:
+            on_build(kvm0, kvm1, log)
+        if watch is not None:
             engine = kvm0.engine
             period = max(1, int(sample_us * kvm0.costs.ghz * 1000))
 
@@ -126,16 +134,15 @@ def traced(text: str, *, watch: Any = None, sample_us: float = 0.5) -> Traced:
                     engine.call_later(period, sample, label="nested-check")
 
             engine.call_later(period, sample, label="nested-check")
-            return kvm0, kvm1
+        return kvm0, kvm1
 
-        B.build_nested = build
-        try:
-            r = runner.simulate(scn, trace=True)
-        finally:
-            B.build_nested = orig
-        watch(r.kvm, log)
-    else:
+    B.build_nested = build
+    try:
         r = runner.simulate(scn, trace=True)
+    finally:
+        B.build_nested = orig
+    if watch is not None:
+        watch(r.kvm, log)
     return Traced(r, r.result(), log)
 
 
@@ -165,8 +172,24 @@ def check_shadow(kvm0: Any, log: dict[str, list[Any]]) -> None:
                            f"{getattr(x, 'name', None)} cpu={getattr(x, 'cpu', None)}")
 
 
+def watch_dummy(kvm0: Any, kvm1: Any, log: dict[str, list[Any]]) -> None:
+    """(7) the dummy physical table never has IsRunning = 1: every write to it is checked (none is
+    expected at all: it is built once, Valid + IR = 0 + the sink page, and only the hardware reads
+    it), and ``check_dummy`` scans it at the end."""
+    from navic.hv.nested.dummy import DUMMY_ENTRIES
+
+    design = kvm0.vendor.nested.design
+    mem = kvm0.host.mem
+    bad = log.setdefault("bad", [])
+
+    def on_write(addr: int, size: int, old: int, new: int) -> None:
+        bad.append(f"t={kvm0.engine.now}: write to the dummy table at {addr:#x}: {new:#x}")
+
+    for p in range(DUMMY_ENTRIES * 8 // 4096):
+        mem.watch(design.table_hpa + 4096 * p, on_write)
+
+
 def check_dummy(kvm0: Any, log: dict[str, list[Any]]) -> None:
-    """(7) the dummy physical table never has IsRunning = 1 (every entry Valid, IR = 0)."""
     from navic.hv.nested.dummy import DUMMY_ENTRIES
 
     design = kvm0.vendor.nested.design
@@ -174,6 +197,6 @@ def check_dummy(kvm0: Any, log: dict[str, list[Any]]) -> None:
     bad = log.setdefault("bad", [])
     for i in range(DUMMY_ENTRIES):
         e = mem.read64(design.table_hpa + 8 * i)
-        if e & A.PHYS_IS_RUNNING or not e & A.PHYS_VALID:
+        if e & A.PHYS_IS_RUNNING or not e & A.PHYS_VALID or A.phys_entry_backing(e) != design.sink_hpa:
             bad.append(f"t={kvm0.engine.now}: dummy entry {i} = {e:#x}")
             break
