@@ -118,6 +118,8 @@ class Vcpu:
         self.mp_state = MP_STATE_RUNNABLE
         self.saved_ldr: int | None = None  # the OS's LDR, restored by its AP start-up path after SIPI
         self.interrupt_window = False     # V_IRQ requested (APICv off)
+        self.host_t0: int | None = None   # time of the last #VMEXIT (hypervisor CPU-time accounting)
+        self.host_off_cpu = 0
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.name}>"
@@ -197,7 +199,9 @@ class Kvm:
         vcpu.preempted = True
         self.vendor.vcpu_put(vcpu)
         self.rec.count("preemptions")
+        off = self.engine.now
         yield from self.host.sched.yield_cpu(vcpu)
+        vcpu.host_off_cpu += self.engine.now - off
         vcpu.preempted = False
         self.vendor.vcpu_load(vcpu, vcpu.cpu)
 
@@ -230,9 +234,23 @@ class Kvm:
             self.trace.emit("kvm_entry", pcpu=vcpu.cpu, level=self.exit_level.upper(),
                             vcpu=ctx.name if ctx is not None else vcpu.name,
                             guest_level=ctx.level if ctx is not None else "L1")
+        self._account_host_time(vcpu)
         exit_reason = yield from self.vendor.run(vcpu)
+        vcpu.host_t0 = self.engine.now
         vcpu.mode = OUTSIDE_GUEST_MODE
         return (yield from self.vendor.handle_exit(vcpu, exit_reason))
+
+    def _account_host_time(self, vcpu: Vcpu) -> None:
+        """Hypervisor CPU time: from a #VMEXIT to the next VMRUN of the vCPU, less the time it was
+        not on a CPU (blocked, or waiting in the run queue). Halt polling counts: it burns CPU.
+        Counted as ``l0_cycles`` (or ``l1_cycles`` for L1's KVM)."""
+        t0 = vcpu.host_t0
+        if t0 is not None:
+            spent = self.engine.now - t0 - vcpu.host_off_cpu
+            if spent > 0:
+                self.rec.count(f"{self.exit_level}_cycles", spent)
+        vcpu.host_t0 = None
+        vcpu.host_off_cpu = 0
 
     # -- HLT: kvm_vcpu_halt() / kvm_vcpu_block() -------------------------------------------
     def kvm_apic_accept_events(self, vcpu: Vcpu) -> None:
@@ -320,10 +338,12 @@ class Kvm:
             self.host.sched.release(vcpu)
             if self.trace.on:
                 self.trace.emit("kvm_vcpu_block", pcpu=vcpu.last_cpu, level="L0", vcpu=vcpu.name)
+            off = self.engine.now
             yield vcpu.wakeup
             vcpu.blocked = False
             yield self.costs.VCPU_WAKE
             yield from self.host.sched.acquire(vcpu)
+            vcpu.host_off_cpu += self.engine.now - off
             vcpu.last_cpu = vcpu.cpu
         vcpu.blocking = False
         self.vendor.vcpu_unblocking(vcpu)  # avic_vcpu_unblocking(): avic_vcpu_load()
