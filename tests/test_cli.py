@@ -224,7 +224,8 @@ def test_real_run_json_contract(path: Path) -> None:
         assert isinstance(doc[key], dict), key
     for d in doc["deliveries"]:
         assert {"cpu", "vector", "kind", "t", "sent_by", "latency"} <= set(d)
-        assert d["kind"] in ("fixed", "lowest", "nmi", "init", "sipi", "extint", "smi", "timer", "device")
+        assert d["kind"] in ("fixed", "lowest", "nmi", "init", "sipi", "extint", "smi", "timer", "device",
+                             "l1-kernel")
     for regs in doc["apic"].values():
         assert {"id", "ldr", "dfr", "tpr", "ppr", "svr", "esr", "isr", "irr", "tmr"} <= set(regs)
         for arr in ("isr", "irr", "tmr"):

@@ -10,6 +10,9 @@
   scheduler's current thread — an L1 KVM vCPU thread for an L2 vCPU — or idling in HLT.
 * :class:`VirtualSvm` is L1 KVM's "silicon": VMRUN is the ``isa.Vmrun`` instruction, which exits
   to L0 and comes back as a nested #VMEXIT (docs/nested-design.md).
+* :class:`VirtualVmx` is its VMX counterpart (``cpu = "spr"``): VM entry is the ``isa.Vmresume``
+  instruction naming vmcs12 by its L1 GPA; L1 KVM's :class:`~navic.hv.vmx.VmxVendor` runs on it
+  unchanged, its PIDs and PID-pointer table in L1 memory (docs/model.md "Nested VMX").
 
 What an L1 thread yields is translated into instructions: ``int n`` → ``Compute(n)`` (``0`` keeps
 the atomic-step boundary), a ``Signal`` → the thread blocks and the scheduler switches or idles
@@ -36,6 +39,10 @@ if TYPE_CHECKING:
 RESCHEDULE_VECTOR = 0xFD      # Linux RESCHEDULE_VECTOR
 LOCAL_TIMER_VECTOR = 0xEC     # Linux LOCAL_TIMER_VECTOR
 MSR_DOORBELL = 0xC001011B
+POSTED_INTR_VECTOR = 0xF2          # Linux POSTED_INTR_VECTOR (L1 KVM's notifications on VMX)
+POSTED_INTR_WAKEUP_VECTOR = 0xF1   # Linux POSTED_INTR_WAKEUP_VECTOR
+# What an L1 KVM "host IPI" of each kind is on the wire (a WRMSR to the L1 vCPU's x2APIC ICR).
+HOST_IPI_VECTORS = {"posted_intr": POSTED_INTR_VECTOR, "pi_wakeup": POSTED_INTR_WAKEUP_VECTOR}
 X2APIC_ICR_MSR = 0x830
 X2APIC_EOI_MSR = 0x80B
 
@@ -90,8 +97,9 @@ class L1Host:
         self.threads: dict[str, L1Thread] = {}
         self.cpus: list[L1Cpu] = []
         self.stepping: L1Thread | None = None   # the L1 thread whose code is running right now
-        self.silicon: VirtualSvm = VirtualSvm(self)
+        self.silicon: Any = VirtualSvm(self)   # VirtualVmx for a VMX host (navic.hv.nested.vmx_core)
         self.iommu = None
+        self.pi_wakeup_handler: Any = None      # set by L1's VmxVendor (vector 0xF1 at L1)
 
     # -- threads ------------------------------------------------------------------------------
     def spawn(self, vcpu: Vcpu, gen: Generator[Any, Any, Any]) -> L1Thread:
@@ -109,24 +117,26 @@ class L1Host:
 
     # -- what L1's KVM calls on its "host" ----------------------------------------------------
     def send_host_ipi(self, cpu: int, kind: str, src: int | None = None) -> None:
-        """A reschedule IPI to another L1 vCPU: a WRMSR to the L1 vCPU's x2APIC ICR."""
+        """A reschedule IPI (VMX: or a posted-interrupt notification / wake-up vector) to another L1
+        vCPU: a WRMSR to the L1 vCPU's x2APIC ICR."""
         self.rec.count("l1_host_ipis")
         dest = self.pcpus[cpu].apic_id
-        self._issue(isa.Wrmsr(X2APIC_ICR_MSR, (dest << 32) | RESCHEDULE_VECTOR), cpu)
+        vector = HOST_IPI_VECTORS.get(kind, RESCHEDULE_VECTOR)
+        self._issue(isa.Wrmsr(X2APIC_ICR_MSR, (dest << 32) | vector), cpu, vector)
 
     def doorbell(self, host_apic_id: int, src: int | None = None) -> None:
         """avic_ring_doorbell() at L1: WRMSR(C001_011B), which L0 intercepts and emulates."""
         self.rec.count("l1_doorbells")
         self._issue(isa.Wrmsr(MSR_DOORBELL, host_apic_id), None)
 
-    def _issue(self, insn: Insn, target_cpu: int | None) -> None:
+    def _issue(self, insn: Insn, target_cpu: int | None, vector: int = RESCHEDULE_VECTOR) -> None:
         t = self.stepping
         if t is not None:
             t.pending.append(insn)
             return
         # Not inside L1 code (an L1 timer callback): the effect without the instruction.
         if target_cpu is not None:
-            self.interrupt_l1_vcpu(target_cpu, RESCHEDULE_VECTOR)
+            self.interrupt_l1_vcpu(target_cpu, vector)
 
     def interrupt_l1_vcpu(self, cpu: int, vector: int) -> None:
         """Deliver an interrupt to an L1 vCPU through L0 (as its APIC would receive it)."""
@@ -156,6 +166,24 @@ class VirtualSvm:
         self.host.rec.count("l1_vmruns")
         code = yield isa.Vmrun(ctx.vmcb.hpa)
         return int(code)
+
+
+class VirtualVmx:
+    """The VMX that L0 offers L1: VM entry is VMRESUME, which L0 intercepts (nested.c on VMX).
+    ``pid_owner`` maps a PID's L1 GPA to L1 KVM's vCPU (as :class:`navic.hw.vmx_guest.Vmx` does)."""
+
+    def __init__(self, host: L1Host) -> None:
+        self.host = host
+        self.features: Any = None
+        self.pid_owner: dict[int, Any] = {}
+        self.fine_grained = True
+
+    def vmentry(self, pcpu: Any, ctx: Any) -> Generator[Any, Any, int]:
+        self.host.rec.count("l1_vmruns")
+        reason = yield isa.Vmresume(ctx.vmcs_gpa)
+        if isinstance(reason, isa.Fault):
+            raise RuntimeError(f"{ctx.name}: VMRESUME failed: {reason}")
+        return int(reason)
 
 
 class _Frame:
@@ -294,6 +322,8 @@ class L1Cpu:
 
     def _handler(self, vector: int) -> Generator[Insn, Any, None]:
         yield isa.Compute(self.host.costs.INTR_ENTRY)
+        if vector == POSTED_INTR_WAKEUP_VECTOR and self.host.pi_wakeup_handler is not None:
+            self.host.pi_wakeup_handler(self.index)   # L1 KVM's pi_wakeup_handler (VMX)
         if self.x2apic:
             yield isa.Wrmsr(X2APIC_EOI_MSR, 0)
         else:

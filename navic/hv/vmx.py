@@ -37,6 +37,7 @@ from navic.apic.registers import (
 )
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
 from navic.hw import vmx as X
+from navic.hw.isa import Fault
 from navic.hw.vmx_guest import INTR_INFO_VALID, INTR_TYPE_NMI, VmcsContext, Vmx
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ KVM_MAX_VCPU_IDS = 4096 * 4   # KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO (x86)
 class VmxVendor:
     """``kvm_x86_ops`` for VMX with APICv / IPIv, for one VM."""
 
-    def __init__(self, kvm: Kvm, host: Host, silicon: Vmx, features: Any) -> None:
+    def __init__(self, kvm: Kvm, host: Host, silicon: Vmx, features: Any, vm: Any = None) -> None:
         self.kvm = kvm
         self.host = host
         self.hw = silicon
@@ -72,7 +73,7 @@ class VmxVendor:
         self.enable_ipiv = bool(self.enable_apicv and want_ipiv and features.ipiv)
         # PID-pointer table (vmx_alloc_ipiv_pid_table), sized from KVM_CAP_MAX_VCPU_ID, which userspace
         # sets to the highest APIC ID + 1 before creating vCPUs.
-        vm = host.scn.l1
+        vm = vm if vm is not None else host.scn.l1   # L1's KVM (nested) is given its VM (L2)
         self.max_vcpu_ids = min(KVM_MAX_VCPU_IDS, max(vm.apic_id(i) for i in range(vm.vcpus)) + 1)
         self.pid_table_hpa = 0
         if self.enable_ipiv:
@@ -82,6 +83,7 @@ class VmxVendor:
         # Per-pCPU wake-up lists (wakeup_vcpus_on_cpu) and the wake-up vector's handler.
         self.wakeup_list: dict[int, list[Vcpu]] = {p.index: [] for p in host.pcpus}
         host.pi_wakeup_handler = self.pi_wakeup_handler
+        self.nested: Any = None   # navic.hv.nested.vmx_core.NestedVmx when L1 may run L2 (nested VMX)
 
     # -- vCPU creation -------------------------------------------------------------------------
     def vcpu_create(self, vcpu: Vcpu) -> None:
@@ -114,7 +116,7 @@ class VmxVendor:
 
     def program_controls(self, vcpu: Vcpu) -> None:
         """vmx_refresh_apicv_exec_ctrl() + vmx_set_virtual_apic_mode() + the x2APIC MSR bitmap."""
-        ctx: VmcsContext = vcpu.ctx
+        ctx: VmcsContext = getattr(vcpu, "ctx01", vcpu.ctx)   # vmcs01 (vcpu.ctx is vmcs02 while in L2)
         active = vcpu.apicv_active
         x2 = vcpu.apic.mode == "x2apic"
         ctx.virt_apic_accesses = not x2
@@ -244,7 +246,7 @@ class VmxVendor:
         if trigger:
             # navic has no IOAPIC: a vector accepted level-triggered counts as IOAPIC-routed, so its
             # EOI-exit bit is set (KVM's ioapic_handled_vectors; docs/model.md "VMX at L0").
-            vcpu.ctx.eoi_exit_bitmap |= 1 << vector
+            getattr(vcpu, "ctx01", vcpu.ctx).eoi_exit_bitmap |= 1 << vector
         if kvm.trace.on:
             kvm.trace.emit("kvm_apicv_accept_irq", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name, vec=vector,
                            tm="level" if trigger else "edge")
@@ -275,7 +277,8 @@ class VmxVendor:
 
     def sync_pir_to_irr(self, vcpu: Vcpu) -> int:
         """vmx_sync_pir_to_irr(): if ON, clear it and move the PIR into vIRR; RVI <- highest vIRR
-        (APICv active) or KVM_REQ_EVENT (APICv inhibited but something was posted)."""
+        (APICv active) or KVM_REQ_EVENT (APICv inhibited but something was posted). Always vmcs01's RVI:
+        a vCPU running L2 (nested) has vmcs02 as ``vcpu.ctx``."""
         if not self.enable_apicv:
             return vcpu.apic.highest_irr()
         pid: X.PostedInterruptDesc = vcpu.pid
@@ -293,7 +296,7 @@ class VmxVendor:
                         regs[(APIC_IRR >> 2) + 4 * i] |= w
         max_irr = a.highest_irr()
         if vcpu.apicv_active:
-            vcpu.ctx.rvi = max(max_irr, 0)
+            getattr(vcpu, "ctx01", vcpu.ctx).rvi = max(max_irr, 0)
         elif got:
             vcpu.requests.add(REQ_EVENT)
         return max_irr
@@ -306,6 +309,8 @@ class VmxVendor:
         g = vcpu.guest
         if ctx.entry_intr_info & INTR_INFO_VALID:
             return
+        if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
+            return   # L1 events while L2 runs: a nested VM exit first (check_nested_events)
         if a.nmi_pending and not g.nmi_blocked:
             a.take_nmi()
             ctx.entry_intr_info = INTR_INFO_VALID | (INTR_TYPE_NMI << 8) | 2
@@ -326,7 +331,10 @@ class VmxVendor:
     # -- running -----------------------------------------------------------------------------
     def run(self, vcpu: Vcpu) -> Gen:
         """vmx_vcpu_run() preceded by what vcpu_enter_guest() does after IN_GUEST_MODE: sync the PIR
-        (RVI), SVI from vISR (hwapic_isr_update), or the TPR threshold without APICv."""
+        (RVI), SVI from vISR (hwapic_isr_update), or the TPR threshold without APICv. A vCPU in
+        guest mode (nested) enters vmcs02 instead (NestedVmx.run_l2)."""
+        if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
+            return (yield from self.nested.run_l2(vcpu))
         ctx: VmcsContext = vcpu.ctx
         a = vcpu.apic
         if a.hw_enabled:
@@ -343,12 +351,14 @@ class VmxVendor:
     def handle_exit(self, vcpu: Vcpu, reason: int) -> Gen:
         """vmx_handle_exit(): the x2APIC ICR fastpath, then dispatch on the basic exit reason."""
         kvm = self.kvm
+        if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
+            return (yield from self.nested.handle_l2_exit(vcpu, reason))   # exits from L2: nested.c first
         ctx: VmcsContext = vcpu.ctx
         name = X.exit_reason_name(reason)
-        kvm.rec.exit("l0", name)
+        kvm.rec.exit(kvm.exit_level, name)
         if kvm.trace.on:
-            kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level="L0", vcpu=vcpu.name, reason=name,
-                           info1=ctx.exit_qualification, info2=0)
+            kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level=kvm.exit_level.upper(), vcpu=vcpu.name,
+                           reason=name, info1=ctx.exit_qualification, info2=0)
         insn = ctx.exit_insn
         fast = (reason == X.EXIT_REASON_MSR_WRITE and insn.msr == MSR_X2APIC_ICR
                 and _icr_fastpath_ok(insn.value))
@@ -360,6 +370,14 @@ class VmxVendor:
         if vcpu.pending_ipis:
             yield from kvm.flush_ipis(vcpu)
         return r
+
+    def _exit_vmresume(self, vcpu: Vcpu) -> Gen:
+        """handle_vmresume(): nested.c's nested_vmx_run(); #UD when VMX is not offered."""
+        if self.nested is None:
+            vcpu.guest.retire(Fault("#UD", "VMRESUME: VMX is not exposed to this guest"))
+            vcpu.ctx.exit_insn = None
+            return "continue"
+        return (yield from self.nested.vmresume(vcpu))
 
     def _exit_external_interrupt(self, vcpu: Vcpu) -> Gen:
         """handle_external_interrupt_irqoff(): the host ran its handler; nothing for the guest."""
@@ -465,6 +483,7 @@ class VmxVendor:
 
     _handlers: dict[int, Any] = {
         X.EXIT_REASON_EXTERNAL_INTERRUPT: _exit_external_interrupt,
+        X.EXIT_REASON_VMRESUME: _exit_vmresume,
         X.EXIT_REASON_INTERRUPT_WINDOW: _exit_interrupt_window,
         X.EXIT_REASON_HLT: _exit_hlt,
         X.EXIT_REASON_MSR_READ: _exit_msr,

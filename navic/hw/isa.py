@@ -91,6 +91,16 @@ class Vmrun(Insn):
 
 
 @dataclass(frozen=True, slots=True)
+class Vmresume(Insn):
+    """VMRESUME (VMLAUNCH, VMPTRLD folded in) of the VMCS at guest-physical ``vmcs``: a guest
+    hypervisor on VMX running its guest. Every VMX instruction in non-root mode exits to L0
+    (EXIT_REASON_VMRESUME), which emulates it; the result is the basic exit reason of the nested
+    VM exit that ends it (docs/model.md "Nested VMX")."""
+
+    vmcs: int
+
+
+@dataclass(frozen=True, slots=True)
 class MemWrite(Insn):
     """A store of ``size`` bytes to guest-physical ``gpa`` that L0 must see (its nested page table
     write-protects the frame): it takes a nested page fault and L0 emulates it."""

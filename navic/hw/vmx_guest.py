@@ -94,7 +94,8 @@ class VmcsContext:
     virt_x2apic_mode: bool = False     # x2APIC: MSR-based virtualisation
     apic_reg_virt: bool = False        # APIC-register virtualization
     vid: bool = False                  # virtual-interrupt delivery
-    posted_intr: bool = False          # process posted interrupts (notification vector = POSTED_INTR_VECTOR)
+    posted_intr: bool = False          # process posted interrupts (notification vector = pi_nv)
+    pi_nv: int = X.POSTED_INTR_VECTOR  # POSTED_INTR_NV (vmcs02 of a nested guest: POSTED_INTR_NESTED_VECTOR)
     ipiv: bool = False                 # tertiary: IPI virtualization
     hlt_exiting: bool = True
     intr_window_exiting: bool = False
@@ -112,6 +113,9 @@ class VmcsContext:
     exit_reason: int = 0
     exit_qualification: int = 0
     exit_insn: Any = None
+    # A POSTED_INTR_NESTED_VECTOR notification latched for this (vmcs02) context while it runs.
+    pi_nested_pending: bool = False
+    vmcs_gpa: int = 0                  # a guest hypervisor's VMCS: its guest-physical address (vmcs12)
 
 
 class Vmx:
@@ -149,11 +153,17 @@ class Vmx:
             # ---- instruction boundary: host interrupts ---------------------------------
             if pcpu.pi_pending:
                 pcpu.pi_pending = False
-                if ctx.posted_intr and ctx.pid is not None:
+                if ctx.posted_intr and ctx.pid is not None and ctx.pi_nv == X.POSTED_INTR_VECTOR:
                     yield from self._process_posted(ctx)
                 else:
                     reason = X.EXIT_REASON_EXTERNAL_INTERRUPT
                     break
+            if ctx.pi_nested_pending:
+                # POSTED_INTR_NESTED_VECTOR while a nested guest's vmcs02 runs (L0 posted into the PID
+                # its hypervisor set up): processed like any notification matching POSTED_INTR_NV.
+                ctx.pi_nested_pending = False
+                if ctx.posted_intr and ctx.pid is not None:
+                    yield from self._process_posted(ctx)
             if pcpu.intr_pending:
                 pcpu.intr_pending = False
                 reason = X.EXIT_REASON_EXTERNAL_INTERRUPT
@@ -206,18 +216,23 @@ class Vmx:
                     ctx.exit_insn = insn
                     reason = X.EXIT_REASON_HLT
                     break
-                while not (pcpu.intr_pending or pcpu.pi_pending
+                while not (pcpu.intr_pending or pcpu.pi_pending or ctx.pi_nested_pending
                            or (g.IF and ctx.vid and self.pending_virtual(ctx) >= 0)):
                     yield pcpu.wake
                 g.retire(None)
                 yield costs.HLT_WAKE
             elif t is isa.Pause:
                 if g.epoch == insn.epoch and not (g.IF and ctx.vid and self.pending_virtual(ctx) >= 0):
-                    while not (pcpu.intr_pending or pcpu.pi_pending or g.epoch != insn.epoch
-                               or (g.IF and ctx.intr_window_exiting)):
+                    while not (pcpu.intr_pending or pcpu.pi_pending or ctx.pi_nested_pending
+                               or g.epoch != insn.epoch or (g.IF and ctx.intr_window_exiting)):
                         yield pcpu.wake
                 g.retire(None)
                 yield costs.SPIN_LOOP
+            elif t is isa.Vmresume:
+                # A guest hypervisor's VMRESUME: VMX instructions always exit in non-root mode.
+                ctx.exit_insn = insn
+                reason = X.EXIT_REASON_VMRESUME
+                break
             else:
                 done = isa.execute_plain(insn, g, costs)
                 if done is None:  # pragma: no cover

@@ -34,10 +34,14 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
                  l2_guest: Callable[[int], GuestCpu], unsupported: type[Exception]) -> tuple[Kvm, Kvm]:
     assert scn.l2 is not None
     features = features_for(scn.host.cpu)
-    if features.vendor != "amd":
-        raise unsupported(f"{scn.source}: l2: nested guests on VMX (\"{scn.host.cpu}\") are not supported "
-                          "in this version")
     design = scn.l0.nested_apicv
+    if features.vendor != "amd":
+        from navic.hv.nested.vmx_core import VMX_DESIGNS
+
+        if design not in VMX_DESIGNS:
+            raise unsupported(f"{scn.source}: l0.nested_apicv: the \"{design}\" design is not implemented on "
+                              f"VMX (\"{scn.host.cpu}\"); nested VMX supports {', '.join(VMX_DESIGNS)}")
+        return build_nested_vmx(scn, engine, costs, rec, tr, l2_guest, features)
     if design == "shadow":
         try:
             import navic.hv.nested.shadow  # noqa: F401
@@ -114,6 +118,88 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
         kvm1.vendor.vcpu_create(v)
         v.ctx01 = v.ctx
         nested.vcpu_by_vmcb12[v.vmcb.hpa] = v
+    kvm1.recalc_apic_map()
+    kvm1.vendor.post_create()
+    for v in kvm1.vcpus:
+        l1host.spawn(v, kvm1.vcpu_thread(v))
+    for v in l1_vcpus:
+        engine.spawn(kvm0.vcpu_thread(v), v.name)
+    return kvm0, kvm1
+
+
+def build_nested_vmx(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr: Trace,
+                     l2_guest: Callable[[int], GuestCpu], features: Any) -> tuple[Kvm, Kvm]:
+    """The VMX counterpart (``cpu = "spr"``): L0 = KVM's VMX vendor on the VMX silicon with
+    :class:`~navic.hv.nested.vmx_core.NestedVmx`; L1 = the same :class:`~navic.hv.vmx.VmxVendor` on
+    :class:`~navic.hv.l1.VirtualVmx` (VMRESUME is an instruction), its vmcs12 named by an L1 GPA,
+    its PIDs and PID-pointer table in L1 memory."""
+    from navic.hv.l1 import VirtualVmx
+    from navic.hv.nested.vmx_core import NestedVmx
+    from navic.hv.vmx import VmxVendor
+    from navic.hw.vmx_guest import Vmx
+
+    assert scn.l2 is not None
+    design = scn.l0.nested_apicv
+    host = Host(scn, engine, costs, rec, tr)
+    host.silicon = Vmx(host, features)
+    kvm0 = Kvm(host)
+    kvm0.vendor = VmxVendor(kvm0, host, host.silicon, features)
+    npt = Npt()
+    l1mem = GuestMemory(host.mem, npt)
+    nested = NestedVmx(kvm0, host, l1mem, design)
+    kvm0.vendor.nested = nested
+    kvm0.vendor.check_nested_events = nested.check_nested_events   # kvm_x86_ops.nested_ops
+
+    vm1 = scn.l1
+    npcpus = len(host.pcpus)
+    l1_vcpus: list[Vcpu] = []
+    l1_params = dataclasses.replace(scn.l0, apicv=scn.l1.apicv_for_l2, timeslice_us=scn.l1.timeslice_us,
+                                    force_avic=False)
+    for i in range(vm1.vcpus):
+        backing = host.mem.alloc(1)
+        v = Vcpu(kvm0, i, f"l1.{i}", vm1.apic_id(i), vm1.apic, _Placeholder(), backing, home=i % npcpus)
+        kvm0.vcpus.append(v)
+        host.backing_owner[backing] = v
+        os_apic_defaults(v.apic)
+        l1_vcpus.append(v)
+    l1host = L1Host(kvm0, l1mem, l1_vcpus, l1_params)
+    l1host.silicon = VirtualVmx(l1host)
+    nested.l1host = l1host
+    for i, v in enumerate(l1_vcpus):
+        cpu = L1Cpu(l1host, i, v.name, x2apic=vm1.apic == "x2apic")
+        cpu.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
+        l1host.cpus.append(cpu)
+        v.guest = cpu
+        kvm0.vendor.vcpu_create(v)
+        v.ctx01 = v.ctx
+        v.nested = None
+    kvm0.recalc_apic_map()
+    kvm0.vendor.post_create()
+
+    # ---- L1's KVM: what L1 is offered is the design's --------------------------------------------
+    offers = nested.design.offers_apicv
+    l1_features = dataclasses.replace(features, apicv=features.apicv and offers,
+                                      posted_interrupts=features.posted_interrupts and offers,
+                                      ipiv=features.ipiv and offers)
+    l1host.silicon.features = l1_features
+    kvm1 = Kvm(l1host, name="l2")
+    kvm1.exit_level = "l1"
+    vm2 = scn.l2
+    kvm1.vendor = VmxVendor(kvm1, l1host, l1host.silicon, l1_features, vm=vm2)
+    n1 = len(l1_vcpus)
+    for i in range(vm2.vcpus):
+        backing = l1mem.alloc(1)
+        v = Vcpu(kvm1, i, f"l2.{i}", vm2.apic_id(i), vm2.apic, l2_guest(i), backing, home=i % n1)
+        kvm1.vcpus.append(v)
+        l1host.backing_owner[backing] = v
+        host.backing_owner[l1mem.hpa(backing)] = v
+        os_apic_defaults(v.apic)
+        kvm1.vendor.vcpu_create(v)
+        l1host.backing_owner[v.pid.hpa] = v        # L1 GPA of its PID (receive side of L0's posts)
+        v.ctx.vmcs_gpa = l1mem.alloc(1)            # the VMCS region L1 VMPTRLDs (vmcs12)
+        v.ctx.level = "L2"
+        v.ctx01 = v.ctx
+        nested.vcpu_by_vmcs12[v.ctx.vmcs_gpa] = v
     kvm1.recalc_apic_map()
     kvm1.vendor.post_create()
     for v in kvm1.vcpus:

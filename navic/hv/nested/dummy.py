@@ -12,13 +12,19 @@ it see: ID 1 (some target not running per L1), ID 2 (no such target), ID 3 (bad 
 Receive-side acceleration (IRR evaluation, EOI, TPR, self-IPIs) is native: vmcb02 carries L2's
 real backing page. IsRunning is never 1 in the dummy table, so erratum 1235 cannot touch L2 IPIs.
 The logical table is L1's, passed through (an L1-invalid logical entry gives ID 2 directly).
+
+The emulation itself (count + cost, algorithm over L1's table, delivery provenance, notification of
+the L1 vCPU named in L1's entry, what to reflect) is the vendor-neutral
+:class:`~navic.hv.nested.ipi_emulation.L1TableIpiEmulation`, shared with the VMX design
+(:mod:`.vmx_dummy`); only the AVIC algorithm and the doorbell are given here.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from navic.hv.nested.base import HANDLED, REFLECT, Design, Gen
+from navic.hv.nested.base import REFLECT, Design, Gen
+from navic.hv.nested.ipi_emulation import L1TableIpiEmulation
 from navic.hw import avic as A
 from navic.hw import vmcb as V
 from navic.hw.avic import AvicEngine
@@ -47,6 +53,7 @@ class DummyDesign(Design):
         # L0's software copy of the IPI algorithm, run over L1's guest-physical memory.
         self.emulator = AvicEngine(core.l1mem, self.host.silicon.features, doorbell=self._no_doorbell,
                                    fine_grained=True)
+        self.ipis = L1TableIpiEmulation(core)
 
     @staticmethod
     def _no_doorbell(host_id: int) -> None:  # pragma: no cover - always overridden per call
@@ -68,18 +75,31 @@ class DummyDesign(Design):
     def on_avic_exit(self, vcpu: Vcpu, code: int, info1: int, info2: int) -> Gen:
         if code != V.SVM_EXIT_AVIC_INCOMPLETE_IPI or (info2 >> 32) != A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING:
             return (REFLECT, code, info1, info2)   # ID 0/2/3/4 and NOACCEL: exactly what L1 would see
-        kvm = self.kvm
-        kvm.rec.count("nested_ipi_emulations")
-        yield kvm.costs.NESTED_IPI_EMULATE
-        nested = vcpu.nested
-        l2 = nested.l2
-        res = yield from self.emulator.icr_write(
-            nested.vmcb12, l2.vcpu_id, 0, info1 & 0xFFFFFFFF, info1 >> 32,
-            doorbell=lambda l1_apic_id: self.core.emulate_doorbell(vcpu, l1_apic_id),
-            irr_set=lambda gpa, vec, _i: self.core.l1host.on_hw_irr_set(gpa, vec, l2.name, l2.guest.ipi_sent_at))
-        if res is None:
-            return (HANDLED, code, info1, info2)
-        return (REFLECT, res.code, res.info1, res.info2)
+        vmcb12 = vcpu.nested.vmcb12
+
+        def apm_algorithm(l2: Vcpu, deliver: Any, notify: Any) -> Gen:
+            """APM 15.29.6.1 on L1's tables: IRR in the real backing pages, doorbells to L1 vCPUs."""
+            res = yield from self.emulator.icr_write(
+                vmcb12, l2.vcpu_id, 0, info1 & 0xFFFFFFFF, info1 >> 32,
+                doorbell=notify, irr_set=lambda gpa, vec, _i: deliver(gpa, vec))
+            return None if res is None else (res.code, res.info1, res.info2)
+
+        return (yield from self.ipis.emulate(vcpu, (code, info1, info2), apm_algorithm, self.emulate_doorbell))
+
+    def emulate_doorbell(self, src: Vcpu, l1_apic_id: int) -> None:
+        """avic_emulate_doorbell_write(): the shared notification with AVIC's signal — a real
+        doorbell to the pCPU of an L1 vCPU running L2 (its AVIC evaluates vmcb02's backing page);
+        an L1 vCPU not in L2 needs nothing (its next VMRUN evaluates IRR)."""
+        self.kvm.rec.count("emulated_doorbells")
+        self.ipis.notify_l1_vcpu(src, l1_apic_id, runs=lambda st: True,
+                                 signal=lambda target: self._doorbell(src, target),
+                                 otherwise=lambda target: None)
+
+    def _doorbell(self, src: Vcpu, target: Vcpu) -> None:
+        if src.cpu != target.cpu:
+            self.host.doorbell(self.host.pcpus[target.cpu].apic_id, src=src.cpu)
+        else:
+            target.pcpu.doorbell_pending = True
 
     def on_doorbell_write(self, vcpu: Vcpu, value: int) -> Gen:
         """avic_emulate_doorbell_write(): L1 rang the doorbell of one of its vCPUs."""
@@ -88,7 +108,7 @@ class DummyDesign(Design):
 
             return Fault("#GP", "AVIC doorbell: reserved bits set")
         yield 0
-        self.core.emulate_doorbell(vcpu, value & 0xFFF)
+        self.emulate_doorbell(vcpu, value & 0xFFF)
         return None
 
     def describe(self) -> dict[str, Any]:
