@@ -50,14 +50,20 @@ CONFIGS = {
 }
 
 
-def ipis_per_second(cfg: dict[str, str], n: int) -> tuple[float, int, float]:
-    scn = loads_scenario(PINGPONG.format(n=n, **cfg), "bench")
-    gc.collect()
-    t0 = time.perf_counter()
-    run = simulate(scn)
-    dt = time.perf_counter() - t0
-    ipis = sum(1 for d in run.recorder.deliveries if d["sent_by"] is not None)
-    return ipis / dt, ipis, dt
+def ipis_per_second(cfg: dict[str, str], n: int, repeat: int = 1) -> tuple[float, int, float]:
+    """Best of ``repeat`` runs (the machine is shared: the fastest run is the least disturbed)."""
+    best = None
+    for _ in range(repeat):
+        scn = loads_scenario(PINGPONG.format(n=n, **cfg), "bench")
+        gc.collect()
+        t0 = time.perf_counter()
+        run = simulate(scn)
+        dt = time.perf_counter() - t0
+        ipis = sum(1 for d in run.recorder.deliveries if d["sent_by"] is not None)
+        if best is None or dt < best[2]:
+            best = (ipis / dt, ipis, dt)
+    assert best is not None
+    return best
 
 
 def broadcast_4096(quick: bool) -> None:
@@ -76,17 +82,25 @@ apic = "x2apic"
 cpu = "l1.0"
 ops = [ {{ op = "sti" }}, {{ op = "compute", cycles = 20000 }}, {{ op = "ipi", shorthand = "others", vector = 0x40 }} ]
 '''
-    scn = loads_scenario(text, "bench")
-    tracemalloc.start()
-    t0 = time.perf_counter()
     from navic import runner
 
-    run = runner.simulate(scn)
+    # Wall time without tracemalloc (it slows allocation-heavy code several-fold), then a second
+    # run under tracemalloc for the memory figure.
+    gc.collect()
+    t0 = time.perf_counter()
+    run = runner.simulate(loads_scenario(text, "bench"))
     dt = time.perf_counter() - t0
+    got = sum(1 for d in run.recorder.deliveries if d["vector"] == 0x40)
+    del run
+    gc.collect()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    run = runner.simulate(loads_scenario(text, "bench"))
+    dt_traced = time.perf_counter() - t0
     _cur, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    got = sum(1 for d in run.recorder.deliveries if d["vector"] == 0x40)
-    print(f"  {n}-vCPU zen5 x2APIC VM, one all-but-self broadcast: {got} deliveries, whole run {dt:.2f} s wall, "
+    print(f"  {n}-vCPU zen5 x2APIC VM, one all-but-self broadcast: {got} deliveries, whole run {dt:.2f} s wall "
+          f"({dt_traced:.2f} s under tracemalloc), "
           f"peak traced memory {peak / n / 1024:.1f} KiB per vCPU (incl. its 4 KiB backing page and VMCB)")
     # The hardware path alone: one ICR write through the AVIC engine over the VM's real tables.
     from navic.hw.avic import run_to_completion
@@ -105,13 +119,17 @@ ops = [ {{ op = "sti" }}, {{ op = "compute", cycles = 20000 }}, {{ op = "ipi", s
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="ping-pong rates: best of N runs (the SimPy baseline too)")
     args = ap.parse_args()
     n = 1000 if args.quick else 5000
-    print(f"$ .venv/bin/python bench/speed.py{' --quick' if args.quick else ''}")
+    rep = max(1, args.repeat)
+    print(f"$ .venv/bin/python bench/speed.py{' --quick' if args.quick else ''}"
+          f"{f' --repeat {rep}' if rep > 1 else ''}")
     print("simulated IPIs per wall second (ping-pong):")
     rates = {}
     for name, cfg in CONFIGS.items():
-        rate, ipis, dt = ipis_per_second(cfg, n)
+        rate, ipis, dt = ipis_per_second(cfg, n, rep)
         rates[name] = rate
         print(f"  {name:18} {rate:10,.0f} IPIs/s   ({ipis} IPIs in {dt:.2f} s)")
     try:
@@ -120,7 +138,8 @@ def main() -> None:
         simpy_baseline = None
     if simpy_baseline is not None:
         try:
-            srate, sipis, sdt = simpy_baseline.ipis_per_second(2 * n)
+            srate, sipis, sdt = max((simpy_baseline.ipis_per_second(2 * n) for _ in range(rep)),
+                                    key=lambda r: r[0])
             print(f"  SimPy baseline     {srate:10,.0f} IPIs/s   ({sipis} IPIs in {sdt:.2f} s)")
             print(f"  navic / SimPy (bare metal): {rates['bare metal'] / srate:.2f}x")
         except ImportError:

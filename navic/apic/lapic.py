@@ -99,10 +99,32 @@ class ApicHooks:
 
 
 def _highest(regs: memoryview, base: int) -> int:
-    for i in _SCAN:
-        w = regs[base + i]
-        if w:
-            return (i << 3) + w.bit_length() - 1
+    # The 8 bitmap words highest first, unrolled (this runs at every instruction boundary):
+    # word i (at base + 4*i) holds vectors 32*i .. 32*i + 31.
+    w = regs[base + 28]
+    if w:
+        return 223 + w.bit_length()
+    w = regs[base + 24]
+    if w:
+        return 191 + w.bit_length()
+    w = regs[base + 20]
+    if w:
+        return 159 + w.bit_length()
+    w = regs[base + 16]
+    if w:
+        return 127 + w.bit_length()
+    w = regs[base + 12]
+    if w:
+        return 95 + w.bit_length()
+    w = regs[base + 8]
+    if w:
+        return 63 + w.bit_length()
+    w = regs[base + 4]
+    if w:
+        return 31 + w.bit_length()
+    w = regs[base]
+    if w:
+        return w.bit_length() - 1
     return -1
 
 
@@ -381,9 +403,14 @@ class LocalApic:
         """INTA cycle: move the deliverable vector from IRR to ISR and raise PPR; return it.  With
         nothing deliverable return the spurious vector (SVR[7:0]) and change nothing."""
         v = self.has_interrupt()
-        regs = self.regs
         if v < 0:
-            return regs[_W_SVR] & 0xFF
+            return self.regs[_W_SVR] & 0xFF
+        return self.ack_vector(v)
+
+    def ack_vector(self, v: int) -> int:
+        """:meth:`ack_interrupt` for a caller that has just evaluated ``v = has_interrupt()`` (>= 0)
+        with nothing changed since: the INTA cycle without evaluating the IRR a second time."""
+        regs = self.regs
         w = _W_IRR + ((v >> 5) << 2)
         bit = 1 << (v & 31)
         regs[w] &= ~bit

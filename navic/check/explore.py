@@ -17,10 +17,12 @@ Method (docs/verification.md has the full description and the bounds):
 * **State hashing.** At every decision point past the forced prefix the explorer hashes the
   system state (APIC/backing pages, VMCBs, the physical APIC ID table, vCPU/pCPU/scheduler state,
   the erratum window, pending acceptances, guest state, every process's position, and the queue of
-  pending events relative to now). A state already reached in this bound with at least as much
-  remaining budget is not explored again (the run is cut there).
+  pending events relative to now; in nested runs also L1's KVM — its vCPUs, scheduler and AVIC
+  tables —, the L1 kernel's threads and handler frames, vmcb02s and the design's tables). A state
+  already reached in this bound with at least as much remaining budget is not explored again (the
+  run is cut there).
 * **Checks.** Every complete run goes through the oracle (stuck, lost) and the provenance checks
-  (duplicated, misrouted) exactly as ``navic run`` does.
+  (duplicated, misrouted, never accepted) exactly as ``navic run`` does.
 * **Counterexamples.** The first violating schedule is minimised (delta debugging over its
   non-default decisions, keeping those needed for the same violation kind, CPU and vector) and
   written as a schedule file that ``navic run SCENARIO --schedule FILE`` replays.
@@ -111,37 +113,90 @@ def state_hash(run: Any) -> bytes:
                               for k, q in rec._pending.items() if q)))
     kvm = run.kvm
     if kvm is not None:
-        mem = kvm.mem
-        for v in kvm.vcpus:
-            parts.append((v.name, _apic(v.apic, now), v.mode, v.blocking, v.blocked, v.cpu,
-                          tuple(sorted(v.requests)), v.apicv_active, len(v.pending_ipis),
-                          v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
-                          v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
-                          hash(bytes(v.vmcb.mem.page(v.vmcb.hpa))) if hasattr(v, "vmcb") else None))
-        host = kvm.host
-        for p in host.pcpus:
-            parts.append((p.index, p.guest_mode, p.doorbell_pending, p.intr_pending, p.pi_pending,
-                          getattr(p.running, "name", None)))
-        s = host.sched
-        parts.append((tuple(getattr(t, "name", None) for t in s.current),
-                      tuple(tuple(t.name for t in rq) for rq in s.runq),
-                      tuple(now - x for x in s.slice_start)))
-        av = getattr(kvm.vendor, "avic", None)
-        if av is not None:
-            for i in range(av.physical_table_pages):
-                parts.append(hash(bytes(mem.page(av.physical_table_hpa + 4096 * i))))
-            parts.append(hash(bytes(mem.page(av.logical_table_hpa))))
-        err = getattr(getattr(host.silicon, "avic", None), "erratum", None)
-        if err is not None:
-            parts.append(tuple(sorted((hpa, err.ipi_seq - seq, hid) for hpa, (seq, hid) in err._cleared.items())))
-        inh = getattr(kvm, "inhibits", None)
-        if inh is not None:
-            parts.append(tuple(sorted(inh.active)))
+        _kvm_state(kvm, now, parts)
+        kvm2 = getattr(run, "kvm2", None)
+        if kvm2 is not None:
+            _kvm_state(kvm2, now, parts)
+            _nested_state(kvm, kvm2, parts)
     else:
         m = run.machine
         for i, a in enumerate(m.apics):
             parts.append((i, _apic(a, now), getattr(m.pcpus[i], "halted", None)))
     return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+def _insn(x: Any) -> Any:
+    """An instruction (or other queued object) as plain data."""
+    return repr(x) if type(x).__module__.endswith("isa") else type(x).__name__
+
+
+def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
+    """One KVM (L0's, or L1's in a nested run): its vCPUs, its host's CPUs and scheduler, its AVIC
+    tables, the erratum window and the inhibits."""
+    mem = kvm.mem
+    for v in kvm.vcpus:
+        vmcb = getattr(v, "vmcb", None)
+        ctx = getattr(v, "ctx", None)
+        parts.append((v.name, _apic(v.apic, now), v.mode, v.blocking, v.blocked, v.cpu,
+                      tuple(sorted(v.requests)), v.apicv_active, len(v.pending_ipis),
+                      v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
+                      v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
+                      hash(bytes(vmcb.mem.page(vmcb.hpa))) if vmcb is not None else None,
+                      None if ctx is None else (ctx.level, _insn(ctx.exit_insn) if ctx.exit_insn else None),
+                      getattr(v, "nested_inhibit", None)))
+    host = kvm.host
+    for p in host.pcpus:
+        parts.append((p.index, getattr(p, "guest_mode", None), getattr(p, "doorbell_pending", None),
+                      p.intr_pending, getattr(p, "pi_pending", None),
+                      getattr(getattr(p, "running", None), "name", None)))
+    s = host.sched
+    parts.append((tuple(getattr(t, "name", None) for t in s.current),
+                  tuple(tuple(t.name for t in rq) for rq in s.runq),
+                  tuple(now - x for x in s.slice_start)))
+    av = getattr(kvm.vendor, "avic", None)
+    if av is not None:
+        for i in range(av.physical_table_pages):
+            parts.append(hash(bytes(mem.page(av.physical_table_hpa + 4096 * i))))
+        parts.append(hash(bytes(mem.page(av.logical_table_hpa))))
+    err = getattr(getattr(getattr(host, "silicon", None), "avic", None), "erratum", None)
+    if err is not None:
+        parts.append(tuple(sorted((hpa, err.ipi_seq - seq, hid) for hpa, (seq, hid) in err._cleared.items())))
+    inh = getattr(kvm, "inhibits", None)
+    if inh is not None:
+        parts.append(tuple(sorted(inh.active)))
+
+
+def _nested_state(kvm0: Any, kvm2: Any, parts: list[Any]) -> None:
+    """What a nested run adds: the L1 kernel on each L1 vCPU (its threads — L1 KVM's vCPU threads —
+    with their positions, queued instructions and waits; handler frames; run queues), L0's nested
+    state per L1 vCPU (vmcb02) and the design's tables (shadow tables and their cached guest
+    entries; the dummy table)."""
+    l1host = kvm2.host
+    for c in getattr(l1host, "cpus", ()):
+        parts.append((c.name, c.IF, c.nmi_blocked, tuple(sorted(c.handled.items())),
+                      tuple((f.saved_if, _pc(f.gen)) for f in c.frames),
+                      tuple(t.vcpu.name for t in c.runnable)))
+    for name, t in sorted(getattr(l1host, "threads", {}).items()):
+        parts.append((name, _pc(t.gen), t.waiting.name if t.waiting is not None else None,
+                      tuple(_insn(i) for i in t.pending),
+                      t.result if type(t.result) in _PLAIN else _insn(t.result)))
+    hmem = kvm0.mem
+    for v in kvm0.vcpus:
+        st = getattr(v, "nested", None)
+        if st is not None:
+            parts.append((v.name, st.active, getattr(st.l2, "name", None),
+                          hash(bytes(hmem.page(st.vmcb02.hpa)))))
+        t = getattr(v, "shadow_table", None)
+        if t is not None:
+            parts.append((v.name, t.gfn))
+    design = getattr(getattr(kvm0.vendor, "nested", None), "design", None)
+    for t in getattr(design, "tables", {}).values():   # shadow
+        parts.append((t.gfn, t.nentries, tuple(t.gentries), t.usecount,
+                      hash(bytes(hmem.page(t.hpa)))))
+    table = getattr(design, "table_hpa", None)           # dummy
+    if table is not None:
+        for i in range(8):
+            parts.append(hash(bytes(hmem.page(table + 4096 * i))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +279,7 @@ def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int) -> li
 # Scenario handling: designs, mutants, running
 # ---------------------------------------------------------------------------------------------
 def apply_design(scn: Scenario, design: str | None) -> Scenario:
-    """``--design`` overrides ``[l0] nested_apicv`` (nested runs are not supported yet; the value is
-    passed through into the scenario)."""
+    """``--design`` overrides ``[l0] nested_apicv`` (the nested APIC design L0 uses for L2)."""
     if design is None:
         return scn
     if design not in DESIGNS:

@@ -16,6 +16,21 @@ b         ``id1-sets-irr-again`` — the AVIC_INCOMPLETE_IPI (ID 1, target not r
           emulates the IPI (sets IRR again) instead of only kicking the targets (digest §9.2
           invariant 4): if the target already took the first copy, it runs the handler twice
           for one send (duplicated).
+c         ``dummy-no-doorbell`` — the ``dummy`` design's software IPI emulation (L0, after an
+          AVIC_INCOMPLETE_IPI from L2) sets IRR in the target's real backing page but forgets
+          the doorbell / wake-up toward the L1 vCPU that L1's table says runs the target: a
+          target spinning in L2 never evaluates its IRR (lost).
+d         ``shadow-untracked`` — the ``shadow`` design emulates L1's stores to its physical APIC
+          ID table but does not update the shadow entry (write tracking without the notifier):
+          when L1 clears IsRunning on blocking an L2 vCPU, the shadow keeps IsRunning = 1 and
+          the hardware rings a doorbell at a pCPU that no longer runs that L2 vCPU (stuck).
+e         ``vmrun-no-l2-eval`` — nested VMRUN with AVIC on in vmcb02 does not evaluate the L2
+          backing page's IRR (the silicon's evaluation-pending flag starts clear for L2
+          contexts): an IRR bit set while the L2 vCPU was not running — by L1 after an ID-1
+          exit, or by L0's dummy emulation — is not seen until the next doorbell/EOI/TPR write.
+f         ``dummy-all-invalid`` — the ``dummy`` design fills its physical ID table with
+          *invalid* entries: a broadcast/shorthand IPI skips invalid entries without an exit
+          (APM; digest §3.3), so every L2 target is skipped silently (lost / stuck).
 ========  ==============================================================================
 """
 
@@ -73,6 +88,86 @@ def _make_id1_sets_irr_again(orig: Any) -> Any:
     return kick_target_vcpus
 
 
+# --- (c) dummy: the emulated IPI forgets the doorbell/wake of running targets --------------------
+class _NoDoorbellEmulator:
+    """Wraps the dummy design's software IPI engine: every doorbell it would ring is dropped."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def icr_write(self, *args: Any, doorbell: Any = None, **kw: Any) -> Gen:
+        # BUG: IRR is set in the target's backing page, the doorbell toward the L1 vCPU that L1's
+        # entry names (IsRunning = 1) never happens.
+        return self._inner.icr_write(*args, doorbell=lambda _l1_apic_id: None, **kw)
+
+
+def _make_dummy_no_doorbell(orig: Any) -> Any:
+    def __init__(self: Any, core: Any) -> None:
+        orig(self, core)
+        self.emulator = _NoDoorbellEmulator(self.emulator)
+
+    return __init__
+
+
+# --- (d) shadow: tracked stores do not update the shadow entry ----------------------------------
+def _make_shadow_untracked(orig: Any) -> Any:
+    def emulate_store(self: Any, vcpu: Any, gpa: int, size: int, value: int) -> None:
+        # BUG: the store lands in L1's table; the shadow entry (IsRunning, host ID) is left stale.
+        self.host.mem.write(self.core.l1mem.hpa(gpa), size, value)
+
+    return emulate_store
+
+
+# --- (e) nested VMRUN does not evaluate the L2 backing page ---------------------------------------
+class _NoFirstEval:
+    """The register file of an L2 backing page, except that the first interrupt evaluation (the
+    one VMRUN performs) sees nothing: the silicon's evaluation-pending flag starts clear."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._first = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def has_interrupt(self) -> int:
+        if self._first:
+            self._first = False
+            return -1
+        return int(self._inner.has_interrupt())
+
+
+def _make_vmrun_no_l2_eval(orig: Any) -> Any:
+    def vmrun(self: Any, pcpu: Any, ctx: Any) -> Generator[Any, Any, int]:
+        if ctx.level != "L2" or not ctx.vmcb.avic_enable:
+            return (yield from orig(self, pcpu, ctx))
+        real = ctx._vapic
+        ctx._vapic = _NoFirstEval(real)   # BUG: VMRUN's own IRR evaluation is skipped
+        try:
+            return (yield from orig(self, pcpu, ctx))
+        finally:
+            if isinstance(ctx._vapic, _NoFirstEval):
+                ctx._vapic = real
+
+    return vmrun
+
+
+# --- (f) dummy: an all-invalid dummy table --------------------------------------------------------
+def _make_dummy_all_invalid(orig: Any) -> Any:
+    def __init__(self: Any, core: Any) -> None:
+        orig(self, core)
+        from navic.hv.nested.dummy import DUMMY_ENTRIES
+
+        mem = self.host.mem
+        for i in range(DUMMY_ENTRIES):   # BUG: invalid entries — broadcasts skip them silently
+            mem.write64(self.table_hpa + 8 * i, 0)
+
+    return __init__
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
@@ -80,6 +175,18 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("b", "id1-sets-irr-again",
            "AVIC_INCOMPLETE_IPI ID-1 handler sets IRR again (emulates the IPI): duplicate delivery",
            "navic.hv.avic:AvicVm.kick_target_vcpus", "duplicated", _make_id1_sets_irr_again),
+    Mutant("c", "dummy-no-doorbell",
+           "dummy design: L0's emulated L2 IPI forgets the doorbell/wake of a target L1 says is running",
+           "navic.hv.nested.dummy:DummyDesign.__init__", "lost", _make_dummy_no_doorbell),
+    Mutant("d", "shadow-untracked",
+           "shadow design: tracked stores to L1's physical ID table do not update the shadow entry",
+           "navic.hv.nested.shadow:ShadowDesign.emulate_store", "stuck", _make_shadow_untracked),
+    Mutant("e", "vmrun-no-l2-eval",
+           "nested VMRUN with AVIC on in vmcb02 does not evaluate the L2 backing page's IRR",
+           "navic.hw.svm:Svm.vmrun", "stuck", _make_vmrun_no_l2_eval),
+    Mutant("f", "dummy-all-invalid",
+           "dummy design: an all-invalid dummy table; broadcasts skip every L2 target silently",
+           "navic.hv.nested.dummy:DummyDesign.__init__", "lost", _make_dummy_all_invalid),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 

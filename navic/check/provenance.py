@@ -11,14 +11,21 @@ lost). This module looks at where every handler run came from:
   (cpu, vector) already served. Acceptances from timers, devices and writes this module cannot
   attribute are always distinct; handler runs that consume no acceptance at all come from local
   sources the recorder does not see (LVT error, LINT) and are not judged.
+* **lost (never accepted)** — a fixed or lowest-priority send (vector ≥ 16) whose destination,
+  resolved at the ICR write, selected an enabled APIC that no acceptance from that send ever
+  reached (lowest priority: none of the candidates), at the end of a quiescent run or when the
+  send is older than the oracle's bound. Such a send leaves nothing pending anywhere, so the
+  end-of-run oracle cannot see it (a broadcast skipping invalid physical-table entries).
 * **misrouted** — a handler ran (consumed an acceptance) on a CPU that the architectural
   destination resolution *at send time* did not select: for fixed/NMI/INIT/SIPI messages every
   matching APIC; for lowest priority any legal candidate (arbitration is the platform's choice).
 
-Sends are observed at the instruction level: :class:`Tracker` wraps each guest's
-``next_insn`` and, when an instruction is an ICR write (x2APIC MSR 830h, xAPIC MMIO 300h) or an
-x2APIC SELF_IPI write (MSR 83Fh), resolves its destinations with :mod:`navic.apic.dest` against the
-current APIC state. Acceptances and handler runs come from :attr:`Recorder.history`.
+Sends are observed at the instruction level: :class:`Tracker` installs a watcher on each guest
+CPU (``GuestCpu.send_watch``, called with every WRMSR / MMIO write as it is fetched; other
+instruction sources get their ``next_insn`` wrapped) and, when an instruction is an ICR write
+(x2APIC MSR 830h, xAPIC MMIO 300h) or an x2APIC SELF_IPI write (MSR 83Fh), resolves its
+destinations with :mod:`navic.apic.dest` against the current APIC state of the sender's VM
+(nested runs: L2's sends resolve among L2's vCPUs). Acceptances and handler runs come from :attr:`Recorder.history`.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ import bisect
 from typing import Any
 
 from navic.apic import dest as apic_dest
-from navic.apic.icr import DM_INIT, DM_LOWEST, DM_NMI, DM_SMI, SH_SELF, Icr
+from navic.apic.icr import DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SMI, SH_SELF, Icr
 from navic.apic.registers import APIC_ICR, APIC_ICR2
+from navic.check.oracle import DEFAULT_BOUND_US
 from navic.hw import isa
 
 _MSR_ICR = 0x830
@@ -41,17 +49,24 @@ class Tracker:
 
     def __init__(self, run: Any) -> None:
         self.run = run
-        # sender name -> ([send times], [(vector key, allowed target names)])
+        # sender name -> ([send times], [(vector key, allowed target names, must-accept names)])
         self.times: dict[str, list[int]] = {}
-        self.sends: dict[str, list[tuple[int, Any]]] = {}
+        self.sends: dict[str, list[tuple[int, Any, Any]]] = {}
+        # One group of (name, apic) pairs per VM: destinations resolve within the sender's VM
+        # (bare metal: the machine; KVM: L1's vCPUs; nested: L1's vCPUs, and L2's vCPUs).
         if run.kvm is not None:
-            pairs = [(v.name, v.apic) for v in run.kvm.vcpus]
+            groups = [[(v.name, v.apic) for v in run.kvm.vcpus]]
+            kvm2 = getattr(run, "kvm2", None)
+            if kvm2 is not None:
+                groups.append([(v.name, v.apic) for v in kvm2.vcpus])
         else:
-            pairs = [(n, a) for n, a in zip(run.machine.names, run.machine.apics, strict=False)]
-        self.pairs = pairs
-        self.names = [n for n, _ in pairs]
-        self.apics = [a for _, a in pairs]
-        self.apic_of = dict(pairs)
+            groups = [[(n, a) for n, a in zip(run.machine.names, run.machine.apics, strict=False)]]
+        self.group_of: dict[str, tuple[list[tuple[str, Any]], list[str], list[Any]]] = {}
+        for pairs in groups:
+            g = (pairs, [n for n, _ in pairs], [a for _, a in pairs])
+            for n, _ in pairs:
+                self.group_of[n] = g
+        self.apic_of = {n: a for pairs in groups for n, a in pairs}
         clock = run.engine
         for g in run.guests:
             if g.name in self.apic_of:
@@ -65,8 +80,7 @@ class Tracker:
         wrmsr, mmio = isa.Wrmsr, isa.MmioWrite
         icr_off = APIC_ICR
 
-        def next_insn() -> Any:
-            insn = orig()
+        def watch(insn: Any) -> None:
             t = type(insn)
             if t is wrmsr:
                 msr = insn.msr
@@ -77,21 +91,40 @@ class Tracker:
                     note(name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
             elif t is mmio and insn.addr - g.apic_base == icr_off:
                 note(name, src, clock.now, Icr.decode(insn.value, src.regs[APIC_ICR2 >> 2], False))
+
+        if getattr(g, "send_watch", False) is None and "next_insn" not in vars(g):
+            # A GuestCpu: it calls the watcher for its WRMSR / MMIO writes as they are fetched
+            # (no extra frame per instruction).
+            g.send_watch = watch
+            return
+
+        def next_insn() -> Any:
+            insn = orig()
+            t = type(insn)
+            if t is wrmsr or t is mmio:
+                watch(insn)
             return insn
 
         g.next_insn = next_insn
 
     def _note(self, sender: str, src: Any, now: int, icr: Icr) -> None:
         mode = icr.delivery_mode
+        pairs, names, apics = self.group_of[sender]
         allowed: Any
         if icr.shorthand == SH_SELF:
             allowed = (sender,)
         elif mode == DM_LOWEST:
-            cands = apic_dest.lowest_priority_candidates(self.apics, src, icr)
-            allowed = tuple([self.names[self.apics.index(a)] for a in cands])
+            cands = apic_dest.lowest_priority_candidates(apics, src, icr)
+            allowed = tuple([names[apics.index(a)] for a in cands])
         else:
             md = apic_dest.match_dest
-            allowed = tuple([n for n, a in self.pairs if md(a, src, icr)])
+            allowed = tuple([n for n, a in pairs if md(a, src, icr)])
+        # Who must accept it (the "never accepted" check): fixed IPIs with a legal vector, every
+        # selected APIC that is enabled now; lowest priority: at least one enabled candidate.
+        must: Any = ()
+        if (mode == DM_FIXED or mode == DM_LOWEST) and icr.vector >= 16:
+            ok = tuple([n for n in allowed if self.apic_of[n].hw_enabled and self.apic_of[n].sw_enabled])
+            must = ok if mode == DM_FIXED or not ok else (ok,)   # (ok,): any one of them
         if len(allowed) > 8:
             allowed = frozenset(allowed)
         if mode == DM_NMI:
@@ -109,7 +142,7 @@ class Tracker:
             times.pop()
             sends.pop()
         times.append(now)
-        sends.append((key, allowed))
+        sends.append((key, allowed, must))
 
     def _send_of(self, sent_by: str | None, t_sent: int, vector: int) -> tuple[int, Any] | None:
         """The send an acceptance came from: the sender's latest send at or before ``t_sent``
@@ -123,13 +156,50 @@ class Tracker:
         i = bisect.bisect_right(times, t_sent) - 1
         if i < 0:
             return None
-        key, allowed = self.sends[sent_by][i]
+        key, allowed, _must = self.sends[sent_by][i]
         if key != vector:
             return None   # not this send (e.g. a write this tracker does not see)
         return times[i], allowed
 
-    def check(self) -> list[dict[str, Any]]:
+    def _never_accepted(self, got: dict[tuple[str, str, int], int], bound_us: float) -> list[dict[str, Any]]:
+        """**lost** (never accepted): a fixed/lowest-priority send whose destination, resolved at
+        the ICR write, selected an enabled APIC that no acceptance from that send ever reached —
+        at the end of a quiescent run, or older than the bound. Such a send leaves nothing
+        pending anywhere, so the end-of-run oracle cannot see it (e.g. a broadcast that skips
+        invalid physical-table entries). Counted per (sender, target, vector): fewer acceptances
+        than judged sends is a loss (robust to acceptances whose recorded send time is not the
+        ICR write's; a same-send IRR set counted twice only makes the check more lenient)."""
+        run = self.run
+        eng = run.engine
+        now = eng.now
+        quiescent = not eng._q
+        bound = 0 if quiescent else int(bound_us * run.costs.ghz * 1000)
+        need: dict[tuple[str, str, int], tuple[int, int]] = {}   # -> (sends, first such send time)
+        for sender, times in sorted(self.times.items()):
+            for t, (key, _allowed, must) in zip(times, self.sends[sender], strict=True):
+                if not must or (not quiescent and now - t <= bound):
+                    continue
+                if isinstance(must[0], tuple):   # lowest priority: any one candidate
+                    if not any(got.get((sender, c, key)) for c in must[0]):
+                        need.setdefault((sender, must[0][0], key), (1 << 30, t))
+                    continue
+                for c in must:
+                    n, t0 = need.get((sender, c, key), (0, t))
+                    need[(sender, c, key)] = (n + 1, t0)
+        out: list[dict[str, Any]] = []
+        seen: set[tuple[str, int]] = set()
+        for (sender, cpu, key), (n, t0) in sorted(need.items()):
+            have = got.get((sender, cpu, key), 0)
+            if (have >= n and n < 1 << 30) or (cpu, key) in seen:
+                continue
+            seen.add((cpu, key))
+            out.append({"kind": "lost", "cpu": cpu, "vector": key, "sent_by": sender, "t_sent": t0,
+                        "pending_cycles": now - t0, "detail": _fmt_never(sender, t0, key, cpu, n, have)})
+        return out
+
+    def check(self, bound_us: float = DEFAULT_BOUND_US) -> list[dict[str, Any]]:
         hist = self.run.recorder.history
+        got: dict[tuple[str, str, int], int] = {}   # (sender, target, vector) -> acceptances
         pending: dict[tuple[str, int], list[tuple[Any, str | None, bool, int]]] = {}
         served: dict[tuple[str, int], set[Any]] = {}
         runs: dict[tuple[str, int], int] = {}
@@ -139,6 +209,9 @@ class Tracker:
         for n, h in enumerate(hist):
             if h[0] == "a":
                 _, cpu, vector, kind, sent_by, t_sent = h
+                if sent_by is not None:
+                    k3 = (sent_by, cpu, vector)
+                    got[k3] = got.get(k3, 0) + 1
                 send = self._send_of(sent_by, t_sent, vector) if kind in _IPI_KINDS else None
                 if send is None:
                     key: Any = ("#", n)
@@ -167,6 +240,7 @@ class Tracker:
                         "detail": (f"handler for vector {vector:#x} ran on {cpu}, which the destination "
                                    f"of {sent_by}'s send at t={key[1]} did not select"),
                     })
+        out.extend(self._never_accepted(got, bound_us))
         for (cpu, vector), n_dup in sorted(dups.items()):
             n_runs = runs[(cpu, vector)]
             out.append({
@@ -176,6 +250,12 @@ class Tracker:
                            "sends that had already been handled"),
             })
         return out
+
+
+def _fmt_never(sender: str, t: int, vector: int, cpu: str, n: int, have: int) -> str:
+    sends = "a send" if n >= 1 << 30 else f"{n} send(s)"
+    return (f"{sender}'s IPIs with vector {vector:#x} (first at t={t}) selected {cpu} in {sends}, but "
+            f"only {have} acceptance(s) from {sender} ever reached it: an IPI was never accepted")
 
 
 def track(run: Any) -> Tracker:

@@ -60,6 +60,10 @@ class SharedMemory:
 
 
 
+_WRMSR = isa.Wrmsr
+_MMIO_WRITE = isa.MmioWrite
+
+
 class _Frame:
     __slots__ = ("gen", "saved_if", "kind", "result")
 
@@ -106,7 +110,10 @@ class GuestCpu:
         self._awaited: dict[str, int] = {}
         self.finished = program is None    # main program done
         self._op_index: int | None = None
-        main = self._program_gen(program.ops) if program is not None else self._idle_gen()
+        # An observer of the sends this CPU issues (navic.check.provenance): called with every
+        # WRMSR / MMIO-write instruction as it is fetched, before the executor runs it.
+        self.send_watch: Callable[[Insn], None] | None = None
+        main = self._ops_gen(program.ops) if program is not None else self._idle_gen()
         self.frames: list[_Frame] = [_Frame(main, False, "program" if program else "idle")]
 
     # -- executor protocol -----------------------------------------------------------------
@@ -116,13 +123,19 @@ class GuestCpu:
             f = self.frames[-1]
             res, f.result = f.result, None
             try:
-                return f.gen.send(res)
+                insn = f.gen.send(res)
             except StopIteration:
                 if len(self.frames) == 1:
                     self.finished = True
                     self.frames[0] = _Frame(self._idle_gen(), False, "idle")
                     continue
                 return self._leave_handler()
+            watch = self.send_watch
+            if watch is not None:
+                t = type(insn)
+                if t is _WRMSR or t is _MMIO_WRITE:
+                    watch(insn)
+            return insn
 
     def retire(self, result: Any) -> None:
         """Hand the result of the instruction just executed back to the code that issued it."""

@@ -122,7 +122,14 @@ class L1Host:
         self.rec.count("l1_host_ipis")
         dest = self.pcpus[cpu].apic_id
         vector = HOST_IPI_VECTORS.get(kind, RESCHEDULE_VECTOR)
-        self._issue(isa.Wrmsr(X2APIC_ICR_MSR, (dest << 32) | vector), cpu, vector)
+        t = self.stepping
+        sender = self.l1_vcpus[t.vcpu.cpu if t is not None and t.vcpu.cpu is not None else cpu]
+        if sender.apic.mode == "x2apic":
+            self._issue(isa.Wrmsr(X2APIC_ICR_MSR, (dest << 32) | vector), cpu, vector)
+        else:   # an xAPIC L1 kernel writes ICR2 then ICR through its MMIO page
+            base = sender.guest.apic_base
+            self._issue(isa.MmioWrite(base + 0x310, (dest & 0xFF) << 24), None)
+            self._issue(isa.MmioWrite(base + 0x300, vector), cpu, vector)
 
     def doorbell(self, host_apic_id: int, src: int | None = None) -> None:
         """avic_ring_doorbell() at L1: WRMSR(C001_011B), which L0 intercepts and emulates."""

@@ -50,6 +50,12 @@ class PhysCpu:
         a = self.apic
         shadow = False
         apic_lo = g.apic_base
+        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT = (
+            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT)
+        execute_plain = isa.execute_plain
+        # The cost model is fixed for a run: read the per-instruction costs once.
+        INTR_ENTRY, APIC_ACCESS, SPIN_LOOP, HLT_WAKE, INSN = (
+            costs.INTR_ENTRY, costs.APIC_ACCESS, costs.SPIN_LOOP, costs.HLT_WAKE, costs.INSN)
         while True:
             # ---- instruction boundary: events -------------------------------------------
             if not shadow:
@@ -66,7 +72,7 @@ class PhysCpu:
                         self.halted = False
                     m.sipi_cpu(self, g)
                     g.note_event(vec if vec is not None else 0, "sipi")
-                    yield costs.INTR_ENTRY
+                    yield INTR_ENTRY
                     continue
                 if a.sipi_vector is not None:
                     a.take_sipi()  # a SIPI outside wait-for-SIPI is ignored (SDM §8.4.4.1)
@@ -74,27 +80,27 @@ class PhysCpu:
                     # SMM is invisible to the program: record the SMI, charge an entry/exit.
                     a.take_smi()
                     g.note_event(0, "smi")
-                    yield costs.INTR_ENTRY
+                    yield INTR_ENTRY
                     continue
                 if a.nmi_pending and not g.nmi_blocked:
                     a.take_nmi()
-                    yield costs.INTR_ENTRY
+                    yield INTR_ENTRY
                     g.enter_handler(2, "nmi")
                     continue
-                if g.IF and a.has_interrupt() >= 0:
-                    v = a.ack_interrupt()
-                    yield costs.INTR_ENTRY
+                if g.IF and (v := a.has_interrupt()) >= 0:
+                    a.ack_vector(v)
+                    yield INTR_ENTRY
                     g.enter_handler(v, "irq")
                     continue
             shadow = False
             # ---- fetch and execute ------------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
-            if t is isa.MmioWrite or t is isa.MmioRead:
+            if t is MmioWrite or t is MmioRead:
                 apic_lo = a.apic_base & 0xFFFFF000
                 off = insn.addr - apic_lo
                 claimed = a.mode == "xapic" and 0 <= off < 0x1000
-                if t is isa.MmioWrite:
+                if t is MmioWrite:
                     if claimed:
                         a.mmio_write(off, insn.value)
                     else:
@@ -102,28 +108,28 @@ class PhysCpu:
                     g.retire(None)
                 else:
                     g.retire(a.mmio_read(off) if claimed else self.plain_memory.get(insn.addr, 0))
-                yield costs.APIC_ACCESS
-            elif t is isa.Wrmsr or t is isa.Rdmsr:
+                yield APIC_ACCESS
+            elif t is Wrmsr or t is Rdmsr:
                 g.retire(self._msr(insn))
-                yield costs.APIC_ACCESS
-            elif t is isa.Pause:
+                yield APIC_ACCESS
+            elif t is Pause:
                 while g.epoch == insn.epoch and not self._interruptible(g):
                     yield self.wake
                 g.retire(None)
-                yield costs.SPIN_LOOP
-            elif insn is isa.HLT:
+                yield SPIN_LOOP
+            elif insn is HLT:
                 if not self._interruptible(g):
                     self.halted = True
                     while not self._interruptible(g):
                         yield self.wake
                     self.halted = False
                     g.retire(None)
-                    yield costs.HLT_WAKE
+                    yield HLT_WAKE
                 else:
                     g.retire(None)
-                    yield costs.INSN
+                    yield INSN
             else:
-                done = isa.execute_plain(insn, g, costs)
+                done = execute_plain(insn, g, costs)
                 if done is None:  # pragma: no cover
                     raise TypeError(f"unknown instruction {insn!r}")
                 shadow = done[1]

@@ -78,6 +78,9 @@ class Svm:
         self.features = features
         self.avic = avic_engine
         self.costs = host.costs
+        # classify_access is a pure function of its arguments: memoised per
+        # (offset, write, msr, ext_lvt_chg, eoi_level).
+        self._kinds: dict[tuple[int, bool, bool, bool, bool], str] = {}
 
     # -- VMRUN ... #VMEXIT -------------------------------------------------------------------
     def vmrun(self, pcpu: HostCpu, ctx: GuestContext) -> Generator[Any, Any, int]:
@@ -90,6 +93,10 @@ class Svm:
             return V.VMEXIT_INVALID
         self.host.rec.count("vmruns")
         yield costs.VMRUN
+        # Fixed for the run: read the per-instruction costs and instruction classes once.
+        INTR_ENTRY, INSN, HLT_WAKE, SPIN_LOOP = costs.INTR_ENTRY, costs.INSN, costs.HLT_WAKE, costs.SPIN_LOOP
+        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT = (
+            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT)
         avic = bool(vmcb.avic_enable)
         x2avic = avic and bool(vmcb.x2avic_enable)
         vapic = ctx.vapic if avic else None
@@ -106,7 +113,7 @@ class Svm:
         if ei & (1 << 31):
             vmcb.event_inj = 0
             typ = (ei >> 8) & 7
-            yield costs.INTR_ENTRY
+            yield INTR_ENTRY
             g.enter_handler(ei & 0xFF, "nmi" if typ == 2 else "irq")
 
         while True:
@@ -124,8 +131,8 @@ class Svm:
                     if v < 0:
                         eval_pending = False
                     elif g.IF:
-                        vapic.ack_interrupt()  # type: ignore[union-attr]
-                        yield costs.INTR_ENTRY
+                        vapic.ack_vector(v)  # type: ignore[union-attr]
+                        yield INTR_ENTRY
                         g.enter_handler(v, "irq")
                         continue
                 elif not avic and vmcb.v_irq and g.IF:
@@ -133,7 +140,7 @@ class Svm:
                         exit_code = V.SVM_EXIT_VINTR
                         break
                     vmcb.v_irq = 0
-                    yield costs.INTR_ENTRY
+                    yield INTR_ENTRY
                     g.enter_handler(vmcb.v_intr_vector, "irq")
                     continue
             shadow = False
@@ -141,9 +148,9 @@ class Svm:
             # ---- fetch and execute -----------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
-            if t is isa.MmioWrite or t is isa.MmioRead:
+            if t is MmioWrite or t is MmioRead:
                 off = insn.addr - bar
-                write = t is isa.MmioWrite
+                write = t is MmioWrite
                 if avic and not x2avic and 0 <= off < APIC_PAGE_SIZE and not g.x2apic:
                     r = yield from self._avic_access(pcpu, ctx, off, write, insn.value if write else 0,
                                                      msr=False)
@@ -159,10 +166,10 @@ class Svm:
                     break
                 # Plain memory (x2APIC guests: the xAPIC page is not an APIC).
                 g.retire(None if write else 0)
-                yield costs.INSN
-            elif t is isa.Wrmsr or t is isa.Rdmsr:
+                yield INSN
+            elif t is Wrmsr or t is Rdmsr:
                 msr = insn.msr
-                write = t is isa.Wrmsr
+                write = t is Wrmsr
                 if msr in (ctx.msr_wr if write else ctx.msr_rd):
                     ctx.exit_insn = insn
                     exit_code, info1, info2 = V.SVM_EXIT_MSR, 1 if write else 0, 0
@@ -176,7 +183,7 @@ class Svm:
                     exit_code, info1, info2 = r
                     break
                 g.retire(Fault("#GP", f"MSR {msr:#x} not implemented"))
-                yield costs.INSN
+                yield INSN
             elif t is isa.Vmrun:
                 # A guest hypervisor's VMRUN: L0 always intercepts it (nested.c emulates it).
                 if vmcb.intercept(V.INTERCEPT_VMRUN):
@@ -184,7 +191,7 @@ class Svm:
                     exit_code, info1, info2 = V.SVM_EXIT_VMRUN, 0, 0
                     break
                 g.retire(Fault("#UD", "VMRUN not intercepted"))
-                yield costs.INSN
+                yield INSN
             elif t is isa.MemWrite:
                 npt = ctx.npt
                 if npt is not None and npt.is_write_protected(insn.gpa >> 12):
@@ -194,8 +201,8 @@ class Svm:
                 hpa = npt.translate(insn.gpa, write=True) if npt is not None else insn.gpa
                 self.host.mem.write(hpa, insn.size, insn.value)
                 g.retire(None)
-                yield costs.INSN
-            elif insn is isa.HLT:
+                yield INSN
+            elif insn is HLT:
                 if vmcb.intercept(V.INTERCEPT_HLT):
                     ctx.exit_insn = insn
                     exit_code = V.SVM_EXIT_HLT
@@ -203,14 +210,14 @@ class Svm:
                 while not (pcpu.intr_pending or pcpu.doorbell_pending or (eval_pending and g.IF)):
                     yield pcpu.wake
                 g.retire(None)
-                yield costs.HLT_WAKE
-            elif t is isa.Pause:
+                yield HLT_WAKE
+            elif t is Pause:
                 if g.epoch == insn.epoch and not (eval_pending and g.IF):
                     while not (pcpu.intr_pending or pcpu.doorbell_pending or g.epoch != insn.epoch
                                or (not avic and vmcb.v_irq and g.IF)):
                         yield pcpu.wake
                 g.retire(None)
-                yield costs.SPIN_LOOP
+                yield SPIN_LOOP
             else:
                 done = isa.execute_plain(insn, g, costs)
                 if done is None:  # pragma: no cover
@@ -238,7 +245,10 @@ class Svm:
         regs = vapic.regs
         ctx._eval = False
         eoi_level = write and off == APIC_EOI and A.eoi_is_level(vapic.page)
-        kind = A.classify_access(off, write, msr, self.features.ext_lvt_avic_access_chg, eoi_level)
+        key = (off, write, msr, self.features.ext_lvt_avic_access_chg, eoi_level)
+        kind = self._kinds.get(key)
+        if kind is None:
+            kind = self._kinds[key] = A.classify_access(*key)
         if kind == A.GP or (msr and write and (why := _x2apic_reserved(off, value))):
             g.retire(Fault("#GP", "x2APIC access check" if kind == A.GP else why))
             yield costs.APIC_ACCESS

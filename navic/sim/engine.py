@@ -54,10 +54,14 @@ class Signal:
             return 0
         self.waiters = []
         eng = self.engine
+        q = eng._q
+        now = eng.now
+        push = heapq.heappush
         for p in waiters:
             if type(p) is Process:
                 p.waiting_on = None
-                eng._push(eng.now, p, value)
+                eng._seq = seq = eng._seq + 1
+                push(q, (now, seq, p, value))
             else:
                 p.wake(value)  # a non-process waiter (e.g. an L1 thread stepped by an L1 vCPU)
         return len(waiters)
@@ -128,11 +132,20 @@ class Engine:
         if time < self.now:
             time = self.now
         h = Handle(fn, args, time, label)
-        self._push(time, h, None)
+        self._seq = seq = self._seq + 1
+        heapq.heappush(self._q, (time, seq, h, None))
         return h
 
     def call_later(self, delay: int, fn: Callable[..., Any], *args: Any, label: str = "") -> Handle:
-        return self.call_at(self.now + delay, fn, *args, label=label)
+        # call_at(self.now + delay, ...), inlined (one per IPI message).
+        now = self.now
+        time = now + delay
+        if time < now:
+            time = now
+        h = Handle(fn, args, time, label)
+        self._seq = seq = self._seq + 1
+        heapq.heappush(self._q, (time, seq, h, None))
+        return h
 
     def signal(self, name: str = "") -> Signal:
         return Signal(self, name)
@@ -171,18 +184,62 @@ class Engine:
             self._run_window(until)
             return
         q = self._q
+        if self.chooser.wants_ties:
+            while q and not self.stopped:
+                if until is not None and q[0][0] > until:
+                    self.now = until
+                    return
+                time, _seq, target, value = self._pop()
+                self.now = time
+                self.steps += 1
+                if type(target) is Handle:
+                    if not target.cancelled:
+                        target.fn(*target.args)
+                    continue
+                self._step(target, value)
+            return
+        # The time-driven fast path (FIFO ties): ``_pop`` and ``_step`` inlined, same order.
+        heappop = heapq.heappop
+        heappush = heapq.heappush
+        limit = until
         while q and not self.stopped:
-            if until is not None and q[0][0] > until:
-                self.now = until
+            if limit is not None and q[0][0] > limit:
+                self.now = limit
                 return
-            time, _seq, target, value = self._pop()
+            time, _seq, target, value = heappop(q)
             self.now = time
             self.steps += 1
             if type(target) is Handle:
                 if not target.cancelled:
                     target.fn(*target.args)
                 continue
-            self._step(target, value)
+            gen = target.gen
+            while True:
+                try:
+                    y = gen.send(value)
+                except StopIteration as stop:
+                    target.alive = False
+                    target.result = stop.value
+                    target.done.fire(stop.value)
+                    break
+                ty = type(y)
+                if ty is int or y is None:
+                    t = self.now + y if ty is int else self.now
+                    if (q and q[0][0] <= t) or self.stopped or (limit is not None and t > limit):
+                        self._seq = seq = self._seq + 1
+                        heappush(q, (t, seq, target, None))
+                        break
+                    # Run-ahead: nothing else is due at or before t, so pushing this process and
+                    # popping it again would select it next anyway; resume it directly.
+                    self.now = t
+                    self.steps += 1
+                    value = None
+                    continue
+                if ty is Signal:
+                    target.waiting_on = y
+                    y.waiters.append(target)
+                    break
+                raise SimulationError(f"process {target.name} yielded {y!r}; expected cycles (int) or a Signal")
 
     def candidates(self, until: int | None = None) -> list[tuple[int, int, Any, Any]]:
         """The window of events one of which may run next (see the module docstring), earliest

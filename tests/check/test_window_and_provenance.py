@@ -107,12 +107,30 @@ def test_no_provenance_violations_on_examples(name, virt, tmp_path):
     assert [v for v in r.recorder.violations if v["kind"] in ("duplicated", "misrouted")] == []
 
 
-def _fake(history, sends):
+def _fake(history, sends, *, now=10**6, quiescent=True):
     t = provenance.Tracker.__new__(provenance.Tracker)
-    t.run = SimpleNamespace(recorder=SimpleNamespace(history=history))
+    t.run = SimpleNamespace(recorder=SimpleNamespace(history=history),
+                            engine=SimpleNamespace(now=now, _q=[] if quiescent else [object()]),
+                            costs=SimpleNamespace(ghz=3.0))
     t.times = {s: [x[0] for x in v] for s, v in sends.items()}
-    t.sends = {s: [(x[1], x[2]) for x in v] for s, v in sends.items()}
+    t.sends = {s: [(x[1], x[2], x[3] if len(x) > 3 else ()) for x in v] for s, v in sends.items()}
     return t
+
+
+def test_never_accepted_is_a_selected_enabled_target_no_acceptance_reached():
+    sends = {"l2.0": [(100, 0x50, ("l2.1", "l2.2"), ("l2.1", "l2.2"))]}
+    one = [("a", "l2.1", 0x50, "fixed", "l2.0", 100), ("d", "l2.1", 0x50)]
+    out = _fake(one, sends).check()
+    assert [(v["kind"], v["cpu"], v["vector"]) for v in out] == [("lost", "l2.2", 0x50)]
+    both = one + [("a", "l2.2", 0x50, "fixed", "l2.0", 130)]
+    assert _fake(both, sends).check() == []
+    # Not quiescent: only sends older than the bound (100 µs = 300 000 cycles) are judged.
+    assert _fake(one, sends, now=1000, quiescent=False).check() == []
+    assert len(_fake(one, sends, now=400_000, quiescent=False).check()) == 1
+    # Lowest priority: one candidate is enough.
+    lp = {"l1.0": [(100, 0x41, ("l1.1", "l1.2"), (("l1.1", "l1.2"),))]}
+    assert _fake([("a", "l1.2", 0x41, "lowest", "l1.0", 100)], lp).check() == []
+    assert [v["cpu"] for v in _fake([], lp).check()] == ["l1.1"]
 
 
 def test_duplicated_is_a_second_handler_run_for_one_send():

@@ -112,6 +112,7 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
         backing = l1mem.alloc(1)
         v = Vcpu(kvm1, i, f"l2.{i}", vm2.apic_id(i), vm2.apic, l2_guest(i), backing, home=i % n1)
         kvm1.vcpus.append(v)
+        v.guest.poll_wake = _l2_poll_wake(kvm0, v)
         l1host.backing_owner[backing] = v
         host.backing_owner[l1mem.hpa(backing)] = v   # the silicon sees the page by its HPA
         os_apic_defaults(v.apic)
@@ -191,6 +192,7 @@ def build_nested_vmx(scn: Scenario, engine: Engine, costs: CostModel, rec: Recor
         backing = l1mem.alloc(1)
         v = Vcpu(kvm1, i, f"l2.{i}", vm2.apic_id(i), vm2.apic, l2_guest(i), backing, home=i % n1)
         kvm1.vcpus.append(v)
+        v.guest.poll_wake = _l2_poll_wake(kvm0, v)
         l1host.backing_owner[backing] = v
         host.backing_owner[l1mem.hpa(backing)] = v
         os_apic_defaults(v.apic)
@@ -207,6 +209,19 @@ def build_nested_vmx(scn: Scenario, engine: Engine, costs: CostModel, rec: Recor
     for v in l1_vcpus:
         engine.spawn(kvm0.vcpu_thread(v), v.name)
     return kvm0, kvm1
+
+
+def _l2_poll_wake(kvm0: Kvm, v: Vcpu) -> Callable[[], None]:
+    """A shared-memory store seen by an L2 vCPU spinning on it: wake the pCPU that runs the L1
+    vCPU currently hosting it (as a pause loop sees the cache line change)."""
+
+    def wake() -> None:
+        if v.cpu is not None:
+            host_vcpu = kvm0.vcpus[v.cpu]
+            if host_vcpu.cpu is not None:
+                host_vcpu.pcpu.wake.fire()
+
+    return wake
 
 
 class _Placeholder:
