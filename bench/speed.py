@@ -66,6 +66,27 @@ def ipis_per_second(cfg: dict[str, str], n: int, repeat: int = 1) -> tuple[float
     return best
 
 
+def oracle_overhead(n: int, repeat: int) -> None:
+    """The oracle is on in every run: its send tracking (provenance) is the part that costs during
+    the run; measure the same ping-pong with it replaced by a no-op tracker."""
+    from navic.check import provenance
+
+    class _Off:
+        def check(self) -> list:
+            return []
+
+    cfg = CONFIGS["L1 AVIC (zen4)"]
+    on = max(ipis_per_second(cfg, n)[0] for _ in range(repeat))
+    real = provenance.track
+    provenance.track = lambda run: _Off()
+    try:
+        off = max(ipis_per_second(cfg, n)[0] for _ in range(repeat))
+    finally:
+        provenance.track = real
+    print(f"  oracle cost (L1 AVIC ping-pong): {on:,.0f} IPIs/s with it, {off:,.0f} without "
+          f"-> {100 * (off / on - 1):.0f}% slower with the oracle on")
+
+
 def broadcast_4096(quick: bool) -> None:
     n = 1024 if quick else 4096
     text = f'''name = "bench-broadcast"
@@ -144,6 +165,8 @@ def main() -> None:
             print(f"  navic / SimPy (bare metal): {rates['bare metal'] / srate:.2f}x")
         except ImportError:
             print("  SimPy baseline: simpy is not installed (pip install simpy)")
+    print("oracle:")
+    oracle_overhead(n, 3)
     print("scale:")
     broadcast_4096(args.quick)
 
