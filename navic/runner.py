@@ -41,12 +41,11 @@ def build_kvm(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr
               guest: Any) -> Any:
     """L0 = KVM on the silicon: host, SVM/AVIC (or VMX) hardware, one VM with its vCPU threads."""
     from navic.hv.host import Host
-    from navic.hv.kvm import Kvm, Vcpu
+    from navic.hv.kvm import Kvm
     from navic.hv.svm import SvmVendor
     from navic.hw.avic import AvicEngine
     from navic.hw.errata import Erratum1235
     from navic.hw.features import features_for
-    from navic.hw.machine import os_apic_defaults
     from navic.hw.svm import Svm
 
     features = features_for(scn.host.cpu)
@@ -65,18 +64,7 @@ def build_kvm(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr
     kvm.vendor = SvmVendor(kvm, host, host.silicon, features)
     if erratum is not None:
         erratum.track_table(kvm.vendor.avic.physical_table_hpa, kvm.vendor.avic.physical_table_pages)
-    vm = scn.l1
-    npcpus = len(host.pcpus)
-    for i in range(vm.vcpus):
-        backing = host.mem.alloc(1)
-        v = Vcpu(kvm, i, f"l1.{i}", vm.apic_id(i), vm.apic, guest(i), backing, home=i % npcpus)
-        kvm.vcpus.append(v)
-        v.guest.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
-        host.backing_owner[backing] = v
-        os_apic_defaults(v.apic)
-        kvm.vendor.vcpu_create(v)
-    kvm.recalc_apic_map()
-    kvm.vendor.post_create()
+    kvm.create_vcpus(scn.l1, guest)
     for v in kvm.vcpus:
         engine.spawn(kvm.vcpu_thread(v), v.name)
     return kvm

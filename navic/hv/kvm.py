@@ -13,7 +13,7 @@ kvm_vcpu_check_block).
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from navic.apic import dest as apic_dest
@@ -145,6 +145,28 @@ class Kvm:
         self.apic_timer_fn = self._apic_timer_expired
         self.inhibits = Inhibits(self.engine)
         self.exit_level = "l0"   # where this KVM's exits are counted ("l1" for L1's KVM)
+
+    # -- creating vCPUs (kvm_vm_ioctl_create_vcpu) ------------------------------------------
+    def create_vcpus(self, vm: Any, guest_of: Callable[[int], GuestCpu], prefix: str = "l1") -> list[Vcpu]:
+        """One vCPU per ``vm.vcpus``: its backing page (= the emulated APIC's register page),
+        the OS's APIC defaults, the vendor's per-vCPU state; then the APIC map and the initial
+        APICv activation. A vCPU spinning on memory is woken through its pCPU (``poll_wake``)."""
+        from navic.hw.machine import os_apic_defaults
+
+        npcpus = len(self.host.pcpus)
+        made = []
+        for i in range(vm.vcpus):
+            backing = self.mem.alloc(1)
+            v = Vcpu(self, i, f"{prefix}.{i}", vm.apic_id(i), vm.apic, guest_of(i), backing, home=i % npcpus)
+            self.vcpus.append(v)
+            v.guest.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
+            self.host.backing_owner[backing] = v
+            os_apic_defaults(v.apic)
+            self.vendor.vcpu_create(v)
+            made.append(v)
+        self.recalc_apic_map()
+        self.vendor.post_create()
+        return made
 
     # -- APICv inhibits (kvm_set_or_clear_apicv_inhibit) -----------------------------------
     def set_apicv_inhibit(self, reason: str) -> None:

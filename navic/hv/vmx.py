@@ -506,25 +506,13 @@ def build_kvm_vmx(scn: Any, engine: Any, costs: Any, rec: Any, tr: Any, guest: A
     :func:`navic.runner.build_kvm`)."""
     from navic.hv.host import Host
     from navic.hw.features import features_for
-    from navic.hw.machine import os_apic_defaults
 
     features = features_for(scn.host.cpu)
     host = Host(scn, engine, costs, rec, tr)
     host.silicon = Vmx(host, features)
     kvm = Kvm(host)
     kvm.vendor = VmxVendor(kvm, host, host.silicon, features)
-    vm = scn.l1
-    npcpus = len(host.pcpus)
-    for i in range(vm.vcpus):
-        backing = host.mem.alloc(1)   # the virtual-APIC page = KVM's apic->regs
-        v = Vcpu(kvm, i, f"l1.{i}", vm.apic_id(i), vm.apic, guest(i), backing, home=i % npcpus)
-        kvm.vcpus.append(v)
-        v.guest.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
-        host.backing_owner[backing] = v
-        os_apic_defaults(v.apic)
-        kvm.vendor.vcpu_create(v)
-    kvm.recalc_apic_map()
-    kvm.vendor.post_create()
+    kvm.create_vcpus(scn.l1, guest)   # each backing page = the virtual-APIC page = KVM's apic->regs
     for v in kvm.vcpus:
         engine.spawn(kvm.vcpu_thread(v), v.name)
     return kvm
