@@ -147,10 +147,14 @@ class Kvm:
         self.exit_level = "l0"   # where this KVM's exits are counted ("l1" for L1's KVM)
 
     # -- creating vCPUs (kvm_vm_ioctl_create_vcpu) ------------------------------------------
-    def create_vcpus(self, vm: Any, guest_of: Callable[[int], GuestCpu], prefix: str = "l1") -> list[Vcpu]:
+    def create_vcpus(self, vm: Any, guest_of: Callable[[int], GuestCpu], prefix: str = "l1", *,
+                     poll_wake_of: Callable[[Vcpu], Callable[[], None]] | None = None,
+                     after_create: Callable[[Vcpu], None] | None = None) -> list[Vcpu]:
         """One vCPU per ``vm.vcpus``: its backing page (= the emulated APIC's register page),
         the OS's APIC defaults, the vendor's per-vCPU state; then the APIC map and the initial
-        APICv activation. A vCPU spinning on memory is woken through its pCPU (``poll_wake``)."""
+        APICv activation. A vCPU spinning on memory is woken through its pCPU (``poll_wake``;
+        ``poll_wake_of`` overrides it, e.g. for an L2 vCPU, whose "pCPU" is an L1 vCPU);
+        ``after_create`` sees each vCPU right after the vendor created its state."""
         from navic.hw.machine import os_apic_defaults
 
         npcpus = len(self.host.pcpus)
@@ -159,10 +163,13 @@ class Kvm:
             backing = self.mem.alloc(1)
             v = Vcpu(self, i, f"{prefix}.{i}", vm.apic_id(i), vm.apic, guest_of(i), backing, home=i % npcpus)
             self.vcpus.append(v)
-            v.guest.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
+            v.guest.poll_wake = (poll_wake_of(v) if poll_wake_of is not None
+                                 else (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None))
             self.host.backing_owner[backing] = v
             os_apic_defaults(v.apic)
             self.vendor.vcpu_create(v)
+            if after_create is not None:
+                after_create(v)
             made.append(v)
         self.recalc_apic_map()
         self.vendor.post_create()

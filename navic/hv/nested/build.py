@@ -106,21 +106,13 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
     kvm1 = Kvm(l1host, name="l2")
     kvm1.exit_level = "l1"
     kvm1.vendor = SvmVendor(kvm1, l1host, l1host.silicon, l1_features)
-    vm2 = scn.l2
-    n1 = len(l1_vcpus)
-    for i in range(vm2.vcpus):
-        backing = l1mem.alloc(1)
-        v = Vcpu(kvm1, i, f"l2.{i}", vm2.apic_id(i), vm2.apic, l2_guest(i), backing, home=i % n1)
-        kvm1.vcpus.append(v)
-        v.guest.poll_wake = _l2_poll_wake(kvm0, v)
-        l1host.backing_owner[backing] = v
-        host.backing_owner[l1mem.hpa(backing)] = v   # the silicon sees the page by its HPA
-        os_apic_defaults(v.apic)
-        kvm1.vendor.vcpu_create(v)
+    def registered(v: Vcpu) -> None:
+        host.backing_owner[l1mem.hpa(v.backing_hpa)] = v   # the silicon sees the page by its HPA
         v.ctx01 = v.ctx
         nested.vcpu_by_vmcb12[v.vmcb.hpa] = v
-    kvm1.recalc_apic_map()
-    kvm1.vendor.post_create()
+
+    kvm1.create_vcpus(scn.l2, l2_guest, "l2", poll_wake_of=lambda v: _l2_poll_wake(kvm0, v),
+                      after_create=registered)
     for v in kvm1.vcpus:
         l1host.spawn(v, kvm1.vcpu_thread(v))
     for v in l1_vcpus:
@@ -187,23 +179,16 @@ def build_nested_vmx(scn: Scenario, engine: Engine, costs: CostModel, rec: Recor
     kvm1.exit_level = "l1"
     vm2 = scn.l2
     kvm1.vendor = VmxVendor(kvm1, l1host, l1host.silicon, l1_features, vm=vm2)
-    n1 = len(l1_vcpus)
-    for i in range(vm2.vcpus):
-        backing = l1mem.alloc(1)
-        v = Vcpu(kvm1, i, f"l2.{i}", vm2.apic_id(i), vm2.apic, l2_guest(i), backing, home=i % n1)
-        kvm1.vcpus.append(v)
-        v.guest.poll_wake = _l2_poll_wake(kvm0, v)
-        l1host.backing_owner[backing] = v
-        host.backing_owner[l1mem.hpa(backing)] = v
-        os_apic_defaults(v.apic)
-        kvm1.vendor.vcpu_create(v)
+    def registered(v: Vcpu) -> None:
+        host.backing_owner[l1mem.hpa(v.backing_hpa)] = v
         l1host.backing_owner[v.pid.hpa] = v        # L1 GPA of its PID (receive side of L0's posts)
         v.ctx.vmcs_gpa = l1mem.alloc(1)            # the VMCS region L1 VMPTRLDs (vmcs12)
         v.ctx.level = "L2"
         v.ctx01 = v.ctx
         nested.vcpu_by_vmcs12[v.ctx.vmcs_gpa] = v
-    kvm1.recalc_apic_map()
-    kvm1.vendor.post_create()
+
+    kvm1.create_vcpus(vm2, l2_guest, "l2", poll_wake_of=lambda v: _l2_poll_wake(kvm0, v),
+                      after_create=registered)
     for v in kvm1.vcpus:
         l1host.spawn(v, kvm1.vcpu_thread(v))
     for v in l1_vcpus:
