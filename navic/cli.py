@@ -18,7 +18,7 @@ import importlib
 import json
 import pkgutil
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -61,44 +61,44 @@ def load_or_exit(path: str | Path) -> Scenario:
     return load_scenario(path)
 
 
-def simulate_one(scn: Scenario, **kw: Any) -> Any:
-    """Like :func:`run_one` but returns the live :class:`navic.runner.Run` (for traces, stats)."""
-    runner = importlib.import_module("navic.runner")
+def _runner() -> Any:
+    """navic.runner, imported lazily so that parse errors are reported even when the simulator is
+    broken or absent."""
     try:
-        return runner.simulate(scn, **kw)
-    except (runner.UnsupportedScenario, NotImplementedError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        if not message.startswith(f"{scn.source}:"):
-            message = f"{scn.source}: not supported yet: {message}"
-        click.echo(message, err=True)
-        raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
-
-
-def run_one(scn: Scenario) -> dict[str, Any]:
-    """Run a checked scenario with :func:`navic.runner.run_scenario` (imported lazily so that
-    parse errors are reported even when the simulator is broken or absent).
-
-    A valid scenario that this version cannot run (``navic.runner.UnsupportedScenario``, or
-    NotImplementedError) is reported on stderr as one line; exit status 2."""
-    try:
-        runner = importlib.import_module("navic.runner")
+        return importlib.import_module("navic.runner")
     except ModuleNotFoundError as exc:
         if exc.name != "navic.runner":
             raise
         click.echo("navic: the simulator (navic.runner) is not available in this build", err=True)
         raise click.exceptions.Exit(EXIT_FAILURE) from None
+
+
+def _call_runner(scn: Scenario, call: Callable[[Any], Any]) -> Any:
+    """Run ``call(runner)``; a valid scenario this version cannot run (``UnsupportedScenario`` or
+    NotImplementedError) is reported on stderr as one line naming the file; exit status 2."""
+    runner = _runner()
     unsupported: tuple[type[BaseException], ...] = (NotImplementedError,)
     extra = getattr(runner, "UnsupportedScenario", None)
     if isinstance(extra, type) and issubclass(extra, BaseException):
         unsupported += (extra,)
     try:
-        return runner.run_scenario(scn)
+        return call(runner)
     except unsupported as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         if not message.startswith(f"{scn.source}:"):
             message = f"{scn.source}: not supported yet: {message}"
         click.echo(message, err=True)
         raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
+
+
+def simulate_one(scn: Scenario, **kw: Any) -> Any:
+    """Like :func:`run_one` but returns the live :class:`navic.runner.Run` (for traces, stats)."""
+    return _call_runner(scn, lambda runner: runner.simulate(scn, **kw))
+
+
+def run_one(scn: Scenario) -> dict[str, Any]:
+    """Run a checked scenario with :func:`navic.runner.run_scenario` (the JSON-ready result)."""
+    return _call_runner(scn, lambda runner: runner.run_scenario(scn))
 
 
 def to_json(result: Mapping[str, Any]) -> str:
