@@ -79,7 +79,9 @@ class L1PCpu:
 class L1Host:
     """L1's host: what ``Kvm.host`` is for the L1 hypervisor."""
 
-    def __init__(self, l0_kvm: Kvm, mem: GuestMemory, l1_vcpus: list[Vcpu], params: Any) -> None:
+    def __init__(self, l0_kvm: Kvm, mem: GuestMemory, vm: Any, params: Any) -> None:
+        """``vm`` is the L1 VM's configuration (its vCPU count and APIC IDs); its vCPUs are L0's
+        (``l0_kvm.vcpus``), created after this host view exists because each runs an L1Cpu."""
         self.l0 = params                  # L1 KVM's module parameters (an L0Config-shaped object)
         self.kvm0 = l0_kvm
         self.engine = l0_kvm.engine
@@ -87,8 +89,8 @@ class L1Host:
         self.rec = l0_kvm.rec
         self.trace = l0_kvm.trace
         self.mem = mem
-        self.l1_vcpus = l1_vcpus
-        self.pcpus = [L1PCpu(i, v.vcpu_id) for i, v in enumerate(l1_vcpus)]
+        self.l1_vcpus: list[Vcpu] = l0_kvm.vcpus
+        self.pcpus = [L1PCpu(i, vm.apic_id(i)) for i in range(vm.vcpus)]
         self.by_apic_id = {p.apic_id: p for p in self.pcpus}
         slice_cycles = int(params.timeslice_us * self.costs.ghz * 1000)
         self.sched = HostScheduler(self.engine, len(self.pcpus), slice_cycles, self.costs.CONTEXT_SWITCH,
@@ -206,6 +208,7 @@ class L1Cpu:
     """The L1 kernel on one L1 vCPU (the guest-CPU protocol the silicon steps)."""
 
     def __init__(self, host: L1Host, index: int, name: str, *, x2apic: bool = True) -> None:
+        host.cpus.append(self)
         self.host = host
         self.index = index
         self.name = name

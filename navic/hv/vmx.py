@@ -99,6 +99,8 @@ class VmxVendor:
         self.hw.pid_owner[pid.hpa] = vcpu
         vcpu.ctx = VmcsContext(vcpu.name, "L1", vcpu.guest, vcpu.apic, owner=vcpu, pid=pid)
         vcpu.ctx.pid_table_hpa = self.pid_table_hpa
+        vcpu.ctx01 = vcpu.ctx          # vmcs01; a vmcs02 context replaces vcpu.ctx while it runs L2
+        vcpu.nested = None
         vcpu.ctx.last_pid_index = self.max_vcpu_ids - 1
         if self.enable_ipiv and vcpu.vcpu_id < self.max_vcpu_ids:
             mem.write64(self.pid_table_hpa + 8 * vcpu.vcpu_id, X.pid_table_entry(pid.hpa))

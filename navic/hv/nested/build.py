@@ -19,15 +19,12 @@ from navic.hv.svm import SvmVendor
 from navic.hw.avic import AvicEngine
 from navic.hw.errata import Erratum1235
 from navic.hw.features import features_for
-from navic.hw.machine import os_apic_defaults
 from navic.hw.memory import Npt
 from navic.hw.svm import Svm
 from navic.sim.cost import CostModel
 from navic.sim.engine import Engine
 from navic.sim.record import Recorder
 from navic.sim.trace import Trace
-
-MSR_DOORBELL = 0xC001011B
 
 
 def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr: Trace,
@@ -64,38 +61,11 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
     nested = NestedSvm(kvm0, host, l1mem, design)
     kvm0.vendor.nested = nested
 
-    vm1 = scn.l1
-    npcpus = len(host.pcpus)
-    l1_vcpus: list[Vcpu] = []
-    l1_params = dataclasses.replace(scn.l0, apicv=scn.l1.apicv_for_l2, timeslice_us=scn.l1.timeslice_us,
-                                    force_avic=False)
-    # L1's host view needs its vCPUs first; L1Cpu objects need the L1 host: create in two steps.
-    placeholders: list[Any] = []
-    for i in range(vm1.vcpus):
-        backing = host.mem.alloc(1)
-        v = Vcpu(kvm0, i, f"l1.{i}", vm1.apic_id(i), vm1.apic, _Placeholder(), backing, home=i % npcpus)
-        kvm0.vcpus.append(v)
-        host.backing_owner[backing] = v
-        os_apic_defaults(v.apic)
-        l1_vcpus.append(v)
-        placeholders.append(v)
-    l1host = L1Host(kvm0, l1mem, l1_vcpus, l1_params)
+    l1host = _l1_vcpus(scn, kvm0, l1mem)
     nested.l1host = l1host
-    for i, v in enumerate(l1_vcpus):
-        cpu = L1Cpu(l1host, i, v.name, x2apic=vm1.apic == "x2apic")
-        cpu.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
-        l1host.cpus.append(cpu)
-        v.guest = cpu
-        kvm0.vendor.vcpu_create(v)
-        v.ctx01 = v.ctx
-        v.ctx01.npt = npt           # L1 runs on L0's nested page table (write tracking)
-        v.ctx01.msr_wr.add(MSR_DOORBELL)
-        v.nested = None
-        v.nested_inhibit = False
-    kvm0.recalc_apic_map()
-    kvm0.vendor.post_create()
+    l1_vcpus = kvm0.vcpus
     for v in l1_vcpus:
-        v.ctx01.msr_wr.add(MSR_DOORBELL)
+        v.ctx01.npt = npt           # L1 runs on L0's nested page table (write tracking)
 
     # ---- L1's KVM -------------------------------------------------------------------------------
     l1_features = dataclasses.replace(
@@ -143,31 +113,9 @@ def build_nested_vmx(scn: Scenario, engine: Engine, costs: CostModel, rec: Recor
     kvm0.vendor.nested = nested
     kvm0.vendor.check_nested_events = nested.check_nested_events   # kvm_x86_ops.nested_ops
 
-    vm1 = scn.l1
-    npcpus = len(host.pcpus)
-    l1_vcpus: list[Vcpu] = []
-    l1_params = dataclasses.replace(scn.l0, apicv=scn.l1.apicv_for_l2, timeslice_us=scn.l1.timeslice_us,
-                                    force_avic=False)
-    for i in range(vm1.vcpus):
-        backing = host.mem.alloc(1)
-        v = Vcpu(kvm0, i, f"l1.{i}", vm1.apic_id(i), vm1.apic, _Placeholder(), backing, home=i % npcpus)
-        kvm0.vcpus.append(v)
-        host.backing_owner[backing] = v
-        os_apic_defaults(v.apic)
-        l1_vcpus.append(v)
-    l1host = L1Host(kvm0, l1mem, l1_vcpus, l1_params)
-    l1host.silicon = VirtualVmx(l1host)
+    l1host = _l1_vcpus(scn, kvm0, l1mem, silicon=VirtualVmx)
     nested.l1host = l1host
-    for i, v in enumerate(l1_vcpus):
-        cpu = L1Cpu(l1host, i, v.name, x2apic=vm1.apic == "x2apic")
-        cpu.poll_wake = (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None)
-        l1host.cpus.append(cpu)
-        v.guest = cpu
-        kvm0.vendor.vcpu_create(v)
-        v.ctx01 = v.ctx
-        v.nested = None
-    kvm0.recalc_apic_map()
-    kvm0.vendor.post_create()
+    l1_vcpus = kvm0.vcpus
 
     # ---- L1's KVM: what L1 is offered is the design's --------------------------------------------
     offers = nested.design.offers_apicv
@@ -196,6 +144,19 @@ def build_nested_vmx(scn: Scenario, engine: Engine, costs: CostModel, rec: Recor
     return kvm0, kvm1
 
 
+def _l1_vcpus(scn: Scenario, kvm0: Kvm, l1mem: GuestMemory, silicon: Any = None) -> L1Host:
+    """L0's vCPUs for the L1 VM, each running the L1 kernel (an L1Cpu) over L1's host view, and
+    that host view. L1's KVM parameters are [l0]'s but for apicv = [l1] apicv_for_l2 and
+    timeslice_us = [l1] timeslice_us."""
+    vm1 = scn.l1
+    params = dataclasses.replace(scn.l0, apicv=vm1.apicv_for_l2, timeslice_us=vm1.timeslice_us, force_avic=False)
+    l1host = L1Host(kvm0, l1mem, vm1, params)
+    if silicon is not None:
+        l1host.silicon = silicon(l1host)
+    kvm0.create_vcpus(vm1, lambda i: L1Cpu(l1host, i, f"l1.{i}", x2apic=vm1.apic == "x2apic"))
+    return l1host
+
+
 def _l2_poll_wake(kvm0: Kvm, v: Vcpu) -> Callable[[], None]:
     """A shared-memory store seen by an L2 vCPU spinning on it: wake the pCPU that runs the L1
     vCPU currently hosting it (as a pause loop sees the cache line change)."""
@@ -207,10 +168,3 @@ def _l2_poll_wake(kvm0: Kvm, v: Vcpu) -> Callable[[], None]:
                 host_vcpu.pcpu.wake.fire()
 
     return wake
-
-
-class _Placeholder:
-    """Stands in for an L1 vCPU's guest until its L1Cpu exists."""
-
-    IF = True
-    x2apic = True
