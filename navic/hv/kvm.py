@@ -456,6 +456,13 @@ class Kvm:
             self.kvm_vcpu_kick(vcpu, from_vcpu=from_vcpu)
         return ok
 
+    def kvm_emulate_halt(self, vcpu: Vcpu) -> str:
+        """kvm_emulate_halt(): skip the HLT instruction; the caller then halts the vCPU
+        (kvm_vcpu_halt)."""
+        vcpu.guest.retire(None)
+        vcpu.ctx.exit_insn = None
+        return "halt"
+
     def kvm_apic_msr(self, vcpu: Vcpu, insn: Any) -> Any:
         """An intercepted APIC MSR access (lapic.c kvm_x2apic_msr_read/write, x86.c
         kvm_set_apic_base): returns the value read, None, or the #GP to inject."""

@@ -394,10 +394,8 @@ class VmxVendor:
         yield  # pragma: no cover
 
     def _exit_hlt(self, vcpu: Vcpu) -> Gen:
-        """kvm_emulate_halt(): skip HLT, then halt the vCPU."""
-        vcpu.guest.retire(None)
-        vcpu.ctx.exit_insn = None
-        return "halt"
+        """The HLT intercept: kvm_emulate_halt()."""
+        return self.kvm.kvm_emulate_halt(vcpu)
         yield  # pragma: no cover
 
     def _exit_msr(self, vcpu: Vcpu) -> Gen:
