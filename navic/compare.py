@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tomllib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -393,7 +392,3 @@ def write_report(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], outd
     md.write_text(markdown_report(rows, skipped, command))
     plots = write_plots(rows, outdir)
     return {"results": res, "report": md, **{p.stem: p for p in plots}}
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else 0.0

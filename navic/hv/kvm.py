@@ -326,7 +326,6 @@ class Kvm:
         costs = self.costs
         start = self.engine.now
         ns_to_cyc = costs.ghz
-        max_poll = int(self.host.l0.halt_poll_ns * ns_to_cyc)
         woke_in_poll = False
         if vcpu.halt_poll_ns and not self.kvm_vcpu_has_events(vcpu):
             # Halt polling: the vCPU stays loaded (IsRunning stays 1) and spins on its events.
@@ -355,7 +354,6 @@ class Kvm:
                 vcpu.halt_poll_ns = min(limit, max(10_000, vcpu.halt_poll_ns * 2))
         else:
             vcpu.halt_poll_ns = 0
-        _ = max_poll
 
     def kvm_vcpu_block(self, vcpu: Vcpu) -> Gen:
         self.vendor.vcpu_blocking(vcpu)   # avic_vcpu_blocking(): IsRunning <- 0

@@ -469,9 +469,3 @@ class SvmVendor:
         V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS: _exit_noaccel,
         V.SVM_EXIT_AVIC_INCOMPLETE_IPI: _exit_incomplete_ipi,
     }
-
-
-def icr_from_page(vcpu: Vcpu) -> Icr:
-    a = vcpu.apic
-    x2 = a.mode == "x2apic"
-    return Icr.decode(a.regs[APIC_ICR >> 2], a.regs[APIC_ICR2 >> 2], x2)

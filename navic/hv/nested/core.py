@@ -13,12 +13,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE
 from navic.hv.nested import make_design
 from navic.hv.nested.base import HANDLED, Gen
-from navic.hw import isa
 from navic.hw import vmcb as V
 from navic.hw.isa import Fault
 from navic.hw.svm import GuestContext
@@ -212,9 +211,3 @@ class NestedSvm:
         else:
             kvm.kvm_vcpu_wake_up(target)
 
-    def describe(self) -> dict[str, Any]:
-        return {"design": self.design.name}
-
-
-def vmrun_insn(insn: Any) -> bool:
-    return type(insn) is isa.Vmrun

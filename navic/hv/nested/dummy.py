@@ -111,5 +111,3 @@ class DummyDesign(Design):
         self.emulate_doorbell(vcpu, value & 0xFFF)
         return None
 
-    def describe(self) -> dict[str, Any]:
-        return {"dummy_table": self.table_hpa, "sink": self.sink_hpa}

@@ -24,7 +24,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from navic.hv.nested.base import HANDLED, REFLECT, Gen
 from navic.hw import vmx as X
@@ -63,8 +63,6 @@ class VmxDesign:
         return (REFLECT, reason, qual)
         yield  # pragma: no cover
 
-    def describe(self) -> dict[str, Any]:
-        return {}
 
 
 class VmxNoneDesign(VmxDesign):
@@ -243,5 +241,3 @@ class NestedVmx:
         vcpu.guest.retire(reason)   # the L1 vCPU's VMRESUME completes
         return "continue"
 
-    def describe(self) -> dict[str, Any]:
-        return {"design": self.design.name, **self.design.describe()}

@@ -121,5 +121,3 @@ class VmxDummyDesign(VmxDesign):
         else:
             host.engine.call_later(host.costs.HOST_IPI_WIRE, arrive, label="host-ipi")
 
-    def describe(self) -> dict[str, Any]:
-        return {"dummy_pid_table": self.table_hpa}
