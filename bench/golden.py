@@ -118,7 +118,8 @@ def collect(out: Path) -> None:
         rep = tmp / "report"
         (out / "compare.json").write_text(_run(["compare", "--json", "--out", str(rep), "-j", "2"]))
         for tr in sorted(rep.glob("**/*.json")):
-            (out / f"compare-{tr.relative_to(rep).as_posix().replace('/', '_')}").write_text(tr.read_text().replace(str(tmp), "TMP"))
+            name = f"compare-{tr.relative_to(rep).as_posix().replace('/', '_')}"
+            (out / name).write_text(tr.read_text().replace(str(tmp), "TMP"))
 
 
 def main() -> None:
