@@ -20,6 +20,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -137,6 +138,67 @@ ops = [ {{ op = "sti" }}, {{ op = "compute", cycles = 20000 }}, {{ op = "ipi", s
     print(f"  AVIC hardware path alone, one broadcast over {n} entries: {dt * 1000:.1f} ms wall (exit: {res})")
 
 
+SHOOTDOWN = '''name = "bench-shootdown"
+[host]
+virt = "kvm"
+cpu = "zen5"
+pcpus = {n}
+[l0]
+halt_poll_ns = 0
+[l1]
+vcpus = {n}
+apic = "x2apic"
+[workload]
+kind = "tlb-shootdown"
+iterations = 1
+mode = "{mode}"
+idle = "hlt"
+'''
+
+
+def _phases(text: str) -> tuple[dict[str, float], Any]:
+    """Run a scenario, timing VM construction, the event loop (``Engine.run``) and the end-of-run
+    checks separately (wall seconds)."""
+    from navic.sim import engine as E
+
+    real = E.Engine.run
+    spans: dict[str, float] = {}
+
+    def timed(self: Any, until: int | None = None) -> None:
+        t = time.perf_counter()
+        spans["start_run"] = t
+        try:
+            real(self, until)
+        finally:
+            spans["end_run"] = time.perf_counter()
+
+    gc.collect()
+    E.Engine.run = timed  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        run = simulate(loads_scenario(text, "bench"))
+        t1 = time.perf_counter()
+    finally:
+        E.Engine.run = real  # type: ignore[method-assign]
+    return {"build": spans["start_run"] - t0, "events": spans["end_run"] - spans["start_run"],
+            "checks": t1 - spans["end_run"], "total": t1 - t0}, run
+
+
+def shootdown_4096(quick: bool) -> None:
+    """A 4096-target TLB shootdown: one sender, every other vCPU a target (halted), acks through
+    shared memory; one IPI per target (physical), one per x2APIC cluster (logical), or one
+    all-but-self broadcast."""
+    n = 1024 if quick else 4096
+    for mode in ("physical", "logical", "broadcast"):
+        ph, run = _phases(SHOOTDOWN.format(n=n, mode=mode))
+        got = sum(1 for d in run.recorder.deliveries if d["vector"] == 0xF2)
+        sim_us = run.engine.now / run.costs.ghz / 1000
+        print(f"  {n}-vCPU zen5 x2APIC VM, TLB shootdown to {n - 1} targets ({mode:9}): {got} deliveries, "
+              f"simulated {sim_us:,.1f} us; wall: events {ph['events']:.2f} s, "
+              f"VM construction {ph['build']:.2f} s, end-of-run checks {ph['checks']:.2f} s")
+        del run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -169,6 +231,7 @@ def main() -> None:
     oracle_overhead(n, 3)
     print("scale:")
     broadcast_4096(args.quick)
+    shootdown_4096(args.quick)
 
 
 if __name__ == "__main__":
