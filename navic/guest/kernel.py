@@ -315,7 +315,8 @@ class GuestCpu:
         self.finished = program is None    # main program done
         self._op_index: int | None = None
         self._pause = isa.Pause(0)         # the last PAUSE fetched (one per epoch: immutable)
-        self._handler_code: dict[int, tuple[tuple[O.Op, ...], _Code]] = {}
+        self._handler_code: dict[int, tuple[tuple[O.Op, ...], _Code]] = {}  # vector -> (handler, code)
+        self._spare: _Frame | None = None  # a returned handler's frame, reused by the next entry
         # An observer of the sends this CPU issues (navic.check.provenance): called with every
         # WRMSR / MMIO-write instruction as it is fetched, before the executor runs it.
         self.send_watch: Callable[[Insn], None] | None = None
@@ -407,6 +408,7 @@ class GuestCpu:
                     continue
                 # A handler returns: IRET restores IF (and ends NMI blocking).
                 frames.pop()
+                self._spare = f
                 self.IF = f.saved_if
                 if f.kind == "nmi":
                     self.nmi_blocked = False
@@ -582,21 +584,37 @@ class GuestCpu:
         program = self.program
         if kind == "nmi":
             self.nmi_blocked = True
-            handler = program.handlers.get(NMI_VECTOR) if program is not None else None
-            code = self._code_of(NMI_VECTOR, handler) if handler is not None else _NOTHING_CODE
+            vector_code = NMI_VECTOR
+            fkind = "nmi"
         else:
-            handler = program.handlers.get(vector) if program is not None else None
-            code = self._code_of(vector, handler) if handler is not None else _DEFAULT_CODE
-        self.frames.append(_Frame(code, saved, "nmi" if kind == "nmi" else "irq"))
+            vector_code = vector
+            fkind = "irq"
+        handler = program.handlers.get(vector_code) if program is not None else None
+        if handler is None:
+            code = _NOTHING_CODE if fkind == "nmi" else _DEFAULT_CODE
+        else:
+            e = self._handler_code.get(vector_code)
+            if e is None or e[0] is not handler:
+                e = self._handler_code[vector_code] = (handler, compiled(handler))
+            code = e[1]
+        # The frame of the last handler that returned is reused (same as a new _Frame).
+        f = self._spare
+        if f is None:
+            f = _Frame(code, saved, fkind)
+        else:
+            self._spare = None
+            f.code = code
+            f.steps = code.steps
+            f.pc = 0
+            f.ctr = [0] * code.nctr if code.nctr else None
+            f.loc = None
+            f.saved_if = saved
+            f.kind = fkind
+            f.result = None
+        self.frames.append(f)
         self.handled[vector] = self.handled.get(vector, 0) + 1
         self.epoch += 1
         self._on_delivery(self, vector, kind)
-
-    def _code_of(self, vector: int, handler: tuple[O.Op, ...]) -> _Code:
-        e = self._handler_code.get(vector)
-        if e is None or e[0] is not handler:
-            e = self._handler_code[vector] = (handler, compiled(handler))
-        return e[1]
 
     def note_event(self, vector: int, kind: str) -> None:
         """A delivery that runs no guest handler (INIT, SIPI, SMI): recorded, counted."""
