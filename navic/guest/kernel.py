@@ -109,6 +109,8 @@ _MMIOR = 28     # (k, op): MMIO read op -> pc+1
 _X2APIC_ICR = X2APIC_MSR_BASE + (APIC_ICR >> 4)
 _X2APIC_EOI = X2APIC_MSR_BASE + (APIC_EOI >> 4)
 _EOI_X2 = isa.Wrmsr(_X2APIC_EOI, 0)     # shared: instructions are immutable
+_PLAIN = (int, bool, str, float, type(None))  # values the explorer's state hash looks at
+_OTHER = object()                              # ... and a stand-in for any other value
 
 
 class _Code:
@@ -152,7 +154,8 @@ def _emit(c: _Code, ops: tuple[O.Op, ...], chain: tuple[Any, ...], slots: tuple[
             c._at(i + 2, ("ops", ch, "ipi.icr2", low), slots, True)
             c._at(i + 3, ("ops", ch, "ipi.icr", low), slots, True)
         elif t is O.Eoi:
-            steps += [(_EOI, op, {}), (_CHECK, op, i + 3), (_CHECK, op, i + 3)]
+            # The former kernel discarded the EOI write's result (no fault report): kept so.
+            steps += [(_EOI, op, {}), (_JUMP, i + 3), (_JUMP, i + 3)]
             c._at(i + 1, ("ops", ch, "eoi.x2"), slots)
             c._at(i + 2, ("ops", ch, "eoi.xa"), slots)
         elif t in (O.Sti, O.Cli, O.Hlt, O.Compute):
@@ -235,7 +238,7 @@ def _special(family: str, steps: list[tuple[Any, ...]], keys: dict[int, str]) ->
 # Code without ops: the idle loop (HLT forever), a handler-less NMI, the default handler (EOI).
 _IDLE_CODE = _special("idle", [(_IDLE,), (_IDLE,)], {1: "hlt"})
 _NOTHING_CODE = _special("nothing", [(_END,)], {})
-_DEFAULT_CODE = _special("default", [(_EOI, None, {}), (_JUMP, 3), (_JUMP, 3), (_END,)], {1: "eoi.x2", 2: "eoi.xa"})
+_DEFAULT_CODE = _special("default", [(_EOI, None, {}), (_END,), (_END,)], {1: "eoi.x2", 2: "eoi.xa"})
 
 # Compiled op tuples, shared by the CPUs that run the same code (keyed by identity; the entry
 # holds the tuple so that its id is not reused). Bounded: cleared when it grows large.
@@ -471,6 +474,8 @@ class GuestCpu:
                     self._report(s[1], res)
                     pc = s[4]
                     continue
+                # The ICR2 write's result is one of the op's locals here (the explorer saw it).
+                f.loc = (f.loc, res if type(res) in _PLAIN else _OTHER)
                 clock = self.clock
                 if clock is not None:
                     self.ipi_sent_at = clock.now
