@@ -111,6 +111,7 @@ _X2APIC_EOI = X2APIC_MSR_BASE + (APIC_EOI >> 4)
 _EOI_X2 = isa.Wrmsr(_X2APIC_EOI, 0)     # shared: instructions are immutable
 _PLAIN = (int, bool, str, float, type(None))  # values the explorer's state hash looks at
 _OTHER = object()                              # ... and a stand-in for any other value
+_PAUSE0 = isa.Pause(0)
 
 
 class _Code:
@@ -317,8 +318,8 @@ class GuestCpu:
         self._awaited: dict[str, int] = {}
         self.finished = program is None    # main program done
         self._op_index: int | None = None
-        self._pause = isa.Pause(0)         # the last PAUSE fetched (one per epoch: immutable)
-        self._handler_code: dict[int, tuple[tuple[O.Op, ...], _Code]] = {}  # vector -> (handler, code)
+        self._pause = _PAUSE0              # the last PAUSE fetched (one per epoch: immutable)
+        self._handler_code: dict[int, tuple[tuple[O.Op, ...], _Code]] | None = None  # vector -> (handler, code)
         self._spare: _Frame | None = None  # a returned handler's frame, reused by the next entry
         # An observer of the sends this CPU issues (navic.check.provenance): called with every
         # WRMSR / MMIO-write instruction as it is fetched, before the executor runs it.
@@ -598,9 +599,12 @@ class GuestCpu:
         if handler is None:
             code = _NOTHING_CODE if fkind == "nmi" else _DEFAULT_CODE
         else:
-            e = self._handler_code.get(vector_code)
+            cache = self._handler_code
+            if cache is None:
+                cache = self._handler_code = {}
+            e = cache.get(vector_code)
             if e is None or e[0] is not handler:
-                e = self._handler_code[vector_code] = (handler, compiled(handler))
+                e = cache[vector_code] = (handler, compiled(handler))
             code = e[1]
         # The frame of the last handler that returned is reused (same as a new _Frame).
         f = self._spare
