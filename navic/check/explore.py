@@ -106,7 +106,7 @@ def state_hash(run: Any) -> bytes:
         parts.append((g.name, g.IF, g.nmi_blocked, g.wait_for_sipi, g.finished,
                       tuple(sorted(g.handled.items())), tuple(sorted(g._consumed.items())),
                       tuple(sorted(g.reads.items())), g.x2apic, g.apic_base,
-                      tuple((f.kind, f.saved_if, _pc(f.gen)) for f in g.frames)))
+                      tuple((f.kind, f.saved_if, f.position()) for f in g.frames)))
     rec = run.recorder
     # Pending acceptances with their provenance (send times relative to now: which send they are).
     parts.append(tuple(sorted((k, tuple((now - t, sb, kind) for t, sb, kind in q))

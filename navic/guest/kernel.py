@@ -13,7 +13,7 @@ boundaries through :meth:`enter_handler`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
 
 from navic.apic.registers import (
@@ -30,8 +30,6 @@ from navic.hw.isa import Fault, Insn
 
 APIC_DEFAULT_BASE = 0xFEE00000
 NMI_VECTOR = 2
-
-GuestGen = Generator[Insn, Any, None]
 
 # Scenario op names (as written in TOML) of the op records, for error reports.
 OP_NAMES: dict[type, str] = {
@@ -60,18 +58,228 @@ class SharedMemory:
 
 
 
-_WRMSR = isa.Wrmsr
-_MMIO_WRITE = isa.MmioWrite
+# ---------------------------------------------------------------------------------------------
+# Compiled guest code
+# ---------------------------------------------------------------------------------------------
+# An op tuple (a program body, a handler; repeat bodies inline) is compiled once into a flat list
+# of steps that GuestCpu.next_insn interprets. This replaces a chain of generators (ops -> op ->
+# ipi/wait/eoi, one resume per level per instruction) and is equivalent to it: the same
+# instructions in the same order, the clock, IF and the counters read at the same moments, the
+# result of an instruction (fault check, value read) handled when the code is next resumed.
+#
+# A step is a tuple whose first item is its kind. A step that fetches an instruction stores the
+# frame's *continuation* pc (the step that consumes the instruction's result) and returns. Every
+# place where the former generators could be suspended has its own continuation pc, and
+# ``_Code.keys`` names it as those generators did (op type and index per nesting level, the
+# yield point, the plain locals that are fixed by the op); with the repeat counters and the op's
+# run-time locals (``_Frame.loc``) this distinguishes exactly the states the explorer told apart
+# by generator positions (``_Frame.position``).
+#
+# Kinds and layouts (pc = the step's own index):
+_CHECK = 0      # (k, op, next): fault check of op's instruction
+_WS_TEST = 1    # (k, vector, pause_pc, end_pc): spin wait: PAUSE while handled < needed, then CLI if IF was 0
+_IPI = 2        # (k, op, icr_low, x2_cache, xa_cache): x2APIC -> pc+1, xAPIC ICR2 -> pc+2
+_EOI = 3        # (k, op | None, xa_cache): x2APIC -> pc+1, xAPIC -> pc+2
+_END = 4        # (k,): the code is done: IRET from a handler, or the program finished
+_OPFETCH = 5    # (k, insn, next, op): an op that is one fixed instruction (STI, CLI, HLT, Compute, RDMSR)
+_FETCH = 6      # (k, insn, next): a fixed instruction inside an op
+_WS_BEGIN = 7   # (k, op): spin wait begins: STI if IF = 0 -> pc+1
+_WAIT_END = 8   # (k, vector, next): the wait consumed its handler runs
+_R_NEXT = 9     # (k, times, slot, body_pc, end_pc): end of one repeat iteration
+_R_BEGIN = 10   # (k, op, slot, body_pc, end_pc)
+_WH_BEGIN = 11  # (k, op): safe-halt wait begins: CLI if IF = 1 -> pc+1
+_WH_TEST = 12   # (k, vector, loop_pc, end_pc): STI;HLT;CLI while handled < needed, then STI if IF was 1
+_IPI_XA2 = 13   # (k, op, icr_low, xa_cache, end_pc): xAPIC: after ICR2, write ICR -> pc+1
+_JUMP = 14      # (k, next)
+_IDLE = 15      # (k,): HLT forever -> pc 1
+_AW_BEGIN = 16  # (k, op): await begins: STI if IF = 0 -> pc+1
+_AW_TEST = 17   # (k, op, poll_pc, end_pc): HLT / PAUSE while the variable is short, then CLI if IF was 0
+_AW_END = 18    # (k, op, next)
+_TSC = 19       # (k, op): WRMSR(TSC_DEADLINE, now + delta) -> pc+1
+_ADD = 20       # (k, op): the LOCK ADD's compute time -> pc+1
+_ADD_POST = 21  # (k, op, next): the store becomes visible
+_WRITE = 22     # (k, op, off, value): APIC register write: x2APIC -> pc+1, xAPIC -> pc+2
+_READ = 23      # (k, op, off): APIC register read: x2APIC -> pc+1, xAPIC -> pc+2
+_READ_POST = 24  # (k, op, next): fault check, then store the value read
+_WRMSR_OP = 25  # (k, op, insn): WRMSR op -> pc+1
+_WRMSR_POST = 26  # (k, op, next): fault check, then track IA32_APIC_BASE
+_MMIOW = 27     # (k, op): MMIO write op -> pc+1
+_MMIOR = 28     # (k, op): MMIO read op -> pc+1
+
+_X2APIC_ICR = X2APIC_MSR_BASE + (APIC_ICR >> 4)
+_X2APIC_EOI = X2APIC_MSR_BASE + (APIC_EOI >> 4)
+_EOI_X2 = isa.Wrmsr(_X2APIC_EOI, 0)     # shared: instructions are immutable
+_PLAIN = (int, bool, str, float, type(None))  # values the explorer's state hash looks at
+_OTHER = object()                              # ... and a stand-in for any other value
+_PAUSE0 = isa.Pause(0)
+
+
+class _Code:
+    """Compiled guest code: ``steps`` (see above), ``keys`` (pc of each place the code can be
+    suspended -> (name of that place, the repeat counters live there, whether the op's run-time
+    locals matter there)) and ``nctr`` (repeat counters per frame)."""
+
+    __slots__ = ("steps", "keys", "nctr")
+
+    def __init__(self, family: str) -> None:
+        self.steps: list[tuple[Any, ...]] = []
+        self.keys: dict[int, tuple[tuple[Any, ...], tuple[int, ...], bool]] = {0: ((family, "start"), (), False)}
+        self.nctr = 0
+
+    def _at(self, pc: int, key: tuple[Any, ...], slots: tuple[int, ...], has_loc: bool = False) -> None:
+        assert pc not in self.keys, "two suspension points share a continuation"
+        self.keys[pc] = (key, slots, has_loc)
+
+
+def _low(op: O.Ipi) -> int:
+    """The ICR low word of an ``ipi`` op (vector, delivery/destination mode, level, trigger, shorthand)."""
+    return ((op.vector & 0xFF)
+            | (O.DELIVERY_MODES[op.mode] << 8)
+            | (O.DEST_MODES[op.dest_mode] << 11)
+            | ((op.level & 1) << 14)
+            | (O.TRIGGERS[op.trigger] << 15)
+            | (O.SHORTHANDS[op.shorthand] << 18))
+
+
+def _emit(c: _Code, ops: tuple[O.Op, ...], chain: tuple[Any, ...], slots: tuple[int, ...]) -> None:  # noqa: C901
+    """Append the steps of ``ops`` (nested in the ops ``chain``, inside repeats with counters ``slots``)."""
+    steps = c.steps
+    for op in ops:
+        t = type(op)
+        ch = (*chain, (t.__name__, op.index))
+        i = len(steps)
+        if t is O.Ipi:
+            low = _low(op)  # type: ignore[arg-type]
+            steps += [(_IPI, op, low, {}, {}), (_CHECK, op, i + 4), (_IPI_XA2, op, low, {}, i + 4), (_CHECK, op, i + 4)]
+            c._at(i + 1, ("ops", ch, "ipi.x2", low), slots, True)
+            c._at(i + 2, ("ops", ch, "ipi.icr2", low), slots, True)
+            c._at(i + 3, ("ops", ch, "ipi.icr", low), slots, True)
+        elif t is O.Eoi:
+            # The former kernel discarded the EOI write's result (no fault report): kept so.
+            steps += [(_EOI, op, {}), (_JUMP, i + 3), (_JUMP, i + 3)]
+            c._at(i + 1, ("ops", ch, "eoi.x2"), slots)
+            c._at(i + 2, ("ops", ch, "eoi.xa"), slots)
+        elif t in (O.Sti, O.Cli, O.Hlt, O.Compute):
+            insn = {O.Sti: isa.STI, O.Cli: isa.CLI, O.Hlt: isa.HLT}.get(t) or isa.Compute(op.cycles)  # type: ignore[attr-defined]
+            steps.append((_OPFETCH, insn, i + 1, op))
+            c._at(i + 1, ("ops", ch, t.__name__), slots)
+        elif t is O.Wait:
+            v = op.vector  # type: ignore[attr-defined]
+            if op.how == "hlt":  # type: ignore[attr-defined]
+                # The safe-halt idiom: check with IF=0, then STI;HLT (STI's shadow makes it atomic).
+                steps += [(_WH_BEGIN, op), (_WH_TEST, v, i + 2, i + 5), (_FETCH, isa.HLT, i + 3),
+                          (_FETCH, isa.CLI, i + 4), (_WH_TEST, v, i + 2, i + 5), (_WAIT_END, v, i + 6)]
+                for j, where in enumerate(("cli0", "sti", "hlt", "cli", "sti1"), 1):
+                    c._at(i + j, ("ops", ch, "wait.hlt." + where, v), slots, True)
+            else:
+                steps += [(_WS_BEGIN, op), (_WS_TEST, v, i + 2, i + 3), (_WS_TEST, v, i + 2, i + 3),
+                          (_WAIT_END, v, i + 4)]
+                for j, where in enumerate(("sti", "pause", "cli"), 1):
+                    c._at(i + j, ("ops", ch, "wait.spin." + where, v), slots, True)
+        elif t is O.Repeat:
+            slot = c.nctr
+            c.nctr += 1
+            steps.append(None)  # type: ignore[arg-type]  # R_BEGIN, once the end is known
+            _emit(c, op.ops, ch, (*slots, slot))  # type: ignore[attr-defined]
+            end = len(steps) + 1
+            steps.append((_R_NEXT, op.times, slot, i + 1, end))  # type: ignore[attr-defined]
+            steps[i] = (_R_BEGIN, op, slot, i + 1, end)
+        elif t is O.Await:
+            steps += [(_AW_BEGIN, op), (_AW_TEST, op, i + 2, i + 3), (_AW_TEST, op, i + 2, i + 3), (_AW_END, op, i + 4)]
+            poll = "hlt" if op.how == "hlt" else "pause"  # type: ignore[attr-defined]
+            for j, where in enumerate(("sti", poll, "cli"), 1):
+                c._at(i + j, ("ops", ch, "await." + where), slots, True)
+        elif t is O.TscDeadline:
+            steps += [(_TSC, op), (_CHECK, op, i + 2)]
+            c._at(i + 1, ("ops", ch, "tsc"), slots, True)
+        elif t is O.Add:
+            steps += [(_ADD, op), (_ADD_POST, op, i + 2)]
+            c._at(i + 1, ("ops", ch, "add"), slots)
+        elif t is O.Write:
+            off = REG_BY_NAME[op.reg]  # type: ignore[attr-defined]
+            steps += [(_WRITE, op, off, op.value), (_CHECK, op, i + 3), (_CHECK, op, i + 3)]  # type: ignore[attr-defined]
+            c._at(i + 1, ("ops", ch, "write.x2", off, op.value), slots)  # type: ignore[attr-defined]
+            c._at(i + 2, ("ops", ch, "write.xa", off, op.value), slots)  # type: ignore[attr-defined]
+        elif t is O.Read:
+            off = REG_BY_NAME[op.reg]  # type: ignore[attr-defined]
+            steps += [(_READ, op, off), (_READ_POST, op, i + 3), (_READ_POST, op, i + 3)]
+            c._at(i + 1, ("ops", ch, "read.x2", off), slots)
+            c._at(i + 2, ("ops", ch, "read.xa", off), slots)
+        elif t is O.Wrmsr:
+            steps += [(_WRMSR_OP, op, isa.Wrmsr(op.msr, op.value)), (_WRMSR_POST, op, i + 2)]  # type: ignore[attr-defined]
+            c._at(i + 1, ("ops", ch, "wrmsr"), slots)
+        elif t is O.Rdmsr:
+            steps += [(_OPFETCH, isa.Rdmsr(op.msr), i + 1, op), (_READ_POST, op, i + 2)]  # type: ignore[attr-defined]
+            c._at(i + 1, ("ops", ch, "rdmsr"), slots)
+        elif t is O.MmioWrite:
+            steps += [(_MMIOW, op), (_CHECK, op, i + 2)]
+            c._at(i + 1, ("ops", ch, "mmio_write"), slots)
+        elif t is O.MmioRead:
+            steps += [(_MMIOR, op), (_READ_POST, op, i + 2)]
+            c._at(i + 1, ("ops", ch, "mmio_read"), slots)
+        else:  # pragma: no cover - the scenario checker rejects unknown ops
+            raise TypeError(f"unknown op {op!r}")
+
+
+def _compile(ops: tuple[O.Op, ...]) -> _Code:
+    c = _Code("ops")
+    _emit(c, ops, (), ())
+    c.steps.append((_END,))
+    return c
+
+
+def _special(family: str, steps: list[tuple[Any, ...]], keys: dict[int, str]) -> _Code:
+    c = _Code(family)
+    c.steps = steps
+    for pc, where in keys.items():
+        c._at(pc, (family, where), ())
+    return c
+
+
+# Code without ops: the idle loop (HLT forever), a handler-less NMI, the default handler (EOI).
+_IDLE_CODE = _special("idle", [(_IDLE,), (_IDLE,)], {1: "hlt"})
+_NOTHING_CODE = _special("nothing", [(_END,)], {})
+_DEFAULT_CODE = _special("default", [(_EOI, None, {}), (_END,), (_END,)], {1: "eoi.x2", 2: "eoi.xa"})
+
+# Compiled op tuples, shared by the CPUs that run the same code (keyed by identity; the entry
+# holds the tuple so that its id is not reused). Bounded: cleared when it grows large.
+_COMPILED: dict[int, tuple[tuple[O.Op, ...], _Code]] = {}
+
+
+def compiled(ops: tuple[O.Op, ...]) -> _Code:
+    """The compiled form of an op tuple."""
+    e = _COMPILED.get(id(ops))
+    if e is not None and e[0] is ops:
+        return e[1]
+    if len(_COMPILED) > 4096:
+        _COMPILED.clear()
+    code = _compile(ops)
+    _COMPILED[id(ops)] = (ops, code)
+    return code
 
 
 class _Frame:
-    __slots__ = ("gen", "saved_if", "kind", "result")
+    """One running piece of code on a CPU: the program (or idle loop) at the bottom, one handler
+    per interrupt above it. ``pc`` is the next step, ``ctr`` the repeat counters, ``loc`` the
+    current op's run-time locals, ``result`` the result of the last instruction retired."""
 
-    def __init__(self, gen: GuestGen, saved_if: bool, kind: str) -> None:
-        self.gen = gen
+    __slots__ = ("code", "steps", "pc", "ctr", "loc", "saved_if", "kind", "result")
+
+    def __init__(self, code: _Code, saved_if: bool, kind: str) -> None:
+        self.code = code
+        self.steps = code.steps
+        self.pc = 0
+        self.ctr: list[int] | None = [0] * code.nctr if code.nctr else None
+        self.loc: Any = None
         self.saved_if = saved_if
         self.kind = kind       # "program", "idle", "irq", "nmi"
         self.result: Any = None
+
+    def position(self) -> tuple[Any, ...]:
+        """Where this code is suspended, as plain data (for the explorer's state hash)."""
+        key, slots, has_loc = self.code.keys[self.pc]
+        ctr = self.ctr
+        return (key, tuple(ctr[s] for s in slots) if ctr is not None else (), self.loc if has_loc else None)
 
 
 class GuestCpu:
@@ -110,32 +318,266 @@ class GuestCpu:
         self._awaited: dict[str, int] = {}
         self.finished = program is None    # main program done
         self._op_index: int | None = None
+        self._pause = _PAUSE0              # the last PAUSE fetched (one per epoch: immutable)
+        self._handler_code: dict[int, tuple[tuple[O.Op, ...], _Code]] | None = None  # vector -> (handler, code)
+        self._spare: _Frame | None = None  # a returned handler's frame, reused by the next entry
         # An observer of the sends this CPU issues (navic.check.provenance): called with every
         # WRMSR / MMIO-write instruction as it is fetched, before the executor runs it.
         self.send_watch: Callable[[Insn], None] | None = None
-        main = self._ops_gen(program.ops) if program is not None else self._idle_gen()
-        self.frames: list[_Frame] = [_Frame(main, False, "program" if program else "idle")]
+        if program is not None:
+            self.frames: list[_Frame] = [_Frame(compiled(program.ops), False, "program")]
+        else:
+            self.frames = [_Frame(_IDLE_CODE, False, "idle")]
 
     # -- executor protocol -----------------------------------------------------------------
-    def next_insn(self) -> Insn:
-        """The next instruction of the innermost running code."""
+    def next_insn(self) -> Insn:  # noqa: C901 - the interpreter: one branch per step kind
+        """The next instruction of the innermost running code: run its compiled steps from where
+        it stopped (first handling the result of its last instruction) up to the next fetch."""
+        frames = self.frames
+        f = frames[-1]
+        res = f.result
+        f.result = None
+        steps = f.steps
+        pc = f.pc
         while True:
-            f = self.frames[-1]
-            res, f.result = f.result, None
-            try:
-                insn = f.gen.send(res)
-            except StopIteration:
-                if len(self.frames) == 1:
-                    self.finished = True
-                    self.frames[0] = _Frame(self._idle_gen(), False, "idle")
-                    continue
-                return self._leave_handler()
-            watch = self.send_watch
-            if watch is not None:
-                t = type(insn)
-                if t is _WRMSR or t is _MMIO_WRITE:
+            s = steps[pc]
+            k = s[0]
+            if k == _CHECK:
+                if res is not None and type(res) is Fault:
+                    self._report(s[1], res)
+                pc = s[2]
+            elif k == _WS_TEST:
+                needed, was_if = f.loc
+                if self.handled.get(s[1], 0) < needed:
+                    f.pc = s[2]
+                    p = self._pause
+                    if p.epoch != self.epoch:
+                        p = self._pause = isa.Pause(self.epoch)
+                    return p
+                pc = s[3]
+                if not was_if:
+                    f.pc = pc
+                    return isa.CLI
+            elif k == _IPI:
+                op = s[1]
+                self._op_index = op.index
+                to = op.to
+                dest = self.apic_id_of(to) if to is not None else (op.dest or 0)
+                f.loc = dest
+                if self.x2apic:
+                    clock = self.clock
+                    if clock is not None:
+                        self.ipi_sent_at = clock.now
+                    cache = s[3]
+                    insn = cache.get(dest)
+                    if insn is None:
+                        insn = cache[dest] = isa.Wrmsr(_X2APIC_ICR, ((dest & 0xFFFFFFFF) << 32) | s[2])
+                    f.pc = pc + 1
+                else:
+                    base = self.apic_base
+                    cache = s[4]
+                    key = (base << 8) | (dest & 0xFF)
+                    insn = cache.get(key)
+                    if insn is None:
+                        insn = cache[key] = isa.MmioWrite(base + APIC_ICR2, (dest & 0xFF) << 24)
+                    f.pc = pc + 2
+                watch = self.send_watch
+                if watch is not None:
                     watch(insn)
-            return insn
+                return insn
+            elif k == _EOI:
+                op = s[1]
+                if op is not None:
+                    self._op_index = op.index
+                if self.x2apic:
+                    insn = _EOI_X2
+                    f.pc = pc + 1
+                else:
+                    base = self.apic_base
+                    insn = s[2].get(base)
+                    if insn is None:
+                        insn = s[2][base] = isa.MmioWrite(base + APIC_EOI, 0)
+                    f.pc = pc + 2
+                watch = self.send_watch
+                if watch is not None:
+                    watch(insn)
+                return insn
+            elif k == _END:
+                if len(frames) == 1:
+                    self.finished = True
+                    f = frames[0] = _Frame(_IDLE_CODE, False, "idle")
+                    steps = f.steps
+                    pc = 0
+                    res = None
+                    continue
+                # A handler returns: IRET restores IF (and ends NMI blocking).
+                frames.pop()
+                self._spare = f
+                self.IF = f.saved_if
+                if f.kind == "nmi":
+                    self.nmi_blocked = False
+                return isa.IRET
+            elif k == _OPFETCH:
+                self._op_index = s[3].index
+                f.pc = s[2]
+                return s[1]
+            elif k == _FETCH:
+                f.pc = s[2]
+                return s[1]
+            elif k == _WS_BEGIN:
+                op = s[1]
+                self._op_index = op.index
+                was_if = self.IF
+                f.loc = (self._consumed.get(op.vector, 0) + op.count, was_if)
+                pc += 1
+                if not was_if:
+                    f.pc = pc
+                    return isa.STI
+            elif k == _WAIT_END:
+                self._consumed[s[1]] = f.loc[0]
+                pc = s[2]
+            elif k == _R_NEXT:
+                ctr = f.ctr
+                n = ctr[s[2]] + 1  # type: ignore[index]
+                if n < s[1]:
+                    ctr[s[2]] = n  # type: ignore[index]
+                    pc = s[3]
+                else:
+                    pc = s[4]
+            elif k == _R_BEGIN:
+                op = s[1]
+                self._op_index = op.index
+                if op.times > 0:
+                    f.ctr[s[2]] = 0  # type: ignore[index]
+                    pc = s[3]
+                else:
+                    pc = s[4]
+            elif k == _WH_BEGIN:
+                op = s[1]
+                self._op_index = op.index
+                was_if = self.IF
+                f.loc = (self._consumed.get(op.vector, 0) + op.count, was_if)
+                pc += 1
+                if was_if:
+                    f.pc = pc
+                    return isa.CLI
+            elif k == _WH_TEST:
+                needed, was_if = f.loc
+                if self.handled.get(s[1], 0) < needed:
+                    f.pc = s[2]
+                    return isa.STI
+                pc = s[3]
+                if was_if:
+                    f.pc = pc
+                    return isa.STI
+            elif k == _IPI_XA2:
+                if res is not None and type(res) is Fault:
+                    self._report(s[1], res)
+                    pc = s[4]
+                    continue
+                # The ICR2 write's result is one of the op's locals here (the explorer saw it).
+                f.loc = (f.loc, res if type(res) in _PLAIN else _OTHER)
+                clock = self.clock
+                if clock is not None:
+                    self.ipi_sent_at = clock.now
+                base = self.apic_base
+                insn = s[3].get(base)
+                if insn is None:
+                    insn = s[3][base] = isa.MmioWrite(base + APIC_ICR, s[2])
+                f.pc = pc + 1
+                watch = self.send_watch
+                if watch is not None:
+                    watch(insn)
+                return insn
+            elif k == _JUMP:
+                pc = s[1]
+            elif k == _IDLE:
+                f.pc = 1
+                return isa.HLT
+            else:
+                insn = self._rare_step(f, s, k, pc, res)
+                if insn is None:
+                    pc = f.pc
+                    continue
+                return insn
+
+    def _rare_step(self, f: _Frame, s: tuple[Any, ...], k: int, pc: int, res: Any) -> Insn | None:  # noqa: C901
+        """The steps of the less frequent ops: returns the instruction fetched (having set
+        ``f.pc`` to its continuation), or None with ``f.pc`` set to the step to run next."""
+        op = s[1]
+        if k == _AW_BEGIN:
+            self._op_index = op.index
+            was_if = self.IF
+            f.loc = (self._awaited.get(op.var, 0) + op.count, was_if)
+            f.pc = pc + 1
+            return None if was_if else isa.STI
+        if k == _AW_TEST:
+            needed, was_if = f.loc
+            shared = self.shared
+            if shared is not None and shared.vars.get(op.var, 0) < needed:
+                f.pc = s[2]
+                return isa.HLT if op.how == "hlt" else isa.Pause(self.epoch)
+            f.pc = s[3]
+            return None if was_if else isa.CLI
+        if k == _AW_END:
+            self._awaited[op.var] = f.loc[0]
+            f.pc = s[2]
+            return None
+        if k == _ADD:
+            self._op_index = op.index
+            f.pc = pc + 1
+            return isa.Compute(self.ATOMIC_CYCLES)
+        if k == _ADD_POST:
+            if self.shared is not None:
+                self.shared.add(op.var, op.value)
+            f.pc = s[2]
+            return None
+        if k == _READ_POST or k == _WRMSR_POST:
+            if res is not None and type(res) is Fault:
+                self._report(op, res)
+            elif k == _READ_POST:
+                if op.into:
+                    self.reads[op.into] = res
+            elif op.msr == MSR_IA32_APICBASE:
+                self._track_apic_base(op.value)
+            f.pc = s[2]
+            return None
+        self._op_index = op.index
+        insn: Insn
+        if k == _TSC:
+            now = self.clock.now if self.clock is not None else 0
+            f.loc = now
+            insn = isa.Wrmsr(0x6E0, now + op.delta)
+            f.pc = pc + 1
+        elif k == _WRITE:
+            if self.x2apic:
+                insn = isa.Wrmsr(X2APIC_MSR_BASE + (s[2] >> 4), s[3])
+                f.pc = pc + 1
+            else:
+                insn = isa.MmioWrite(self.apic_base + s[2], s[3] & 0xFFFFFFFF)
+                f.pc = pc + 2
+        elif k == _READ:
+            f.pc = pc + 1 if self.x2apic else pc + 2
+            return isa.Rdmsr(X2APIC_MSR_BASE + (s[2] >> 4)) if self.x2apic else isa.MmioRead(self.apic_base + s[2])
+        elif k == _WRMSR_OP:
+            insn = s[2]
+            f.pc = pc + 1
+        elif k == _MMIOW:
+            insn = isa.MmioWrite(self.apic_base + op.offset, op.value)
+            f.pc = pc + 1
+        elif k == _MMIOR:
+            f.pc = pc + 1
+            return isa.MmioRead(self.apic_base + op.offset)
+        else:  # pragma: no cover
+            raise AssertionError(f"unknown step {s!r}")
+        watch = self.send_watch
+        if watch is not None:
+            watch(insn)
+        return insn
+
+    def _report(self, op: O.Op, res: Fault) -> None:
+        """A guest-visible exception raised by op's instruction: reported with the op."""
+        self._on_error(self, op.index, OP_NAMES.get(type(op), type(op).__name__.lower()), str(res))
 
     def retire(self, result: Any) -> None:
         """Hand the result of the instruction just executed back to the code that issued it."""
@@ -145,16 +587,40 @@ class GuestCpu:
         """Interrupt/NMI entry at an instruction boundary: IF <- 0, push the handler frame."""
         saved = self.IF
         self.IF = False
+        program = self.program
         if kind == "nmi":
             self.nmi_blocked = True
-            handler: tuple[O.Op, ...] | None = None
-            if self.program is not None:
-                handler = self.program.handlers.get(NMI_VECTOR)
-            gen = self._ops_gen(handler) if handler is not None else self._nothing()
+            vector_code = NMI_VECTOR
+            fkind = "nmi"
         else:
-            handler = self.program.handlers.get(vector) if self.program is not None else None
-            gen = self._ops_gen(handler) if handler is not None else self._default_handler()
-        self.frames.append(_Frame(gen, saved, "nmi" if kind == "nmi" else "irq"))
+            vector_code = vector
+            fkind = "irq"
+        handler = program.handlers.get(vector_code) if program is not None else None
+        if handler is None:
+            code = _NOTHING_CODE if fkind == "nmi" else _DEFAULT_CODE
+        else:
+            cache = self._handler_code
+            if cache is None:
+                cache = self._handler_code = {}
+            e = cache.get(vector_code)
+            if e is None or e[0] is not handler:
+                e = cache[vector_code] = (handler, compiled(handler))
+            code = e[1]
+        # The frame of the last handler that returned is reused (same as a new _Frame).
+        f = self._spare
+        if f is None:
+            f = _Frame(code, saved, fkind)
+        else:
+            self._spare = None
+            f.code = code
+            f.steps = code.steps
+            f.pc = 0
+            f.ctr = [0] * code.nctr if code.nctr else None
+            f.loc = None
+            f.saved_if = saved
+            f.kind = fkind
+            f.result = None
+        self.frames.append(f)
         self.handled[vector] = self.handled.get(vector, 0) + 1
         self.epoch += 1
         self._on_delivery(self, vector, kind)
@@ -169,183 +635,9 @@ class GuestCpu:
     def in_handler(self) -> bool:
         return len(self.frames) > 1
 
-    def _leave_handler(self) -> Insn:
-        f = self.frames.pop()
-        self.IF = f.saved_if
-        if f.kind == "nmi":
-            self.nmi_blocked = False
-        return isa.IRET
-
-    # -- code ------------------------------------------------------------------------------
-    def _idle_gen(self) -> GuestGen:
-        while True:
-            yield isa.HLT
-
-    def _nothing(self) -> GuestGen:
-        return
-        yield  # pragma: no cover
-
-    def _default_handler(self) -> GuestGen:
-        yield from self._eoi()
-
-    def _program_gen(self, ops: tuple[O.Op, ...]) -> GuestGen:
-        yield from self._ops_gen(ops)
-
-    def _ops_gen(self, ops: tuple[O.Op, ...]) -> GuestGen:
-        for op in ops:
-            self._op_index = op.index
-            yield from self._op(op)
-
-    def _fault(self, res: Any, op: O.Op) -> bool:
-        if isinstance(res, Fault):
-            self._on_error(self, op.index, OP_NAMES.get(type(op), type(op).__name__.lower()), str(res))
-            return True
-        return False
-
-    def _eoi(self) -> GuestGen:
-        if self.x2apic:
-            yield isa.Wrmsr(X2APIC_MSR_BASE + (APIC_EOI >> 4), 0)
-        else:
-            yield isa.MmioWrite(self.apic_base + APIC_EOI, 0)
-
-    def _reg_write(self, off: int, value: int) -> GuestGen:
-        if self.x2apic:
-            return (yield isa.Wrmsr(X2APIC_MSR_BASE + (off >> 4), value))
-        return (yield isa.MmioWrite(self.apic_base + off, value & 0xFFFFFFFF))
-
-    def _reg_read(self, off: int) -> GuestGen:
-        if self.x2apic:
-            return (yield isa.Rdmsr(X2APIC_MSR_BASE + (off >> 4)))
-        return (yield isa.MmioRead(self.apic_base + off))
-
-    def _op(self, op: O.Op) -> GuestGen:  # noqa: C901 - one branch per op kind
-        t = type(op)
-        if t is O.Ipi:
-            yield from self._ipi(op)  # type: ignore[arg-type]
-        elif t is O.Eoi:
-            res = yield from self._eoi()
-            self._fault(res, op)
-        elif t is O.Sti:
-            yield isa.STI
-        elif t is O.Cli:
-            yield isa.CLI
-        elif t is O.Hlt:
-            yield isa.HLT
-        elif t is O.Wait:
-            yield from self._wait(op)  # type: ignore[arg-type]
-        elif t is O.Compute:
-            yield isa.Compute(op.cycles)  # type: ignore[attr-defined]
-        elif t is O.TscDeadline:
-            now = self.clock.now if self.clock is not None else 0
-            res = yield isa.Wrmsr(0x6E0, now + op.delta)  # type: ignore[attr-defined]
-            self._fault(res, op)
-        elif t is O.Add:
-            yield isa.Compute(self.ATOMIC_CYCLES)
-            if self.shared is not None:
-                self.shared.add(op.var, op.value)  # type: ignore[attr-defined]
-        elif t is O.Await:
-            yield from self._await(op)  # type: ignore[arg-type]
-        elif t is O.Repeat:
-            for _ in range(op.times):  # type: ignore[attr-defined]
-                yield from self._ops_gen(op.ops)  # type: ignore[attr-defined]
-        elif t is O.Write:
-            off = REG_BY_NAME[op.reg]  # type: ignore[attr-defined]
-            res = yield from self._reg_write(off, op.value)  # type: ignore[attr-defined]
-            self._fault(res, op)
-        elif t is O.Read:
-            off = REG_BY_NAME[op.reg]  # type: ignore[attr-defined]
-            res = yield from self._reg_read(off)
-            if not self._fault(res, op) and op.into:  # type: ignore[attr-defined]
-                self.reads[op.into] = res  # type: ignore[attr-defined]
-        elif t is O.Wrmsr:
-            res = yield isa.Wrmsr(op.msr, op.value)  # type: ignore[attr-defined]
-            if not self._fault(res, op) and op.msr == MSR_IA32_APICBASE:  # type: ignore[attr-defined]
-                self._track_apic_base(op.value)  # type: ignore[attr-defined]
-        elif t is O.Rdmsr:
-            res = yield isa.Rdmsr(op.msr)  # type: ignore[attr-defined]
-            if not self._fault(res, op) and op.into:  # type: ignore[attr-defined]
-                self.reads[op.into] = res  # type: ignore[attr-defined]
-        elif t is O.MmioWrite:
-            res = yield isa.MmioWrite(self.apic_base + op.offset, op.value)  # type: ignore[attr-defined]
-            self._fault(res, op)
-        elif t is O.MmioRead:
-            res = yield isa.MmioRead(self.apic_base + op.offset)  # type: ignore[attr-defined]
-            if not self._fault(res, op) and op.into:  # type: ignore[attr-defined]
-                self.reads[op.into] = res  # type: ignore[attr-defined]
-        else:  # pragma: no cover - the scenario checker rejects unknown ops
-            raise TypeError(f"unknown op {op!r}")
-
     def _track_apic_base(self, value: int) -> None:
         """The guest OS knows which interface it switched its APIC to (SDM §11.12.5)."""
         self.x2apic = bool(value & (1 << 10)) and bool(value & (1 << 11))
         self.apic_base = value & 0xFFFFF000
 
-    def _ipi(self, op: O.Ipi) -> GuestGen:
-        if op.to is not None:
-            dest = self.apic_id_of(op.to)
-        else:
-            dest = op.dest or 0
-        low = (
-            (op.vector & 0xFF)
-            | (O.DELIVERY_MODES[op.mode] << 8)
-            | (O.DEST_MODES[op.dest_mode] << 11)
-            | ((op.level & 1) << 14)
-            | (O.TRIGGERS[op.trigger] << 15)
-            | (O.SHORTHANDS[op.shorthand] << 18)
-        )
-        if self.x2apic:
-            self._stamp()
-            res = yield isa.Wrmsr(X2APIC_MSR_BASE + (APIC_ICR >> 4), ((dest & 0xFFFFFFFF) << 32) | low)
-            self._fault(res, op)
-        else:
-            res = yield isa.MmioWrite(self.apic_base + APIC_ICR2, (dest & 0xFF) << 24)
-            if not self._fault(res, op):
-                self._stamp()
-                res = yield isa.MmioWrite(self.apic_base + APIC_ICR, low)
-                self._fault(res, op)
-
     ATOMIC_CYCLES = 40  # a LOCK-prefixed add on a shared line (assumption, see docs/model.md)
-
-    def _await(self, op: O.Await) -> GuestGen:
-        """Poll a shared variable with interrupts open, like ``wait`` (see docs/model.md)."""
-        shared = self.shared
-        needed = self._awaited.get(op.var, 0) + op.count
-        was_if = self.IF
-        if not was_if:
-            yield isa.STI
-        while shared is not None and shared.vars.get(op.var, 0) < needed:
-            if op.how == "hlt":
-                yield isa.HLT
-            else:
-                yield isa.Pause(self.epoch)
-        if not was_if:
-            yield isa.CLI
-        self._awaited[op.var] = needed
-
-    def _stamp(self) -> None:
-        if self.clock is not None:
-            self.ipi_sent_at = self.clock.now
-
-    def _wait(self, op: O.Wait) -> GuestGen:
-        """Consume ``count`` handler runs of ``vector`` with interrupts open (see docs/model.md)."""
-        v = op.vector
-        needed = self._consumed.get(v, 0) + op.count
-        was_if = self.IF
-        if op.how == "hlt":
-            # The safe-halt idiom: check with IF=0, then STI;HLT (STI's shadow makes it atomic).
-            if was_if:
-                yield isa.CLI
-            while self.handled.get(v, 0) < needed:
-                yield isa.STI
-                yield isa.HLT
-                yield isa.CLI
-            if was_if:
-                yield isa.STI
-        else:
-            if not was_if:
-                yield isa.STI
-            while self.handled.get(v, 0) < needed:
-                yield isa.Pause(self.epoch)
-            if not was_if:
-                yield isa.CLI
-        self._consumed[v] = needed
