@@ -121,8 +121,7 @@ def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = Fal
         g = GuestCpu(name, programs.get(name), x2apic=(cfg.apic == "x2apic"),
                      apic_id_of=cfg.apic_id, on_delivery=on_delivery, on_error=on_error)
         g.clock = engine
-        g.shared = shared
-        shared.cpus.append(g)
+        shared.join(g)
         run.guests.append(g)
         return g
 

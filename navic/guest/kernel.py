@@ -41,21 +41,37 @@ OP_NAMES: dict[type, str] = {
 
 
 class SharedMemory:
-    """Variables in memory shared by the CPUs of one VM (for ``add`` / ``await``). A store bumps
-    every member CPU's poll epoch and calls its ``poll_wake`` so a CPU spinning on memory
-    re-checks (a pause loop sees the cache line change)."""
+    """Variables in memory shared by the CPUs of one VM (for ``add`` / ``await``). A store is seen
+    by every CPU spinning on memory: each CPU with a PAUSE in flight (fetched by a poll loop and
+    not yet followed by its next fetch, see :meth:`GuestCpu.next_insn`) gets its poll epoch bumped
+    and its ``poll_wake`` called, so its pause loop re-checks (it sees the cache line change).
+
+    Only spinners are told: a CPU not executing a PAUSE has no pending epoch comparison (the next
+    PAUSE it fetches captures the epoch afresh), and a halted CPU is not woken by a store. This
+    keeps a store O(spinners), not O(CPUs): a shootdown's acks on a 4096-vCPU VM would otherwise
+    cost 4096 x 4095 wake calls. Spinners are told in join order, as they were when every member
+    was."""
 
     def __init__(self) -> None:
         self.vars: dict[str, int] = {}
         self.cpus: list[GuestCpu] = []
+        self.spinners: dict[int, GuestCpu] = {}   # join index -> CPU with a PAUSE in flight
+
+    def join(self, g: GuestCpu) -> None:
+        g.shared = self
+        g._member = len(self.cpus)
+        self.cpus.append(g)
 
     def add(self, var: str, value: int) -> None:
         self.vars[var] = self.vars.get(var, 0) + value
-        for g in self.cpus:
+        spinners = self.spinners
+        if not spinners:
+            return
+        for i in (sorted(spinners) if len(spinners) > 1 else list(spinners)):
+            g = spinners[i]
             g.epoch += 1
             if g.poll_wake is not None:
                 g.poll_wake()
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +335,8 @@ class GuestCpu:
         self.finished = program is None    # main program done
         self._op_index: int | None = None
         self._pause = _PAUSE0              # the last PAUSE fetched (one per epoch: immutable)
+        self._member = -1                  # index in shared.cpus (SharedMemory.join)
+        self._spinning = False             # a PAUSE of a poll loop is in flight (SharedMemory.spinners)
         self._handler_code: dict[int, tuple[tuple[O.Op, ...], _Code]] | None = None  # vector -> (handler, code)
         self._spare: _Frame | None = None  # a returned handler's frame, reused by the next entry
         # An observer of the sends this CPU issues (navic.check.provenance): called with every
@@ -333,6 +351,9 @@ class GuestCpu:
     def next_insn(self) -> Insn:  # noqa: C901 - the interpreter: one branch per step kind
         """The next instruction of the innermost running code: run its compiled steps from where
         it stopped (first handling the result of its last instruction) up to the next fetch."""
+        if self._spinning:   # the PAUSE fetched last has been executed: no longer spinning
+            self._spinning = False
+            del self.shared.spinners[self._member]  # type: ignore[union-attr]
         frames = self.frames
         f = frames[-1]
         res = f.result
@@ -353,6 +374,7 @@ class GuestCpu:
                     p = self._pause
                     if p.epoch != self.epoch:
                         p = self._pause = isa.Pause(self.epoch)
+                    self._spin()
                     return p
                 pc = s[3]
                 if not was_if:
@@ -516,7 +538,10 @@ class GuestCpu:
             shared = self.shared
             if shared is not None and shared.vars.get(op.var, 0) < needed:
                 f.pc = s[2]
-                return isa.HLT if op.how == "hlt" else isa.Pause(self.epoch)
+                if op.how == "hlt":
+                    return isa.HLT
+                self._spin()
+                return isa.Pause(self.epoch)
             f.pc = s[3]
             return None if was_if else isa.CLI
         if k == _AW_END:
@@ -574,6 +599,14 @@ class GuestCpu:
         if watch is not None:
             watch(insn)
         return insn
+
+    def _spin(self) -> None:
+        """A poll loop fetches a PAUSE: stores to shared memory must reach this CPU until its next
+        fetch (SharedMemory.add)."""
+        shared = self.shared
+        if shared is not None and self._member >= 0:
+            self._spinning = True
+            shared.spinners[self._member] = self
 
     def _report(self, op: O.Op, res: Fault) -> None:
         """A guest-visible exception raised by op's instruction: reported with the op."""
