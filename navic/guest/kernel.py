@@ -337,6 +337,9 @@ class GuestCpu:
         self._pause = _PAUSE0              # the last PAUSE fetched (one per epoch: immutable)
         self._member = -1                  # index in shared.cpus (SharedMemory.join)
         self._spinning = False             # a PAUSE of a poll loop is in flight (SharedMemory.spinners)
+        # What the next fetch must first undo: a PAUSE in flight, or the result an IRET's retire
+        # wrote over (the interrupted code's own pending result, saved here).
+        self._after: tuple[_Frame | None, Any] | None = None
         self._handler_code: dict[int, tuple[tuple[O.Op, ...], _Code]] | None = None  # vector -> (handler, code)
         self._spare: _Frame | None = None  # a returned handler's frame, reused by the next entry
         # An observer of the sends this CPU issues (navic.check.provenance): called with every
@@ -351,9 +354,8 @@ class GuestCpu:
     def next_insn(self) -> Insn:  # noqa: C901 - the interpreter: one branch per step kind
         """The next instruction of the innermost running code: run its compiled steps from where
         it stopped (first handling the result of its last instruction) up to the next fetch."""
-        if self._spinning:   # the PAUSE fetched last has been executed: no longer spinning
-            self._spinning = False
-            del self.shared.spinners[self._member]  # type: ignore[union-attr]
+        if self._after is not None:
+            self._after_fetch()
         frames = self.frames
         f = frames[-1]
         res = f.result
@@ -432,12 +434,16 @@ class GuestCpu:
                     pc = 0
                     res = None
                     continue
-                # A handler returns: IRET restores IF (and ends NMI blocking).
+                # A handler returns: IRET restores IF (and ends NMI blocking). The executor retires
+                # the IRET like any instruction; the interrupted code's pending result (an
+                # instruction retired just before the interrupt) is kept aside from that retire.
                 frames.pop()
                 self._spare = f
                 self.IF = f.saved_if
                 if f.kind == "nmi":
                     self.nmi_blocked = False
+                under = frames[-1]
+                self._after = (under, under.result)
                 return isa.IRET
             elif k == _OPFETCH:
                 self._op_index = s[3].index
@@ -606,7 +612,18 @@ class GuestCpu:
         shared = self.shared
         if shared is not None and self._member >= 0:
             self._spinning = True
+            self._after = (None, None)
             shared.spinners[self._member] = self
+
+    def _after_fetch(self) -> None:
+        """At a fetch, undo what the previous fetch left in force (see ``_after``)."""
+        f, result = self._after  # type: ignore[misc]
+        self._after = None
+        if f is not None:
+            f.result = result
+        if self._spinning:   # the PAUSE fetched last has been executed: no longer spinning
+            self._spinning = False
+            del self.shared.spinners[self._member]  # type: ignore[union-attr]
 
     def _report(self, op: O.Op, res: Fault) -> None:
         """A guest-visible exception raised by op's instruction: reported with the op."""

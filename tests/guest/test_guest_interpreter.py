@@ -37,12 +37,20 @@ class RefGuestCpu(GuestCpu):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.pause_in_flight = False   # the last instruction fetched is a PAUSE
+        self.iret_in_flight = False    # the last instruction fetched is an IRET
         p = self.program
         self.frames = [_RefFrame(self._ops_gen(p.ops) if p is not None else self._idle_gen(), False,  # type: ignore[list-item]
                                  "program" if p else "idle")]
 
+    def retire(self, result: Any) -> None:
+        # IRET's retire reaches no code: the handler that issued it is gone, and the interrupted
+        # code keeps the result of the instruction it retired before the interrupt.
+        if not self.iret_in_flight:
+            self.frames[-1].result = result
+
     def next_insn(self) -> Insn:
         self.pause_in_flight = False
+        self.iret_in_flight = False
         while True:
             f = self.frames[-1]
             res, f.result = f.result, None
@@ -57,6 +65,7 @@ class RefGuestCpu(GuestCpu):
                 self.IF = f.saved_if
                 if f.kind == "nmi":
                     self.nmi_blocked = False
+                self.iret_in_flight = True
                 return isa.IRET
             watch = self.send_watch
             if watch is not None and type(insn) in (isa.Wrmsr, isa.MmioWrite):
