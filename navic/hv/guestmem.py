@@ -83,6 +83,17 @@ class GuestMemory:
             v = self._vw[gfn] = self.host.views(self.npt.translate(gpa, write=False))
         return v
 
+    def direct_views(self, gpa: int) -> Views | None:
+        """:meth:`views` for ``gpa`` if storing through them is equivalent to :meth:`write` (no
+        write tracking of the frame in force, no observer on the host frame), else None."""
+        if self.on_tracked_write is not None and (gpa >> PAGE_SHIFT) in self.npt._wp:
+            return None
+        try:
+            v = self._vw[gpa >> PAGE_SHIFT]
+        except KeyError:
+            v = self.views(gpa)
+        return None if v[4] in self.host._watch else v
+
     def page(self, gpa: int) -> bytearray:
         return (self._vw.get(gpa >> PAGE_SHIFT) or self.views(gpa))[0]
 
@@ -95,18 +106,27 @@ class GuestMemory:
         k = _SIZE_K.get(size)
         if k is not None and not o & (size - 1):
             # == host.read(hpa(gpa), size) for an aligned unit, through the cached views
-            return (self._vw.get(gpa >> PAGE_SHIFT) or self.views(gpa))[k][o >> k]
+            try:
+                return self._vw[gpa >> PAGE_SHIFT][k][o >> k]
+            except KeyError:
+                return self.views(gpa)[k][o >> k]
         return self.host.read(self.hpa(gpa), size)
 
     def read32(self, gpa: int) -> int:
         if gpa & 3:
             return self.read(gpa, 4)
-        return (self._vw.get(gpa >> PAGE_SHIFT) or self.views(gpa))[2][(gpa & PAGE_MASK) >> 2]
+        try:
+            return self._vw[gpa >> PAGE_SHIFT][2][(gpa & PAGE_MASK) >> 2]
+        except KeyError:
+            return self.views(gpa)[2][(gpa & PAGE_MASK) >> 2]
 
     def read64(self, gpa: int) -> int:
         if gpa & 7:
             return self.read(gpa, 8)
-        return (self._vw.get(gpa >> PAGE_SHIFT) or self.views(gpa))[3][(gpa & PAGE_MASK) >> 3]
+        try:
+            return self._vw[gpa >> PAGE_SHIFT][3][(gpa & PAGE_MASK) >> 3]
+        except KeyError:
+            return self.views(gpa)[3][(gpa & PAGE_MASK) >> 3]
 
     def write(self, gpa: int, size: int, value: int) -> None:
         if self.on_tracked_write is not None and self.npt.is_write_protected(gpa >> PAGE_SHIFT):

@@ -231,6 +231,7 @@ FAULT = "fault"
 GP = "gp"  # x2APIC architectural #GP (x2APIC access checks precede AVIC's; x2AVIC only)
 
 _A, _X, _T, _F = ALLOWED, ACCELERATED, TRAP, FAULT
+_ISR_BYTES_DESC = tuple(APIC_ISR + 0x10 * i + k for i in range(7, -1, -1) for k in (3, 2, 1, 0))
 # offset -> (read, write) for the listed single registers
 _ACCESS_TABLE: dict[int, tuple[str, str]] = {
     APIC_ID: (_A, _T),
@@ -311,15 +312,18 @@ def classify_access(offset: int, write: bool, x2apic: bool = False, ext_lvt_chg:
     return rw[1] if write else rw[0]
 
 
+_MSB = [0] + [b.bit_length() - 1 for b in range(1, 256)]   # highest set bit of a byte
+
+
 def eoi_is_level(page: bytearray) -> bool:
     """Whether an EOI written now would be the level case: the TMR bit of the highest set ISR bit."""
-    for i in range(7, -1, -1):
-        o = APIC_ISR + 0x10 * i
-        isr = int.from_bytes(page[o : o + 4], "little")
-        if isr:
-            v = 32 * i + isr.bit_length() - 1
-            t = APIC_TMR + 0x10 * i
-            return bool(int.from_bytes(page[t : t + 4], "little") >> (v & 31) & 1)
+    # The ISR's bytes, highest first (ISR word i = bytes 100h + 10h*i .. +3; little-endian): the
+    # first non-zero byte holds the highest in-service vector.
+    for o in _ISR_BYTES_DESC:
+        x = page[o]
+        if x:
+            b = _MSB[x]
+            return bool(page[o + (APIC_TMR - APIC_ISR)] >> b & 1)   # the same bit of the TMR
     return False
 
 
@@ -485,12 +489,18 @@ class AvicEngine:
         stats["icr_writes"] += 1
 
         # The VMCB's control fields, read from its page's word views (== the Vmcb field reads).
-        vmem = vmcb.mem
-        cw = vmem._vw.get(vmcb.hpa >> PAGE_SHIFT) or vmem.views(vmcb.hpa)
+        # (vmcb.views(), mem.views(): the dict lookups inline; a KeyError = first access)
+        try:
+            cw = vmcb.mem._vw[vmcb.hpa >> PAGE_SHIFT]
+        except KeyError:
+            cw = vmcb.mem.views(vmcb.hpa)
         cq = cw[3]
         x2 = bool(cw[2][_W_INT_CTL] & X2APIC_MODE_MASK)
         own = cq[_Q_BACKING] & AVIC_HPA_MASK
-        own_regs = (vw.get(own >> PAGE_SHIFT) or mem.views(own))[2]   # == mem.page(own), as u32 words
+        try:   # == mem.page(own), as u32 words
+            own_regs = vw[own >> PAGE_SHIFT][2]
+        except KeyError:
+            own_regs = mem.views(own)[2]
         icr_lo &= 0xFFFFFFFF
         own_regs[APIC_ICR >> 2] = icr_lo & ~ICR_BUSY
         if x2:
@@ -535,7 +545,10 @@ class AvicEngine:
         npages = (max_index >> 9) + 1   # phys_table_pages(max_index)
         # the table's pages as u64 entry arrays (entry i = tq[i >> 9][i & 511]); == mem.page per page
         if npages == 1:
-            tq = [(vw.get(table >> PAGE_SHIFT) or mem.views(table))[3]]
+            try:
+                tq = [vw[table >> PAGE_SHIFT][3]]
+            except KeyError:
+                tq = [mem.views(table)[3]]
         else:
             tq = [mem.views(table + (k << PAGE_SHIFT))[3] for k in range(npages)]
         err = self.erratum
@@ -593,7 +606,7 @@ class AvicEngine:
 
         # Steps 3-4: resolve every destination first; any invalid one fails the whole IPI (ID 2/3,
         # nothing delivered).  targets = [(reported index, physical index)].
-        targets: list[tuple[int, int]] = []
+        targets: list[tuple[int, int]] | tuple[tuple[int, int], ...] = []
         if logical and not x2:
             ltable = cq[_Q_LOGICAL_ID] & AVIC_HPA_MASK
             lpage = mem.page(ltable)
@@ -611,7 +624,8 @@ class AvicEngine:
                     return _fail(stats, icr_lo, icr_hi, r, li)
                 targets.append((li, pid))
         else:
-            for pid in (x2apic_logical_dest_ids(dest) if logical else (dest,)):
+            ids = x2apic_logical_dest_ids(dest) if logical else (dest,)
+            for pid in ids:
                 # _check_phys inline: ID 2 beyond MAX_INDEX or invalid entry, ID 3 unbacked page
                 if pid > max_index:
                     return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, pid)
@@ -620,7 +634,7 @@ class AvicEngine:
                     return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, pid)
                 if ((e & PHYS_BACKING_MASK) >> PAGE_SHIFT) not in frames:
                     return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, pid)
-                targets.append((pid, pid))
+            targets = tuple(zip(ids, ids, strict=True))
 
         # Step 5: deliver to every destination; step 6: ID 1 if any was not running.
         first_nr = -1
@@ -650,8 +664,10 @@ class AvicEngine:
                     first_nr = rep
             if fine:
                 yield 0
-        if first_nr >= 0:
-            return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_TARGET_NOT_RUNNING, first_nr)
+        if first_nr >= 0:   # _fail(..., AVIC_IPI_FAILURE_TARGET_NOT_RUNNING, first_nr) inline
+            stats["exits"] += 1
+            return AvicExit(SVM_EXIT_AVIC_INCOMPLETE_IPI, (icr_hi << 32) | icr_lo,
+                            (AVIC_IPI_FAILURE_TARGET_NOT_RUNNING << 32) | (first_nr & AVIC_PHYSICAL_MAX_INDEX_MASK))
         return None
 
     def _check_phys(self, tq: list[Any], pid: int, max_index: int) -> int:

@@ -110,8 +110,9 @@ class HostMemory:
         """``(frame, u16 view, u32 view, u64 view, pfn)`` of the frame holding ``hpa``: the frame
         itself and ``memoryview`` casts of it, so that an aligned unit of size ``1 << k`` at page
         offset ``o`` is ``views[k][o >> k]`` (read and assignable).  Cached per frame; hot callers
-        use ``mem._vw.get(hpa >> PAGE_SHIFT) or mem.views(hpa)``.  Writes through the views are not
-        seen by observers: writers must go through the accessors (or check ``_watch``)."""
+        index ``mem._vw[hpa >> PAGE_SHIFT]`` and call this on a KeyError (first access).  Writes
+        through the views are not seen by observers: writers must go through the accessors (or
+        use :meth:`direct_views`)."""
         pfn = hpa >> PAGE_SHIFT
         v = self._vw.get(pfn)
         if v is None:
@@ -121,6 +122,17 @@ class HostMemory:
             m = memoryview(f)
             v = self._vw[pfn] = (f, m.cast("H"), m.cast("I"), m.cast("Q"), pfn)
         return v
+
+    def direct_views(self, hpa: int) -> Views | None:
+        """:meth:`views` of the frame holding ``hpa`` if storing through them is equivalent to
+        writing through the accessors (nobody observes the frame), else None."""
+        pfn = hpa >> PAGE_SHIFT
+        if pfn in self._watch:
+            return None
+        try:
+            return self._vw[pfn]
+        except KeyError:
+            return self.views(hpa)
 
     # -- observers ----------------------------------------------------------------------------
     def watch(self, hpa: int, callback: WriteObserver) -> None:
@@ -160,7 +172,10 @@ class HostMemory:
         k = _SIZE_K.get(size)
         if k is not None and not o & (size - 1):
             # aligned 1/2/4/8 bytes: one element of a cached view (== the little-endian bytes)
-            return (self._vw.get(hpa >> PAGE_SHIFT) or self.views(hpa))[k][o >> k]
+            try:
+                return self._vw[hpa >> PAGE_SHIFT][k][o >> k]
+            except KeyError:
+                return self.views(hpa)[k][o >> k]
         f, o = self._frame(hpa, size)
         return int.from_bytes(f[o : o + size], "little")
 
@@ -171,7 +186,10 @@ class HostMemory:
         k = _SIZE_K.get(size)
         if k is not None and not o & (size - 1):
             # aligned 1/2/4/8 bytes: store one element of a cached view (== the little-endian bytes)
-            w = (self._vw.get(pfn) or self.views(hpa))[k]
+            try:
+                w = self._vw[pfn][k]
+            except KeyError:
+                w = self.views(hpa)[k]
             i = o >> k
             if pfn in self._watch:
                 old = w[i]
@@ -191,12 +209,18 @@ class HostMemory:
     def read32(self, hpa: int) -> int:
         if hpa & 3:
             return self.read(hpa, 4)
-        return (self._vw.get(hpa >> PAGE_SHIFT) or self.views(hpa))[2][(hpa & PAGE_MASK) >> 2]
+        try:
+            return self._vw[hpa >> PAGE_SHIFT][2][(hpa & PAGE_MASK) >> 2]
+        except KeyError:
+            return self.views(hpa)[2][(hpa & PAGE_MASK) >> 2]
 
     def read64(self, hpa: int) -> int:
         if hpa & 7:
             return self.read(hpa, 8)
-        return (self._vw.get(hpa >> PAGE_SHIFT) or self.views(hpa))[3][(hpa & PAGE_MASK) >> 3]
+        try:
+            return self._vw[hpa >> PAGE_SHIFT][3][(hpa & PAGE_MASK) >> 3]
+        except KeyError:
+            return self.views(hpa)[3][(hpa & PAGE_MASK) >> 3]
 
     def write32(self, hpa: int, value: int) -> None:
         self.write(hpa, 4, value)

@@ -212,6 +212,12 @@ def exit_name(code: int) -> str:
     return EXIT_NAMES.get(code, f"unknown_{code:#x}")
 
 
+_Q_EXIT_CODE = VMCB_EXIT_CODE >> 3
+_Q_EXIT_INFO_1 = VMCB_EXIT_INFO_1 >> 3
+_Q_EXIT_INFO_2 = VMCB_EXIT_INFO_2 >> 3
+_W_EXIT_INT_INFO = VMCB_EXIT_INT_INFO >> 2
+
+
 class _Field:
     """A little-endian unsigned field of ``size`` bytes at ``off`` in the VMCB page (naturally
     aligned: element ``off >> k`` of the page's view ``k``, ``size == 1 << k``)."""
@@ -230,8 +236,10 @@ class _Field:
         if obj is None:
             return self
         # == obj.mem.read(obj.hpa + off, size)
-        mem = obj.mem
-        return (mem._vw.get(obj.hpa >> PAGE_SHIFT) or mem.views(obj.hpa))[self.k][self.i]
+        try:
+            return obj.mem._vw[obj.hpa >> PAGE_SHIFT][self.k][self.i]
+        except KeyError:   # the page's first access through this memory
+            return obj.mem.views(obj.hpa)[self.k][self.i]
 
     def __set__(self, obj: Any, value: int) -> None:
         obj.mem.write(obj.hpa + self.off, self.size, value)
@@ -251,12 +259,14 @@ class _Bits:
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         if obj is None:
             return self
-        mem = obj.mem
-        return ((mem._vw.get(obj.hpa >> PAGE_SHIFT) or mem.views(obj.hpa))[2][self.i] & self.mask) >> self.lo
+        try:
+            return (obj.mem._vw[obj.hpa >> PAGE_SHIFT][2][self.i] & self.mask) >> self.lo
+        except KeyError:
+            return (obj.mem.views(obj.hpa)[2][self.i] & self.mask) >> self.lo
 
     def __set__(self, obj: Any, value: int) -> None:
         mem = obj.mem
-        cur = (mem._vw.get(obj.hpa >> PAGE_SHIFT) or mem.views(obj.hpa))[2][self.i]
+        cur = mem.views(obj.hpa)[2][self.i]
         mem.write(obj.hpa + self.off, 4, (cur & ~self.mask) | ((int(value) << self.lo) & self.mask))
 
 
@@ -282,13 +292,18 @@ class Vmcb:
     def views(self) -> tuple:
         """The VMCB page's word views (``mem.views``): ``views()[k][off >> k]`` is the
         ``1 << k``-byte field at ``off`` — for reading several fields with one lookup."""
-        mem = self.mem
-        return mem._vw.get(self.hpa >> PAGE_SHIFT) or mem.views(self.hpa)
+        try:
+            return self.mem._vw[self.hpa >> PAGE_SHIFT]
+        except KeyError:
+            return self.mem.views(self.hpa)
 
     # -- intercepts ---------------------------------------------------------------------------
     def intercept(self, bit: int) -> bool:
-        mem = self.mem
-        return bool((mem._vw.get(self.hpa >> PAGE_SHIFT) or mem.views(self.hpa))[2][bit >> 5] >> (bit & 31) & 1)
+        try:
+            w = self.mem._vw[self.hpa >> PAGE_SHIFT][2]
+        except KeyError:
+            w = self.mem.views(self.hpa)[2]
+        return bool(w[bit >> 5] >> (bit & 31) & 1)
 
     def set_intercept(self, bit: int, on: bool = True) -> None:
         a = self.hpa + 4 * (bit >> 5)
@@ -413,6 +428,15 @@ class Vmcb:
 
     # -- exits ------------------------------------------------------------------------------------
     def set_exit(self, code: int, info1: int = 0, info2: int = 0, int_info: int = 0) -> None:
+        w = self.mem.direct_views(self.hpa)
+        if w is not None:
+            # nobody observes the page: the four field writes below as direct stores
+            q = w[3]
+            q[_Q_EXIT_CODE] = code & U64_MASK
+            q[_Q_EXIT_INFO_1] = info1 & U64_MASK
+            q[_Q_EXIT_INFO_2] = info2 & U64_MASK
+            w[2][_W_EXIT_INT_INFO] = int_info & 0xFFFFFFFF
+            return
         self.exit_code = code & U64_MASK
         self.exit_info_1 = info1 & U64_MASK
         self.exit_info_2 = info2 & U64_MASK
@@ -462,13 +486,11 @@ def vmrun_checks(vmcb: Vmcb, features: CpuFeatures) -> str | None:
             return f"AVIC_PHYSICAL_MAX_INDEX {mi} > 511 in x2AVIC mode without x2AVIC_EXT"
     elif mi > 4095:  # pragma: no cover - a 12-bit field cannot exceed 4095
         return f"AVIC_PHYSICAL_MAX_INDEX {mi} > 4095"
-    backing = q[VMCB_AVIC_BACKING_PAGE >> 3]
-    if x2 and not backing & 0xFFF and not (backing | physical_id) >> 52:
-        return None   # the common x2AVIC case: the loop below would find nothing
-    ptrs = [("backing page", backing, True), ("physical table", physical_id, False)]
+    ptrs: tuple[tuple[str, int, bool], ...] = (
+        ("backing page", q[VMCB_AVIC_BACKING_PAGE >> 3], True), ("physical table", physical_id, False))
     if not x2:
-        ptrs.append(("logical table", q[VMCB_AVIC_LOGICAL_ID >> 3], True))
-        ptrs.append(("APIC_BAR", q[VMCB_AVIC_VAPIC_BAR >> 3], True))
+        ptrs += (("logical table", q[VMCB_AVIC_LOGICAL_ID >> 3], True),
+                 ("APIC_BAR", q[VMCB_AVIC_VAPIC_BAR >> 3], True))
     for name, value, low12 in ptrs:
         if low12 and value & 0xFFF:
             return f"AVIC {name} pointer {value:#x} is not 4 KiB aligned"
