@@ -103,8 +103,8 @@ class GuestMemory:
     # -- access -------------------------------------------------------------------------------
     def read(self, gpa: int, size: int) -> int:
         o = gpa & PAGE_MASK
-        k = _SIZE_K.get(size)
-        if k is not None and not o & (size - 1):
+        k = _SIZE_K[size] if 0 < size <= 8 else -1
+        if k >= 0 and not o & (size - 1):
             # == host.read(hpa(gpa), size) for an aligned unit, through the cached views
             try:
                 return self._vw[gpa >> PAGE_SHIFT][k][o >> k]

@@ -452,7 +452,7 @@ class AvicEngine:
     False makes the whole ICR write a single atomic step (no yields) for fast, coarse runs.
     """
 
-    __slots__ = ("mem", "features", "doorbell", "irr_set", "erratum", "fine_grained", "stats")
+    __slots__ = ("mem", "features", "doorbell", "irr_set", "erratum", "fine_grained", "stats", "_hwatch")
 
     def __init__(self, mem: HostMemory, features: CpuFeatures, doorbell: Doorbell,
                  irr_set: IrrSet | None = None, erratum: Erratum1235 | None = None,
@@ -465,6 +465,9 @@ class AvicEngine:
         self.fine_grained = fine_grained
         self.stats = {"icr_writes": 0, "irr_sets": 0, "doorbells": 0, "exits": 0, "stale_reads": 0,
                       "dropped_low_vector": 0}
+        # Write observers of the host frames behind ``mem``'s views (a guest memory's are its host's).
+        host = getattr(mem, "host", None)
+        self._hwatch = host._watch if isinstance(host, HostMemory) else mem._watch
 
     # -------------------------------------------------------------------------------------------
     def icr_write(self, vmcb: Vmcb, apic_id: int, host_id: int, icr_lo: int, icr_hi: int | None = None,
@@ -632,7 +635,8 @@ class AvicEngine:
                 e = tq[pid >> 9][pid & 511]
                 if not e & PHYS_VALID:
                     return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, pid)
-                if ((e & PHYS_BACKING_MASK) >> PAGE_SHIFT) not in frames:
+                bpfn = (e & PHYS_BACKING_MASK) >> PAGE_SHIFT
+                if bpfn not in vw and bpfn not in frames:   # (cached views => backed frame)
                     return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, pid)
             targets = tuple(zip(ids, ids, strict=True))
 
@@ -640,11 +644,22 @@ class AvicEngine:
         first_nr = -1
         b = _IRR_BYTE[vector]
         vbit = vector & 7
+        bit = 1 << vbit
+        hwatch = self._hwatch
         for rep, pid in targets:
             tp = tq[pid >> 9]
             j = pid & 511
             backing = tp[j] & PHYS_BACKING_MASK
-            mem.set_bit(backing + b, vbit)
+            # mem.set_bit(backing + b, vbit), inline when nobody observes the host frame (the IRR
+            # byte, a locked OR); views() raises what set_bit would for an unbacked address
+            try:
+                bw = vw[backing >> PAGE_SHIFT]
+            except KeyError:
+                bw = mem.views(backing + b)
+            if bw[4] in hwatch:
+                mem.set_bit(backing + b, vbit)
+            else:
+                bw[0][b] |= bit
             stats["irr_sets"] += 1
             if irs is not None:
                 irs(backing, vector, pid)

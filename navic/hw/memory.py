@@ -36,8 +36,8 @@ PHYS_ADDR_LIMIT = 1 << MAXPHYADDR
 # ``old``/``new`` its value before and after the write.  Called after the write has landed.
 WriteObserver = Callable[[int, int, int, int], None]
 
-# views tuple index for an access size (also log2 of the size): (frame, u16, u32, u64, pfn)
-_SIZE_K = {1: 0, 2: 1, 4: 2, 8: 3}
+# views tuple index for an access size 0..8 (log2 of the size; -1: no view): (frame, u16, u32, u64, pfn)
+_SIZE_K = (-1, 0, 1, -1, 2, -1, -1, -1, 3)
 U64 = 0xFFFFFFFFFFFFFFFF
 
 Views = tuple  # (bytearray frame, memoryview 'H', memoryview 'I', memoryview 'Q', pfn)
@@ -169,8 +169,8 @@ class HostMemory:
 
     def read(self, hpa: int, size: int) -> int:
         o = hpa & PAGE_MASK
-        k = _SIZE_K.get(size)
-        if k is not None and not o & (size - 1):
+        k = _SIZE_K[size] if 0 < size <= 8 else -1
+        if k >= 0 and not o & (size - 1):
             # aligned 1/2/4/8 bytes: one element of a cached view (== the little-endian bytes)
             try:
                 return self._vw[hpa >> PAGE_SHIFT][k][o >> k]
@@ -183,8 +183,8 @@ class HostMemory:
         value &= (1 << (8 * size)) - 1
         pfn = hpa >> PAGE_SHIFT
         o = hpa & PAGE_MASK
-        k = _SIZE_K.get(size)
-        if k is not None and not o & (size - 1):
+        k = _SIZE_K[size] if 0 < size <= 8 else -1
+        if k >= 0 and not o & (size - 1):
             # aligned 1/2/4/8 bytes: store one element of a cached view (== the little-endian bytes)
             try:
                 w = self._vw[pfn][k]

@@ -209,7 +209,10 @@ EXIT_NAMES: dict[int, str] = {
 
 def exit_name(code: int) -> str:
     code &= U64_MASK
-    return EXIT_NAMES.get(code, f"unknown_{code:#x}")
+    try:
+        return EXIT_NAMES[code]
+    except KeyError:
+        return f"unknown_{code:#x}"
 
 
 _Q_EXIT_CODE = VMCB_EXIT_CODE >> 3
@@ -225,8 +228,8 @@ class _Field:
     __slots__ = ("off", "size", "k", "i")
 
     def __init__(self, off: int, size: int) -> None:
-        if off & (size - 1):
-            raise ValueError("VMCB fields are naturally aligned")
+        if size not in (1, 2, 4, 8) or off & (size - 1):
+            raise ValueError("VMCB fields are naturally aligned units of 1, 2, 4 or 8 bytes")
         self.off = off
         self.size = size
         self.k = _SIZE_K[size]
@@ -266,7 +269,10 @@ class _Bits:
 
     def __set__(self, obj: Any, value: int) -> None:
         mem = obj.mem
-        cur = mem.views(obj.hpa)[2][self.i]
+        try:
+            cur = mem._vw[obj.hpa >> PAGE_SHIFT][2][self.i]
+        except KeyError:
+            cur = mem.views(obj.hpa)[2][self.i]
         mem.write(obj.hpa + self.off, 4, (cur & ~self.mask) | ((int(value) << self.lo) & self.mask))
 
 
@@ -460,7 +466,10 @@ def vmrun_checks(vmcb: Vmcb, features: CpuFeatures) -> str | None:
     * with AVIC enabled: backing page / logical table / APIC_BAR (xAVIC only for the last two) not
       4 KiB aligned, or any AVIC pointer above the 52-bit physical-address limit.
     """
-    w = vmcb.views()   # every field below read from the page's views, one lookup
+    try:   # every field below read from the page's views (vmcb.views(), inline)
+        w = vmcb.mem._vw[vmcb.hpa >> PAGE_SHIFT]
+    except KeyError:
+        w = vmcb.mem.views(vmcb.hpa)
     d = w[2]
     if not d[INTERCEPT_VMRUN >> 5] >> (INTERCEPT_VMRUN & 31) & 1:
         return "VMRUN intercept not set"
