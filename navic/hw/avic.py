@@ -576,9 +576,12 @@ class AvicEngine:
                 if not e & PHYS_VALID:
                     continue
                 bpfn = (e & PHYS_BACKING_MASK) >> PAGE_SHIFT
-                bp = frames.get(bpfn)
-                if bp is None:
-                    return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, i)
+                try:   # == frames.get(bpfn) (cached views => backed frame; views[0] is the frame)
+                    bp = vw[bpfn][0]
+                except KeyError:
+                    if bpfn not in frames:
+                        return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, i)
+                    bp = mem.views(bpfn << PAGE_SHIFT)[0]
                 if bpfn in watched:
                     mem.set_bit((bpfn << PAGE_SHIFT) + b, vector & 7)
                 else:
@@ -638,7 +641,7 @@ class AvicEngine:
                 bpfn = (e & PHYS_BACKING_MASK) >> PAGE_SHIFT
                 if bpfn not in vw and bpfn not in frames:   # (cached views => backed frame)
                     return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, pid)
-            targets = tuple(zip(ids, ids, strict=True))
+            targets = ((dest, dest),) if not logical else tuple(zip(ids, ids, strict=True))
 
         # Step 5: deliver to every destination; step 6: ID 1 if any was not running.
         first_nr = -1
