@@ -129,10 +129,14 @@ class GuestMemory:
             return self.views(gpa)[3][(gpa & PAGE_MASK) >> 3]
 
     def write(self, gpa: int, size: int, value: int) -> None:
-        if self.on_tracked_write is not None and self.npt.is_write_protected(gpa >> PAGE_SHIFT):
+        npt = self.npt
+        if self.on_tracked_write is not None and (gpa >> PAGE_SHIFT) in npt._wp:   # is_write_protected
             self.on_tracked_write(gpa, size, value)
             return
-        self.host.write(self.hpa(gpa), size, value)
+        e = npt._map.get(gpa >> PAGE_SHIFT)   # hpa(gpa) inline
+        if e is None:
+            raise NptFault(gpa, False, "not_present")
+        self.host.write(((e >> 1) << PAGE_SHIFT) | (gpa & PAGE_MASK), size, value)
 
     def write32(self, gpa: int, value: int) -> None:
         self.write(gpa, 4, value)

@@ -556,9 +556,9 @@ class AvicEngine:
             tq = [mem.views(table + (k << PAGE_SHIFT))[3] for k in range(npages)]
         err = self.erratum
         if err is not None:
-            if not err.is_tracking(table):
+            if (table >> PAGE_SHIFT) not in err._tracked:   # not err.is_tracking(table)
                 err.track_table(table, npages)
-            err.begin_ipi()
+            err.ipi_seq += 1   # err.begin_ipi()
 
         # Step 2: broadcast - every valid entry 0..MAX_INDEX; invalid entries skipped silently.
         if sh != _SH_NONE or dest == (0xFFFFFFFF if x2 else 0xFF):
@@ -615,13 +615,13 @@ class AvicEngine:
         targets: list[tuple[int, int]] | tuple[tuple[int, int], ...] = []
         if logical and not x2:
             ltable = cq[_Q_LOGICAL_ID] & AVIC_HPA_MASK
-            lpage = mem.page(ltable)
+            lw = mem.views(ltable)[2]   # == mem.page(ltable), as u32 entries
             dfr = own_regs[APIC_DFR >> 2]
             flat = dfr_is_flat(dfr)
             for li in logical_dest_indices(dest, flat):
                 if not flat and li >> 2 == LOG_CLUSTER_RESERVED:
                     return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, li)
-                le = int.from_bytes(lpage[li * 4 : li * 4 + 4], "little")
+                le = lw[li]
                 if not le & LOG_VALID:
                     return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, li)
                 pid = le & LOG_GUEST_PHYS_ID_MASK
