@@ -38,7 +38,6 @@ WriteObserver = Callable[[int, int, int, int], None]
 
 # views tuple index for an access size 0..8 (log2 of the size; -1: no view): (frame, u16, u32, u64, pfn)
 _SIZE_K = (-1, 0, 1, -1, 2, -1, -1, -1, 3)
-U64 = 0xFFFFFFFFFFFFFFFF
 
 Views = tuple  # (bytearray frame, memoryview 'H', memoryview 'I', memoryview 'Q', pfn)
 
@@ -180,7 +179,6 @@ class HostMemory:
         return int.from_bytes(f[o : o + size], "little")
 
     def write(self, hpa: int, size: int, value: int) -> None:
-        value &= (1 << (8 * size)) - 1
         pfn = hpa >> PAGE_SHIFT
         o = hpa & PAGE_MASK
         k = _SIZE_K[size] if 0 < size <= 8 else -1
@@ -190,6 +188,7 @@ class HostMemory:
                 w = self._vw[pfn][k]
             except KeyError:
                 w = self.views(hpa)[k]
+            value &= (1 << (8 * size)) - 1
             i = o >> k
             if pfn in self._watch:
                 old = w[i]
@@ -199,6 +198,7 @@ class HostMemory:
                 w[i] = value
             return
         f, o = self._frame(hpa, size)
+        value &= (1 << (8 * size)) - 1
         if pfn in self._watch:
             old = int.from_bytes(f[o : o + size], "little")
             f[o : o + size] = value.to_bytes(size, "little")
