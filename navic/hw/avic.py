@@ -500,10 +500,11 @@ class AvicEngine:
         cq = cw[3]
         x2 = bool(cw[2][_W_INT_CTL] & X2APIC_MODE_MASK)
         own = cq[_Q_BACKING] & AVIC_HPA_MASK
-        try:   # == mem.page(own), as u32 words
-            own_regs = vw[own >> PAGE_SHIFT][2]
+        try:   # == mem.page(own), with its u32 words
+            ow = vw[own >> PAGE_SHIFT]
         except KeyError:
-            own_regs = mem.views(own)[2]
+            ow = mem.views(own)
+        own_regs = ow[2]
         icr_lo &= 0xFFFFFFFF
         own_regs[APIC_ICR >> 2] = icr_lo & ~ICR_BUSY
         if x2:
@@ -532,7 +533,10 @@ class AvicEngine:
 
         # Step 1: self shorthand - own backing page, doorbell to self; the table is not read.
         if sh == _SH_SELF:
-            mem.set_bit(own + _IRR_BYTE[vector], vector & 7)
+            if ow[4] in self._hwatch:
+                mem.set_bit(own + _IRR_BYTE[vector], vector & 7)
+            else:   # mem.set_bit inline: nobody observes the frame
+                ow[0][_IRR_BYTE[vector]] |= 1 << (vector & 7)
             stats["irr_sets"] += 1
             if irs is not None:
                 irs(own, vector, apic_id)
