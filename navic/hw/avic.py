@@ -582,10 +582,10 @@ class AvicEngine:
                 bpfn = (e & PHYS_BACKING_MASK) >> PAGE_SHIFT
                 try:   # == frames.get(bpfn) (cached views => backed frame; views[0] is the frame)
                     bp = vw[bpfn][0]
-                except KeyError:
-                    if bpfn not in frames:
+                except KeyError:   # (no views created here: a broadcast touches every backing page)
+                    bp = frames.get(bpfn)
+                    if bp is None:
                         return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, i)
-                    bp = mem.views(bpfn << PAGE_SHIFT)[0]
                 if bpfn in watched:
                     mem.set_bit((bpfn << PAGE_SHIFT) + b, vector & 7)
                 else:
