@@ -46,6 +46,10 @@ from navic.hw.vmcb import (
     AVIC_PHYSICAL_MAX_INDEX_MASK,
     SVM_EXIT_AVIC_INCOMPLETE_IPI,
     SVM_EXIT_AVIC_UNACCELERATED_ACCESS,
+    VMCB_AVIC_BACKING_PAGE,
+    VMCB_AVIC_LOGICAL_ID,
+    VMCB_AVIC_PHYSICAL_ID,
+    VMCB_INT_CTL,
     X2APIC_MODE_MASK,
     Vmcb,
     exit_name,
@@ -227,6 +231,7 @@ FAULT = "fault"
 GP = "gp"  # x2APIC architectural #GP (x2APIC access checks precede AVIC's; x2AVIC only)
 
 _A, _X, _T, _F = ALLOWED, ACCELERATED, TRAP, FAULT
+_ISR_BYTES_DESC = tuple(APIC_ISR + 0x10 * i + k for i in range(7, -1, -1) for k in (3, 2, 1, 0))
 # offset -> (read, write) for the listed single registers
 _ACCESS_TABLE: dict[int, tuple[str, str]] = {
     APIC_ID: (_A, _T),
@@ -307,15 +312,18 @@ def classify_access(offset: int, write: bool, x2apic: bool = False, ext_lvt_chg:
     return rw[1] if write else rw[0]
 
 
+_MSB = [0] + [b.bit_length() - 1 for b in range(1, 256)]   # highest set bit of a byte
+
+
 def eoi_is_level(page: bytearray) -> bool:
     """Whether an EOI written now would be the level case: the TMR bit of the highest set ISR bit."""
-    for i in range(7, -1, -1):
-        o = APIC_ISR + 0x10 * i
-        isr = int.from_bytes(page[o : o + 4], "little")
-        if isr:
-            v = 32 * i + isr.bit_length() - 1
-            t = APIC_TMR + 0x10 * i
-            return bool(int.from_bytes(page[t : t + 4], "little") >> (v & 31) & 1)
+    # The ISR's bytes, highest first (ISR word i = bytes 100h + 10h*i .. +3; little-endian): the
+    # first non-zero byte holds the highest in-service vector.
+    for o in _ISR_BYTES_DESC:
+        x = page[o]
+        if x:
+            b = _MSB[x]
+            return bool(page[o + (APIC_TMR - APIC_ISR)] >> b & 1)   # the same bit of the TMR
     return False
 
 
@@ -421,6 +429,11 @@ Doorbell = Callable[[int], None]  # doorbell(host_apic_id)
 IrrSet = Callable[[int, int, int], None]  # irr_set(backing_hpa, vector, index), called after the bit is set
 
 _IRR_BYTE = [APIC_IRR + ((v >> 5) << 4) + ((v & 31) >> 3) for v in range(256)]
+# VMCB fields icr_write reads, as indices into the VMCB page's u32 / u64 views
+_W_INT_CTL = VMCB_INT_CTL >> 2
+_Q_BACKING = VMCB_AVIC_BACKING_PAGE >> 3
+_Q_LOGICAL_ID = VMCB_AVIC_LOGICAL_ID >> 3
+_Q_PHYSICAL_ID = VMCB_AVIC_PHYSICAL_ID >> 3
 
 
 class AvicEngine:
@@ -439,7 +452,7 @@ class AvicEngine:
     False makes the whole ICR write a single atomic step (no yields) for fast, coarse runs.
     """
 
-    __slots__ = ("mem", "features", "doorbell", "irr_set", "erratum", "fine_grained", "stats")
+    __slots__ = ("mem", "features", "doorbell", "irr_set", "erratum", "fine_grained", "stats", "_hwatch")
 
     def __init__(self, mem: HostMemory, features: CpuFeatures, doorbell: Doorbell,
                  irr_set: IrrSet | None = None, erratum: Erratum1235 | None = None,
@@ -452,6 +465,9 @@ class AvicEngine:
         self.fine_grained = fine_grained
         self.stats = {"icr_writes": 0, "irr_sets": 0, "doorbells": 0, "exits": 0, "stale_reads": 0,
                       "dropped_low_vector": 0}
+        # Write observers of the host frames behind ``mem``'s views (a guest memory's are its host's).
+        host = getattr(mem, "host", None)
+        self._hwatch = host._watch if isinstance(host, HostMemory) else mem._watch
 
     # -------------------------------------------------------------------------------------------
     def icr_write(self, vmcb: Vmcb, apic_id: int, host_id: int, icr_lo: int, icr_hi: int | None = None,
@@ -468,22 +484,34 @@ class AvicEngine:
         """
         mem = self.mem
         frames = mem.frames
+        vw = mem._vw
         db = doorbell if doorbell is not None else self.doorbell
         irs = irr_set if irr_set is not None else self.irr_set
         fine = self.fine_grained
         stats = self.stats
         stats["icr_writes"] += 1
 
-        x2 = bool(vmcb.int_ctl & X2APIC_MODE_MASK)
-        own = vmcb.avic_backing_page & AVIC_HPA_MASK
-        own_page = mem.page(own)
+        # The VMCB's control fields, read from its page's word views (== the Vmcb field reads).
+        # (vmcb.views(), mem.views(): the dict lookups inline; a KeyError = first access)
+        try:
+            cw = vmcb.mem._vw[vmcb.hpa >> PAGE_SHIFT]
+        except KeyError:
+            cw = vmcb.mem.views(vmcb.hpa)
+        cq = cw[3]
+        x2 = bool(cw[2][_W_INT_CTL] & X2APIC_MODE_MASK)
+        own = cq[_Q_BACKING] & AVIC_HPA_MASK
+        try:   # == mem.page(own), with its u32 words
+            ow = vw[own >> PAGE_SHIFT]
+        except KeyError:
+            ow = mem.views(own)
+        own_regs = ow[2]
         icr_lo &= 0xFFFFFFFF
-        own_page[APIC_ICR : APIC_ICR + 4] = (icr_lo & ~ICR_BUSY).to_bytes(4, "little")
+        own_regs[APIC_ICR >> 2] = icr_lo & ~ICR_BUSY
         if x2:
             icr_hi = (icr_hi or 0) & 0xFFFFFFFF
-            own_page[APIC_ICR2 : APIC_ICR2 + 4] = icr_hi.to_bytes(4, "little")
+            own_regs[APIC_ICR2 >> 2] = icr_hi
         elif icr_hi is None:
-            icr_hi = int.from_bytes(own_page[APIC_ICR2 : APIC_ICR2 + 4], "little")
+            icr_hi = own_regs[APIC_ICR2 >> 2]
         else:
             icr_hi &= 0xFFFFFFFF
 
@@ -494,22 +522,21 @@ class AvicEngine:
         sh = (icr_lo >> 18) & 3
         dest = icr_hi if x2 else icr_hi >> 24
 
-        def fail(failure: int, index: int = 0) -> AvicExit:
-            stats["exits"] += 1
-            return AvicExit.incomplete_ipi(icr_lo, icr_hi, failure, index)
-
         # Only Fixed + edge is accelerated (Lowest-priority, SMI, NMI, INIT, SIPI, ExtINT, level -> ID 0).
         if dm != _DM_FIXED or trig == _TRIG_LEVEL:
-            return fail(AVIC_IPI_FAILURE_INVALID_INT_TYPE)
+            return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_INT_TYPE, 0)
         if vector < 16:
             if self.features.avic_drops_low_vector_ipi:
                 stats["dropped_low_vector"] += 1
                 return None
-            return fail(AVIC_IPI_FAILURE_INVALID_IPI_VECTOR)
+            return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_IPI_VECTOR, 0)
 
         # Step 1: self shorthand - own backing page, doorbell to self; the table is not read.
         if sh == _SH_SELF:
-            mem.set_bit(own + _IRR_BYTE[vector], vector & 7)
+            if ow[4] in self._hwatch:
+                mem.set_bit(own + _IRR_BYTE[vector], vector & 7)
+            else:   # mem.set_bit inline: nobody observes the frame
+                ow[0][_IRR_BYTE[vector]] |= 1 << (vector & 7)
             stats["irr_sets"] += 1
             if irs is not None:
                 irs(own, vector, apic_id)
@@ -519,15 +546,23 @@ class AvicEngine:
             db(host_id)
             return None
 
-        max_index = vmcb.avic_physical_id & AVIC_PHYSICAL_MAX_INDEX_MASK
-        table = vmcb.avic_physical_id & AVIC_HPA_MASK
-        npages = phys_table_pages(max_index)
-        tpages = [mem.page(table + (k << PAGE_SHIFT)) for k in range(npages)]
+        physical_id = cq[_Q_PHYSICAL_ID]
+        max_index = physical_id & AVIC_PHYSICAL_MAX_INDEX_MASK
+        table = physical_id & AVIC_HPA_MASK
+        npages = (max_index >> 9) + 1   # phys_table_pages(max_index)
+        # the table's pages as u64 entry arrays (entry i = tq[i >> 9][i & 511]); == mem.page per page
+        if npages == 1:
+            try:
+                tq = [vw[table >> PAGE_SHIFT][3]]
+            except KeyError:
+                tq = [mem.views(table)[3]]
+        else:
+            tq = [mem.views(table + (k << PAGE_SHIFT))[3] for k in range(npages)]
         err = self.erratum
         if err is not None:
-            if not err.is_tracking(table):
+            if (table >> PAGE_SHIFT) not in err._tracked:   # not err.is_tracking(table)
                 err.track_table(table, npages)
-            err.begin_ipi()
+            err.ipi_seq += 1   # err.begin_ipi()
 
         # Step 2: broadcast - every valid entry 0..MAX_INDEX; invalid entries skipped silently.
         if sh != _SH_NONE or dest == (0xFFFFFFFF if x2 else 0xFF):
@@ -539,15 +574,18 @@ class AvicEngine:
             for i in range(max_index + 1):
                 if i == skip:
                     continue
-                tp = tpages[i >> 9]
-                o = (i & 511) << 3
-                e = int.from_bytes(tp[o : o + 8], "little")
+                tp = tq[i >> 9]
+                j = i & 511
+                e = tp[j]
                 if not e & PHYS_VALID:
                     continue
                 bpfn = (e & PHYS_BACKING_MASK) >> PAGE_SHIFT
-                bp = frames.get(bpfn)
-                if bp is None:
-                    return fail(AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, i)
+                try:   # == frames.get(bpfn) (cached views => backed frame; views[0] is the frame)
+                    bp = vw[bpfn][0]
+                except KeyError:   # (no views created here: a broadcast touches every backing page)
+                    bp = frames.get(bpfn)
+                    if bp is None:
+                        return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, i)
                 if bpfn in watched:
                     mem.set_bit((bpfn << PAGE_SHIFT) + b, vector & 7)
                 else:
@@ -558,7 +596,7 @@ class AvicEngine:
                 if fine:
                     yield 0
                 # IsRunning read (a separate step): re-read the entry.
-                e = int.from_bytes(tp[o : o + 8], "little")
+                e = tp[j]
                 if e & PHYS_IS_RUNNING:
                     stats["doorbells"] += 1
                     db(e & PHYS_HOST_ID_MASK)
@@ -573,51 +611,68 @@ class AvicEngine:
                 if fine:
                     yield 0
             if first_nr >= 0:
-                return fail(AVIC_IPI_FAILURE_TARGET_NOT_RUNNING, first_nr)
+                return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_TARGET_NOT_RUNNING, first_nr)
             return None
 
         # Steps 3-4: resolve every destination first; any invalid one fails the whole IPI (ID 2/3,
         # nothing delivered).  targets = [(reported index, physical index)].
-        targets: list[tuple[int, int]] = []
+        targets: list[tuple[int, int]] | tuple[tuple[int, int], ...] = []
         if logical and not x2:
-            ltable = vmcb.avic_logical_id & AVIC_HPA_MASK
-            lpage = mem.page(ltable)
-            dfr = int.from_bytes(own_page[APIC_DFR : APIC_DFR + 4], "little")
+            ltable = cq[_Q_LOGICAL_ID] & AVIC_HPA_MASK
+            lw = mem.views(ltable)[2]   # == mem.page(ltable), as u32 entries
+            dfr = own_regs[APIC_DFR >> 2]
             flat = dfr_is_flat(dfr)
             for li in logical_dest_indices(dest, flat):
                 if not flat and li >> 2 == LOG_CLUSTER_RESERVED:
-                    return fail(AVIC_IPI_FAILURE_INVALID_TARGET, li)
-                le = int.from_bytes(lpage[li * 4 : li * 4 + 4], "little")
+                    return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, li)
+                le = lw[li]
                 if not le & LOG_VALID:
-                    return fail(AVIC_IPI_FAILURE_INVALID_TARGET, li)
+                    return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, li)
                 pid = le & LOG_GUEST_PHYS_ID_MASK
-                r = self._check_phys(tpages, pid, max_index)
+                r = self._check_phys(tq, pid, max_index)
                 if r:
-                    return fail(r, li)
+                    return _fail(stats, icr_lo, icr_hi, r, li)
                 targets.append((li, pid))
         else:
-            ids = x2apic_logical_dest_ids(dest) if logical else [dest]
+            ids = x2apic_logical_dest_ids(dest) if logical else (dest,)
             for pid in ids:
-                r = self._check_phys(tpages, pid, max_index)
-                if r:
-                    return fail(r, pid)
-                targets.append((pid, pid))
+                # _check_phys inline: ID 2 beyond MAX_INDEX or invalid entry, ID 3 unbacked page
+                if pid > max_index:
+                    return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, pid)
+                e = tq[pid >> 9][pid & 511]
+                if not e & PHYS_VALID:
+                    return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_TARGET, pid)
+                bpfn = (e & PHYS_BACKING_MASK) >> PAGE_SHIFT
+                if bpfn not in vw and bpfn not in frames:   # (cached views => backed frame)
+                    return _fail(stats, icr_lo, icr_hi, AVIC_IPI_FAILURE_INVALID_BACKING_PAGE, pid)
+            targets = ((dest, dest),) if not logical else tuple(zip(ids, ids, strict=True))
 
         # Step 5: deliver to every destination; step 6: ID 1 if any was not running.
         first_nr = -1
         b = _IRR_BYTE[vector]
+        vbit = vector & 7
+        bit = 1 << vbit
+        hwatch = self._hwatch
         for rep, pid in targets:
-            tp = tpages[pid >> 9]
-            o = (pid & 511) << 3
-            e = int.from_bytes(tp[o : o + 8], "little")
-            backing = e & PHYS_BACKING_MASK
-            mem.set_bit(backing + b, vector & 7)
+            tp = tq[pid >> 9]
+            j = pid & 511
+            backing = tp[j] & PHYS_BACKING_MASK
+            # mem.set_bit(backing + b, vbit), inline when nobody observes the host frame (the IRR
+            # byte, a locked OR); views() raises what set_bit would for an unbacked address
+            try:
+                bw = vw[backing >> PAGE_SHIFT]
+            except KeyError:
+                bw = mem.views(backing + b)
+            if bw[4] in hwatch:
+                mem.set_bit(backing + b, vbit)
+            else:
+                bw[0][b] |= bit
             stats["irr_sets"] += 1
             if irs is not None:
                 irs(backing, vector, pid)
             if fine:
                 yield 0
-            e = int.from_bytes(tp[o : o + 8], "little")
+            e = tp[j]
             if e & PHYS_IS_RUNNING:
                 stats["doorbells"] += 1
                 db(e & PHYS_HOST_ID_MASK)
@@ -631,23 +686,32 @@ class AvicEngine:
                     first_nr = rep
             if fine:
                 yield 0
-        if first_nr >= 0:
-            return fail(AVIC_IPI_FAILURE_TARGET_NOT_RUNNING, first_nr)
+        if first_nr >= 0:   # _fail(..., AVIC_IPI_FAILURE_TARGET_NOT_RUNNING, first_nr) inline
+            stats["exits"] += 1
+            return AvicExit(SVM_EXIT_AVIC_INCOMPLETE_IPI, (icr_hi << 32) | icr_lo,
+                            (AVIC_IPI_FAILURE_TARGET_NOT_RUNNING << 32) | (first_nr & AVIC_PHYSICAL_MAX_INDEX_MASK))
         return None
 
-    def _check_phys(self, tpages: list[bytearray], pid: int, max_index: int) -> int:
+    def _check_phys(self, tq: list[Any], pid: int, max_index: int) -> int:
         """0 if guest physical ID ``pid`` names a valid entry with a valid backing page, else the
-        failure ID (2 invalid target, 3 invalid backing page)."""
+        failure ID (2 invalid target, 3 invalid backing page).  ``tq``: the table's pages as u64
+        entry arrays."""
         if pid > max_index:
             return AVIC_IPI_FAILURE_INVALID_TARGET
-        tp = tpages[pid >> 9]
-        o = (pid & 511) << 3
-        e = int.from_bytes(tp[o : o + 8], "little")
+        e = tq[pid >> 9][pid & 511]
         if not e & PHYS_VALID:
             return AVIC_IPI_FAILURE_INVALID_TARGET
         if ((e & PHYS_BACKING_MASK) >> PAGE_SHIFT) not in self.mem.frames:
             return AVIC_IPI_FAILURE_INVALID_BACKING_PAGE
         return 0
+
+
+def _fail(stats: dict[str, int], icr_lo: int, icr_hi: int, failure: int, index: int) -> AvicExit:
+    """The AVIC_INCOMPLETE_IPI exit of a failed ICR write (counted in ``stats``);
+    == AvicExit.incomplete_ipi(icr_lo, icr_hi, failure, index)."""
+    stats["exits"] += 1
+    return AvicExit(SVM_EXIT_AVIC_INCOMPLETE_IPI, ((icr_hi & 0xFFFFFFFF) << 32) | (icr_lo & 0xFFFFFFFF),
+                    ((failure & 0xFFFFFFFF) << 32) | (index & AVIC_PHYSICAL_MAX_INDEX_MASK))
 
 
 def run_to_completion(gen: Generator[Any, Any, Any]) -> Any:

@@ -13,6 +13,11 @@ descriptors and PID-pointer tables.
   physical APIC ID table this way, and L0 can watch L1's tables.  Writes made by poking the
   ``bytearray`` returned by :meth:`page` directly are NOT observed (that is how LocalApic updates
   its own registers, and nobody needs to watch those).
+* Word views: aligned 1/2/4/8-byte accesses go through cached ``memoryview`` casts of the frame
+  (:meth:`HostMemory.views`, created on a frame's first word access, dropped when it is freed)
+  instead of ``int.from_bytes`` on a slice; same bytes, same little-endian values (the model, like
+  ``LocalApic``'s register view, assumes a little-endian host).  Unaligned or odd-sized accesses
+  take the general byte path.
 * :class:`Npt` — per-VM 4 KiB-granular GPA → HPA map with present/writable permission and a separate
   write-protect overlay (for L0's write tracking), raising :class:`NptFault`.
 """
@@ -30,6 +35,11 @@ PHYS_ADDR_LIMIT = 1 << MAXPHYADDR
 # callback(addr, size, old, new): ``addr``/``size`` describe the written little-endian unit,
 # ``old``/``new`` its value before and after the write.  Called after the write has landed.
 WriteObserver = Callable[[int, int, int, int], None]
+
+# views tuple index for an access size 0..8 (log2 of the size; -1: no view): (frame, u16, u32, u64, pfn)
+_SIZE_K = (-1, 0, 1, -1, 2, -1, -1, -1, 3)
+
+Views = tuple  # (bytearray frame, memoryview 'H', memoryview 'I', memoryview 'Q', pfn)
 
 __all__ = [
     "PAGE_SHIFT", "PAGE_SIZE", "PAGE_MASK", "MAXPHYADDR", "BadAddress", "HostMemory", "WriteObserver",
@@ -50,12 +60,16 @@ class HostMemory:
     allocator); ``contiguous`` is accepted for API clarity and has no other effect.
     """
 
-    __slots__ = ("frames", "_next_pfn", "_watch")
+    __slots__ = ("frames", "_next_pfn", "_watch", "_vw", "_caches")
 
     def __init__(self, base_pfn: int = 0x100) -> None:
         self.frames: dict[int, bytearray] = {}
         self._next_pfn = base_pfn
         self._watch: dict[int, list[WriteObserver]] = {}
+        # pfn -> word views of the frame (see views()); filled on first access, dropped on free
+        self._vw: dict[int, Views] = {}
+        # translation caches of guest memories over this memory (cleared when a frame is freed)
+        self._caches: list[dict] = []
 
     # -- allocation ---------------------------------------------------------------------------
     def alloc(self, npages: int = 1, contiguous: bool = True) -> int:
@@ -77,6 +91,9 @@ class HostMemory:
         for i in range(npages):
             self.frames.pop(pfn + i, None)
             self._watch.pop(pfn + i, None)
+            self._vw.pop(pfn + i, None)
+        for c in self._caches:
+            c.clear()
 
     def is_valid(self, hpa: int) -> bool:
         return (hpa >> PAGE_SHIFT) in self.frames
@@ -87,6 +104,34 @@ class HostMemory:
             return self.frames[hpa >> PAGE_SHIFT]
         except KeyError:
             raise BadAddress(f"HPA {hpa:#x} is not backed by an allocated frame") from None
+
+    def views(self, hpa: int) -> Views:
+        """``(frame, u16 view, u32 view, u64 view, pfn)`` of the frame holding ``hpa``: the frame
+        itself and ``memoryview`` casts of it, so that an aligned unit of size ``1 << k`` at page
+        offset ``o`` is ``views[k][o >> k]`` (read and assignable).  Cached per frame; hot callers
+        index ``mem._vw[hpa >> PAGE_SHIFT]`` and call this on a KeyError (first access).  Writes
+        through the views are not seen by observers: writers must go through the accessors (or
+        use :meth:`direct_views`)."""
+        pfn = hpa >> PAGE_SHIFT
+        v = self._vw.get(pfn)
+        if v is None:
+            f = self.frames.get(pfn)
+            if f is None:
+                raise BadAddress(f"HPA {hpa:#x} is not backed by an allocated frame")
+            m = memoryview(f)
+            v = self._vw[pfn] = (f, m.cast("H"), m.cast("I"), m.cast("Q"), pfn)
+        return v
+
+    def direct_views(self, hpa: int) -> Views | None:
+        """:meth:`views` of the frame holding ``hpa`` if storing through them is equivalent to
+        writing through the accessors (nobody observes the frame), else None."""
+        pfn = hpa >> PAGE_SHIFT
+        if pfn in self._watch:
+            return None
+        try:
+            return self._vw[pfn]
+        except KeyError:
+            return self.views(hpa)
 
     # -- observers ----------------------------------------------------------------------------
     def watch(self, hpa: int, callback: WriteObserver) -> None:
@@ -122,13 +167,38 @@ class HostMemory:
             raise BadAddress(f"HPA {hpa:#x} is not backed by an allocated frame") from None
 
     def read(self, hpa: int, size: int) -> int:
+        o = hpa & PAGE_MASK
+        k = _SIZE_K[size] if 0 < size <= 8 else -1
+        if k >= 0 and not o & (size - 1):
+            # aligned 1/2/4/8 bytes: one element of a cached view (== the little-endian bytes)
+            try:
+                return self._vw[hpa >> PAGE_SHIFT][k][o >> k]
+            except KeyError:
+                return self.views(hpa)[k][o >> k]
         f, o = self._frame(hpa, size)
         return int.from_bytes(f[o : o + size], "little")
 
     def write(self, hpa: int, size: int, value: int) -> None:
+        pfn = hpa >> PAGE_SHIFT
+        o = hpa & PAGE_MASK
+        k = _SIZE_K[size] if 0 < size <= 8 else -1
+        if k >= 0 and not o & (size - 1):
+            # aligned 1/2/4/8 bytes: store one element of a cached view (== the little-endian bytes)
+            try:
+                w = self._vw[pfn][k]
+            except KeyError:
+                w = self.views(hpa)[k]
+            value &= (1 << (8 * size)) - 1
+            i = o >> k
+            if pfn in self._watch:
+                old = w[i]
+                w[i] = value
+                self._notify(pfn, hpa, size, old, value)
+            else:
+                w[i] = value
+            return
         f, o = self._frame(hpa, size)
         value &= (1 << (8 * size)) - 1
-        pfn = hpa >> PAGE_SHIFT
         if pfn in self._watch:
             old = int.from_bytes(f[o : o + size], "little")
             f[o : o + size] = value.to_bytes(size, "little")
@@ -137,12 +207,20 @@ class HostMemory:
             f[o : o + size] = value.to_bytes(size, "little")
 
     def read32(self, hpa: int) -> int:
-        f, o = self._frame(hpa, 4)
-        return int.from_bytes(f[o : o + 4], "little")
+        if hpa & 3:
+            return self.read(hpa, 4)
+        try:
+            return self._vw[hpa >> PAGE_SHIFT][2][(hpa & PAGE_MASK) >> 2]
+        except KeyError:
+            return self.views(hpa)[2][(hpa & PAGE_MASK) >> 2]
 
     def read64(self, hpa: int) -> int:
-        f, o = self._frame(hpa, 8)
-        return int.from_bytes(f[o : o + 8], "little")
+        if hpa & 7:
+            return self.read(hpa, 8)
+        try:
+            return self._vw[hpa >> PAGE_SHIFT][3][(hpa & PAGE_MASK) >> 3]
+        except KeyError:
+            return self.views(hpa)[3][(hpa & PAGE_MASK) >> 3]
 
     def write32(self, hpa: int, value: int) -> None:
         self.write(hpa, 4, value)
@@ -154,7 +232,19 @@ class HostMemory:
     def set_bit(self, hpa: int, bit: int) -> bool:
         """Atomically set bit ``bit`` counted from ``hpa`` (byte ``hpa + bit // 8``); returns the
         old value of the bit.  Observers see the aligned qword that contains the bit."""
-        return self._bitop(hpa + (bit >> 3), bit & 7, True)
+        a = hpa + (bit >> 3)
+        pfn = a >> PAGE_SHIFT
+        f = self.frames.get(pfn)
+        if f is None or pfn in self._watch:
+            return self._bitop(a, bit & 7, True)
+        # unwatched frame: _bitop's set path inline
+        o = a & PAGE_MASK
+        m = 1 << (bit & 7)
+        old_byte = f[o]
+        if old_byte & m:
+            return True
+        f[o] = old_byte | m
+        return False
 
     def clear_bit(self, hpa: int, bit: int) -> bool:
         """Atomically clear bit ``bit`` counted from ``hpa``; returns the old value."""
@@ -199,21 +289,28 @@ class Npt:
     """Per-VM guest-physical → host-physical map at 4 KiB granularity.
 
     ``_map[gfn] = (pfn << 1) | writable``; ``_wp`` is the set of write-protected gfns (a
-    separate overlay so that unprotecting restores the mapping's own permission)."""
+    separate overlay so that unprotecting restores the mapping's own permission).  ``_caches`` are
+    the translation caches built on this map (a guest memory's gfn -> frame views): every change
+    of a mapping clears them."""
 
-    __slots__ = ("_map", "_wp")
+    __slots__ = ("_map", "_wp", "_caches")
 
     def __init__(self) -> None:
         self._map: dict[int, int] = {}
         self._wp: set[int] = set()
+        self._caches: list[dict] = []
 
     def map(self, gpa: int, hpa: int, writable: bool = True) -> None:
         if gpa & PAGE_MASK or hpa & PAGE_MASK:
             raise ValueError("NPT mappings are 4 KiB aligned")
         self._map[gpa >> PAGE_SHIFT] = ((hpa >> PAGE_SHIFT) << 1) | (1 if writable else 0)
+        for c in self._caches:
+            c.clear()
 
     def unmap(self, gpa: int) -> None:
         self._map.pop(gpa >> PAGE_SHIFT, None)
+        for c in self._caches:
+            c.clear()
 
     def write_protect(self, gfn: int) -> None:
         self._wp.add(gfn)

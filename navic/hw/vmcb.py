@@ -4,13 +4,17 @@ Offsets and bits follow Linux ``arch/x86/include/asm/svm.h`` (``struct vmcb_cont
 APM Table B-1.  Because the VMCB is just memory, an L1 hypervisor's vmcb12 can live in L1 memory and
 L0 reads it with the same class (pass the HPA that backs it); writes go through
 ``HostMemory.write*`` so write observers see them.
+
+Reads are one element of the page's cached word views (``mem.views``: the frame and its u16 / u32 /
+u64 ``memoryview`` casts, for a :class:`HostMemory` or a guest memory through its NPT), i.e. the
+same little-endian bytes ``mem.read`` returns, without the accessor calls.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from navic.hw.memory import PAGE_MASK, HostMemory
+from navic.hw.memory import _SIZE_K, PAGE_MASK, PAGE_SHIFT, HostMemory
 
 if TYPE_CHECKING:
     from navic.hw.features import CpuFeatures
@@ -205,22 +209,40 @@ EXIT_NAMES: dict[int, str] = {
 
 def exit_name(code: int) -> str:
     code &= U64_MASK
-    return EXIT_NAMES.get(code, f"unknown_{code:#x}")
+    try:
+        return EXIT_NAMES[code]
+    except KeyError:
+        return f"unknown_{code:#x}"
+
+
+_Q_EXIT_CODE = VMCB_EXIT_CODE >> 3
+_Q_EXIT_INFO_1 = VMCB_EXIT_INFO_1 >> 3
+_Q_EXIT_INFO_2 = VMCB_EXIT_INFO_2 >> 3
+_W_EXIT_INT_INFO = VMCB_EXIT_INT_INFO >> 2
 
 
 class _Field:
-    """A little-endian unsigned field of ``size`` bytes at ``off`` in the VMCB page."""
+    """A little-endian unsigned field of ``size`` bytes at ``off`` in the VMCB page (naturally
+    aligned: element ``off >> k`` of the page's view ``k``, ``size == 1 << k``)."""
 
-    __slots__ = ("off", "size")
+    __slots__ = ("off", "size", "k", "i")
 
     def __init__(self, off: int, size: int) -> None:
+        if size not in (1, 2, 4, 8) or off & (size - 1):
+            raise ValueError("VMCB fields are naturally aligned units of 1, 2, 4 or 8 bytes")
         self.off = off
         self.size = size
+        self.k = _SIZE_K[size]
+        self.i = off >> self.k
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         if obj is None:
             return self
-        return obj.mem.read(obj.hpa + self.off, self.size)
+        # == obj.mem.read(obj.hpa + off, size)
+        try:
+            return obj.mem._vw[obj.hpa >> PAGE_SHIFT][self.k][self.i]
+        except KeyError:   # the page's first access through this memory
+            return obj.mem.views(obj.hpa)[self.k][self.i]
 
     def __set__(self, obj: Any, value: int) -> None:
         obj.mem.write(obj.hpa + self.off, self.size, value)
@@ -229,22 +251,29 @@ class _Field:
 class _Bits:
     """A bit field ``[hi:lo]`` of the 32-bit field at ``off``."""
 
-    __slots__ = ("off", "lo", "mask")
+    __slots__ = ("off", "lo", "mask", "i")
 
     def __init__(self, off: int, hi: int, lo: int) -> None:
         self.off = off
         self.lo = lo
         self.mask = ((1 << (hi - lo + 1)) - 1) << lo
+        self.i = off >> 2
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         if obj is None:
             return self
-        return (obj.mem.read32(obj.hpa + self.off) & self.mask) >> self.lo
+        try:
+            return (obj.mem._vw[obj.hpa >> PAGE_SHIFT][2][self.i] & self.mask) >> self.lo
+        except KeyError:
+            return (obj.mem.views(obj.hpa)[2][self.i] & self.mask) >> self.lo
 
     def __set__(self, obj: Any, value: int) -> None:
-        a = obj.hpa + self.off
-        cur = obj.mem.read32(a)
-        obj.mem.write32(a, (cur & ~self.mask) | ((int(value) << self.lo) & self.mask))
+        mem = obj.mem
+        try:
+            cur = mem._vw[obj.hpa >> PAGE_SHIFT][2][self.i]
+        except KeyError:
+            cur = mem.views(obj.hpa)[2][self.i]
+        mem.write(obj.hpa + self.off, 4, (cur & ~self.mask) | ((int(value) << self.lo) & self.mask))
 
 
 class Vmcb:
@@ -266,9 +295,21 @@ class Vmcb:
     def page(self) -> bytearray:
         return self.mem.page(self.hpa)
 
+    def views(self) -> tuple:
+        """The VMCB page's word views (``mem.views``): ``views()[k][off >> k]`` is the
+        ``1 << k``-byte field at ``off`` — for reading several fields with one lookup."""
+        try:
+            return self.mem._vw[self.hpa >> PAGE_SHIFT]
+        except KeyError:
+            return self.mem.views(self.hpa)
+
     # -- intercepts ---------------------------------------------------------------------------
     def intercept(self, bit: int) -> bool:
-        return bool(self.mem.read32(self.hpa + 4 * (bit >> 5)) >> (bit & 31) & 1)
+        try:
+            w = self.mem._vw[self.hpa >> PAGE_SHIFT][2]
+        except KeyError:
+            w = self.mem.views(self.hpa)[2]
+        return bool(w[bit >> 5] >> (bit & 31) & 1)
 
     def set_intercept(self, bit: int, on: bool = True) -> None:
         a = self.hpa + 4 * (bit >> 5)
@@ -279,7 +320,7 @@ class Vmcb:
         self.set_intercept(bit, False)
 
     def intercept_word(self, word: int) -> int:
-        return self.mem.read32(self.hpa + 4 * word)
+        return self.views()[2][word]
 
     # -- raw fields -----------------------------------------------------------------------------
     pause_filter_thresh = _Field(VMCB_PAUSE_FILTER_THRESH, 2)
@@ -393,6 +434,15 @@ class Vmcb:
 
     # -- exits ------------------------------------------------------------------------------------
     def set_exit(self, code: int, info1: int = 0, info2: int = 0, int_info: int = 0) -> None:
+        w = self.mem.direct_views(self.hpa)
+        if w is not None:
+            # nobody observes the page: the four field writes below as direct stores
+            q = w[3]
+            q[_Q_EXIT_CODE] = code & U64_MASK
+            q[_Q_EXIT_INFO_1] = info1 & U64_MASK
+            q[_Q_EXIT_INFO_2] = info2 & U64_MASK
+            w[2][_W_EXIT_INT_INFO] = int_info & 0xFFFFFFFF
+            return
         self.exit_code = code & U64_MASK
         self.exit_info_1 = info1 & U64_MASK
         self.exit_info_2 = info2 & U64_MASK
@@ -416,11 +466,16 @@ def vmrun_checks(vmcb: Vmcb, features: CpuFeatures) -> str | None:
     * with AVIC enabled: backing page / logical table / APIC_BAR (xAVIC only for the last two) not
       4 KiB aligned, or any AVIC pointer above the 52-bit physical-address limit.
     """
-    if not vmcb.intercept(INTERCEPT_VMRUN):
+    try:   # every field below read from the page's views (vmcb.views(), inline)
+        w = vmcb.mem._vw[vmcb.hpa >> PAGE_SHIFT]
+    except KeyError:
+        w = vmcb.mem.views(vmcb.hpa)
+    d = w[2]
+    if not d[INTERCEPT_VMRUN >> 5] >> (INTERCEPT_VMRUN & 31) & 1:
         return "VMRUN intercept not set"
-    if vmcb.asid == 0:
+    if d[VMCB_ASID >> 2] == 0:
         return "ASID is 0"
-    int_ctl = vmcb.int_ctl
+    int_ctl = d[VMCB_INT_CTL >> 2]
     avic = bool(int_ctl & AVIC_ENABLE_MASK)
     x2 = bool(int_ctl & X2APIC_MODE_MASK)
     if x2 and not avic:
@@ -429,7 +484,9 @@ def vmrun_checks(vmcb: Vmcb, features: CpuFeatures) -> str | None:
         return None
     if x2 and not features.x2avic:
         return "x2AVIC enable on a CPU without x2AVIC"
-    mi = vmcb.max_index
+    q = w[3]
+    physical_id = q[VMCB_AVIC_PHYSICAL_ID >> 3]
+    mi = physical_id & AVIC_PHYSICAL_MAX_INDEX_MASK
     if not x2:
         if mi > 255:
             return f"AVIC_PHYSICAL_MAX_INDEX {mi} > 255 in xAVIC mode"
@@ -438,10 +495,11 @@ def vmrun_checks(vmcb: Vmcb, features: CpuFeatures) -> str | None:
             return f"AVIC_PHYSICAL_MAX_INDEX {mi} > 511 in x2AVIC mode without x2AVIC_EXT"
     elif mi > 4095:  # pragma: no cover - a 12-bit field cannot exceed 4095
         return f"AVIC_PHYSICAL_MAX_INDEX {mi} > 4095"
-    ptrs = [("backing page", vmcb.avic_backing_page, True), ("physical table", vmcb.avic_physical_id, False)]
+    ptrs: tuple[tuple[str, int, bool], ...] = (
+        ("backing page", q[VMCB_AVIC_BACKING_PAGE >> 3], True), ("physical table", physical_id, False))
     if not x2:
-        ptrs.append(("logical table", vmcb.avic_logical_id, True))
-        ptrs.append(("APIC_BAR", vmcb.avic_vapic_bar, True))
+        ptrs += (("logical table", q[VMCB_AVIC_LOGICAL_ID >> 3], True),
+                 ("APIC_BAR", q[VMCB_AVIC_VAPIC_BAR >> 3], True))
     for name, value, low12 in ptrs:
         if low12 and value & 0xFFF:
             return f"AVIC {name} pointer {value:#x} is not 4 KiB aligned"
