@@ -354,8 +354,14 @@ class GuestCpu:
     def next_insn(self) -> Insn:  # noqa: C901 - the interpreter: one branch per step kind
         """The next instruction of the innermost running code: run its compiled steps from where
         it stopped (first handling the result of its last instruction) up to the next fetch."""
-        if self._after is not None:
-            self._after_fetch()
+        after = self._after
+        if after is not None:   # undo what the previous fetch left in force (see ``_after``)
+            self._after = None
+            if after[0] is not None:
+                after[0].result = after[1]
+            if self._spinning:   # the PAUSE fetched last has been executed: no longer spinning
+                self._spinning = False
+                del self.shared.spinners[self._member]  # type: ignore[union-attr]
         frames = self.frames
         f = frames[-1]
         res = f.result
@@ -615,15 +621,6 @@ class GuestCpu:
             self._after = (None, None)
             shared.spinners[self._member] = self
 
-    def _after_fetch(self) -> None:
-        """At a fetch, undo what the previous fetch left in force (see ``_after``)."""
-        f, result = self._after  # type: ignore[misc]
-        self._after = None
-        if f is not None:
-            f.result = result
-        if self._spinning:   # the PAUSE fetched last has been executed: no longer spinning
-            self._spinning = False
-            del self.shared.spinners[self._member]  # type: ignore[union-attr]
 
     def _report(self, op: O.Op, res: Fault) -> None:
         """A guest-visible exception raised by op's instruction: reported with the op."""
