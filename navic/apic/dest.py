@@ -113,11 +113,15 @@ def resolve(
         return [source] if source is not None and source._hw_enabled else []
     if icr.delivery_mode != DM_LOWEST:
         if icr.shorthand == SH_NONE and icr.dest_mode == DEST_PHYSICAL:
-            # Physical destination (the common unicast): match_dest's physical branch, inlined.
+            # Physical destination (the common unicast): match_dest's physical branch, inlined
+            # (a plain loop: no list-comprehension frame per message).
             dest = icr.dest
-            return [a for a in apics if a._hw_enabled and (
-                (dest == 0xFFFFFFFF or dest == a.regs[_W_ID]) if a._x2apic
-                else (dest == 0xFF or dest == a.regs[_W_ID] >> 24))]
+            out = []
+            for a in apics:
+                if a._hw_enabled and ((dest == 0xFFFFFFFF or dest == a.regs[_W_ID]) if a._x2apic
+                                      else (dest == 0xFF or dest == a.regs[_W_ID] >> 24)):
+                    out.append(a)
+            return out
         return [a for a in apics if match_dest(a, source, icr)]
     candidates = lowest_priority_candidates(apics, source, icr)
     if len(candidates) <= 1:

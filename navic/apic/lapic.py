@@ -22,6 +22,7 @@ Modelling choices where the SDM is silent or KVM differs are listed in docs/mode
 from __future__ import annotations
 
 from navic.apic import registers as R
+from navic.apic.icr import _DECODE_CACHE as _ICR_DECODED
 from navic.apic.icr import (
     DM_EXTINT,
     DM_FIXED,
@@ -64,6 +65,13 @@ _ISR_FROM_IRR = _W_IRR - _W_ISR
 _SCAN = (28, 24, 20, 16, 12, 8, 4, 0)  # word offsets of the 8 bitmap words, highest first
 
 _ZERO_PAGE = bytes(R.PAGE_SIZE)
+# Byte ranges of the IRR and ISR bitmaps in the page (8 words, one per 16 bytes, with the reserved
+# bytes between them).  ``page[_IRR_LO:_IRR_HI] == _NO_BITS`` is a one-comparison test that no IRR
+# bit is set: equivalent to ``_highest(regs, _W_IRR) < 0`` whenever it holds (if a reserved byte
+# were ever non-zero the test fails and the caller falls back to the word scan).
+_IRR_LO, _IRR_HI = R.APIC_IRR, R.APIC_IRR + 0x80
+_ISR_LO, _ISR_HI = R.APIC_ISR, R.APIC_ISR + 0x80
+_NO_BITS = bytes(0x80)
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 _MASKED = R.LVT_MASKED
@@ -366,6 +374,8 @@ class LocalApic:
     def _compute_ppr(self) -> int:
         regs = self.regs
         tpr = regs[_W_TPR]
+        if self.page[_ISR_LO:_ISR_HI] == _NO_BITS:   # no ISR bit set (fast form of isrv < 0)
+            return tpr & 0xFF
         isrv = _highest(regs, _W_ISR)
         if isrv < 0 or (tpr & 0xF0) >= (isrv & 0xF0):
             return tpr & 0xFF
@@ -380,7 +390,7 @@ class LocalApic:
         old = regs[_W_PPR]
         new = self._compute_ppr()
         regs[_W_PPR] = new
-        if new < old and self._hw_enabled:
+        if new < old and self._hw_enabled and self.page[_IRR_LO:_IRR_HI] != _NO_BITS:
             irr = _highest(regs, _W_IRR)
             if irr >= 0 and (irr & 0xF0) > new:
                 self.hooks.interrupt_pending(self)
@@ -389,8 +399,8 @@ class LocalApic:
         """Vector the APIC would present to the CPU now (highest IRR whose class is above the PPR
         class), else -1.  Ignores RFLAGS.IF.  A software-disabled APIC still presents IRR bits that
         are already pending (SDM §11.4.7.2: they "are held and require masking or handling")."""
-        if not self._hw_enabled:
-            return -1
+        if not self._hw_enabled or self.page[_IRR_LO:_IRR_HI] == _NO_BITS:
+            return -1   # (the empty-IRR test is the fast form of irr < 0 below)
         regs = self.regs
         irr = _highest(regs, _W_IRR)
         if irr < 0:
@@ -564,12 +574,16 @@ class LocalApic:
                     return False
                 regs[_W_ICR] = low
                 regs[_W_ICR2] = high
-                icr = Icr.decode(low, high, True)
             else:
                 low = value & R.ICR_LOW_MASK
                 regs[_W_ICR] = low
-                icr = Icr.decode(low, regs[_W_ICR2], False)
-            self._send(icr)
+                high = regs[_W_ICR2]
+            # Icr.decode(low, high, x2) through its cache, then self._send(icr), inlined (one
+            # frame less per IPI): (low, high, x2) is already decode's cache key (both masked).
+            icr = _ICR_DECODED.get((low, high, x2)) or Icr.decode(low, high, x2)
+            if icr.delivery_mode <= DM_LOWEST and icr.vector < 16:
+                self._error(R.ESR_SEND_ILLEGAL_VECTOR)
+            self.hooks.send_ipi(self, icr)
             return True
         if x2:
             if value >> 32:
