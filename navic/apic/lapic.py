@@ -333,42 +333,33 @@ class LocalApic:
     def highest_isr(self) -> int:
         return _highest(self.regs, _W_ISR)
 
-    def _bit_op(self, base: int, v: int, op: int) -> bool:
-        w = base + ((v >> 5) << 2)
-        bit = 1 << (v & 31)
-        regs = self.regs
-        if op == 1:
-            regs[w] |= bit
-        elif op == 0:
-            regs[w] &= ~bit
-        return bool(regs[w] & bit)
-
+    # Bit v of a bitmap: word base + 4 * (v >> 5) (one word per 16 bytes), bit v & 31.
     def set_irr(self, v: int) -> None:
-        self._bit_op(_W_IRR, v, 1)
+        self.regs[_W_IRR + ((v >> 5) << 2)] |= 1 << (v & 31)
 
     def clear_irr(self, v: int) -> None:
-        self._bit_op(_W_IRR, v, 0)
+        self.regs[_W_IRR + ((v >> 5) << 2)] &= ~(1 << (v & 31))
 
     def test_irr(self, v: int) -> bool:
-        return self._bit_op(_W_IRR, v, 2)
+        return bool(self.regs[_W_IRR + ((v >> 5) << 2)] & (1 << (v & 31)))
 
     def set_isr(self, v: int) -> None:
-        self._bit_op(_W_ISR, v, 1)
+        self.regs[_W_ISR + ((v >> 5) << 2)] |= 1 << (v & 31)
 
     def clear_isr(self, v: int) -> None:
-        self._bit_op(_W_ISR, v, 0)
+        self.regs[_W_ISR + ((v >> 5) << 2)] &= ~(1 << (v & 31))
 
     def test_isr(self, v: int) -> bool:
-        return self._bit_op(_W_ISR, v, 2)
+        return bool(self.regs[_W_ISR + ((v >> 5) << 2)] & (1 << (v & 31)))
 
     def set_tmr(self, v: int) -> None:
-        self._bit_op(_W_TMR, v, 1)
+        self.regs[_W_TMR + ((v >> 5) << 2)] |= 1 << (v & 31)
 
     def clear_tmr(self, v: int) -> None:
-        self._bit_op(_W_TMR, v, 0)
+        self.regs[_W_TMR + ((v >> 5) << 2)] &= ~(1 << (v & 31))
 
     def test_tmr(self, v: int) -> bool:
-        return self._bit_op(_W_TMR, v, 2)
+        return bool(self.regs[_W_TMR + ((v >> 5) << 2)] & (1 << (v & 31)))
 
     # ------------------------------------------------------------------ priority
     def _compute_ppr(self) -> int:

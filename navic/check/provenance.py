@@ -62,10 +62,10 @@ class Tracker:
                 groups.append([(v.name, v.apic) for v in kvm2.vcpus])
         else:
             groups = [[(n, a) for n, a in zip(run.machine.names, run.machine.apics, strict=False)]]
-        # sender -> (its VM's APICs, id(apic) -> name in that VM)
-        self.group_of: dict[str, tuple[list[Any], dict[int, str]]] = {}
+        # sender -> (its VM's APICs, apic -> its name in that VM; APICs hash by identity)
+        self.group_of: dict[str, tuple[list[Any], dict[Any, str]]] = {}
         for pairs in groups:
-            g = ([a for _, a in pairs], {id(a): n for n, a in pairs})
+            g = ([a for _, a in pairs], {a: n for n, a in pairs})
             for n, _ in pairs:
                 self.group_of[n] = g
         self.apic_of = {n: a for pairs in groups for n, a in pairs}
@@ -133,9 +133,9 @@ class Tracker:
             else:
                 selected = apic_dest.resolve(apics, src, icr)
             if len(selected) == 1:
-                allowed = (name_of[id(selected[0])],)
+                allowed = (name_of[selected[0]],)
             else:
-                allowed = tuple([name_of[id(a)] for a in selected])
+                allowed = tuple([name_of[a] for a in selected])
         # Who must accept it (the "never accepted" check): fixed IPIs with a legal vector, every
         # selected APIC that is enabled now (hardware and software); lowest priority: at least
         # one enabled candidate.
@@ -147,7 +147,7 @@ class Tracker:
                 a = selected[0]
                 ok = allowed if a._hw_enabled and a.regs[_W_SVR] & SVR_APIC_ENABLED else ()
             else:
-                ok = tuple([name_of[id(a)] for a in selected
+                ok = tuple([name_of[a] for a in selected
                             if a._hw_enabled and a.regs[_W_SVR] & SVR_APIC_ENABLED])
             must = ok if mode == DM_FIXED or not ok else (ok,)   # (ok,): any one of them
         if len(allowed) > 8:

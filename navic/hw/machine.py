@@ -17,7 +17,7 @@ from navic.apic.registers import APIC_DFR, APIC_LDR, APIC_LVTT, APIC_SVR, APIC_T
 from navic.guest.kernel import GuestCpu
 from navic.hw.pcpu import PhysCpu
 from navic.sim.cost import CostModel
-from navic.sim.engine import Engine, Handle, Signal
+from navic.sim.engine import Engine, Handle
 from navic.sim.record import Recorder
 from navic.sim.trace import Trace
 
@@ -33,13 +33,12 @@ class _CpuHooks(ApicHooks):
         self.m = machine
         self.i = cpu_index
         self.timer: Handle | None = None
-        self.wake: Signal | None = None   # the CPU's wake line (set by Machine.add_cpu)
-        # send_ipi(apic, icr) is machine.send_ipi(cpu_index, apic, icr): bound once, so an ICR
-        # write goes to the bus without a forwarding frame.
+        # The two per-IPI hooks are bound once, so that the APIC reaches the bus and the wake
+        # line without a forwarding frame:
+        # * send_ipi(apic, icr) is machine.send_ipi(cpu_index, apic, icr);
+        # * interrupt_pending(apic) is the CPU's wake.fire(apic), set by Machine.add_cpu (the
+        #   woken run_native ignores the value a Signal hands it).
         self.send_ipi = functools.partial(machine.send_ipi, cpu_index)  # type: ignore[method-assign]
-
-    def interrupt_pending(self, apic: LocalApic) -> None:
-        self.wake.fire()  # type: ignore[union-attr]
 
     def eoi_level(self, apic: LocalApic, vector: int) -> None:
         self.m.rec.count("level_eois")
@@ -67,7 +66,7 @@ class Machine:
         self.apics: list[LocalApic] = []
         self.guests: list[GuestCpu | None] = []
         self.names: list[str] = []
-        self._index: dict[int, int] = {}   # id(apic) -> its CPU index (apics.index without the scan)
+        self._index: dict[LocalApic, int] = {}   # apic -> its CPU index (apics.index, no scan)
 
     def add_cpu(self, name: str, apic_id: int, mode: str, bsp: bool) -> PhysCpu:
         i = len(self.pcpus)
@@ -77,8 +76,8 @@ class Machine:
                          cycles_per_timer_tick=self.costs.TIMER_TICK)
         os_apic_defaults(apic)
         cpu = PhysCpu(self, i, apic)
-        hooks.wake = cpu.wake
-        self._index[id(apic)] = i
+        hooks.interrupt_pending = cpu.wake.fire  # type: ignore[method-assign]
+        self._index[apic] = i
         self.pcpus.append(cpu)
         self.apics.append(apic)
         self.guests.append(None)
@@ -106,7 +105,7 @@ class Machine:
         sender = self.names[src]
         call_later = self.engine.call_later
         for a in targets:
-            call_later(wire, self._arrive, index[id(a)], icr, sender, t, label="ipi-arrive")
+            call_later(wire, self._arrive, index[a], icr, sender, t, label="ipi-arrive")
 
     def _arrive(self, i: int, icr: Icr, sender: str, t_sent: int) -> None:
         apic = self.apics[i]
