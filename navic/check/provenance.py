@@ -31,6 +31,7 @@ destinations with :mod:`navic.apic.dest` against the current APIC state of the s
 from __future__ import annotations
 
 import bisect
+from collections import defaultdict
 from typing import Any
 
 from navic.apic import dest as apic_dest
@@ -207,10 +208,11 @@ class Tracker:
 
     def check(self, bound_us: float = DEFAULT_BOUND_US) -> list[dict[str, Any]]:
         hist = self.run.recorder.history
-        got: dict[tuple[str, str, int], int] = {}   # (sender, target, vector) -> acceptances
-        pending: dict[tuple[str, int], list[tuple[Any, str | None, bool, int]]] = {}
-        served: dict[tuple[str, int], set[Any]] = {}
-        runs: dict[tuple[str, int], int] = {}
+        # (defaultdicts: a missing key is created without a .get()/.setdefault() call)
+        got: defaultdict[tuple[str, str, int], int] = defaultdict(int)   # (sender, target, vector) -> acceptances
+        pending: defaultdict[tuple[str, int], list[tuple[Any, str | None, bool, int]]] = defaultdict(list)
+        served: defaultdict[tuple[str, int], set[Any]] = defaultdict(set)
+        runs: defaultdict[tuple[str, int], int] = defaultdict(int)
         dups: dict[tuple[str, int], int] = {}
         out: list[dict[str, Any]] = []
         misrouted_seen: set[Any] = set()
@@ -222,39 +224,30 @@ class Tracker:
                 key: Any = None
                 bad = False
                 if sent_by is not None:
-                    k3 = (sent_by, cpu, vector)
-                    got[k3] = got.get(k3, 0) + 1
-                    if kind in _IPI_KINDS:
+                    got[(sent_by, cpu, vector)] += 1
+                    if kind in _IPI_KINDS and sent_by in times_of:
                         # The send it came from: the sender's latest send at or before t_sent
                         # (emulated and bare-metal paths pass the ICR-write time; the AVIC path
                         # the IRR-set time, which falls inside the ICR write) -- unless that
                         # send had another vector (a write this tracker does not see).
-                        times = times_of.get(sent_by)
-                        if times:
-                            i = bisect_right(times, t_sent) - 1
-                            if i >= 0:
-                                skey, allowed, _must = sends_of[sent_by][i]
-                                if skey == vector:
-                                    key = (sent_by, times[i])
-                                    bad = cpu not in allowed
+                        times = times_of[sent_by]
+                        i = bisect_right(times, t_sent) - 1
+                        if i >= 0:
+                            skey, allowed, _must = sends_of[sent_by][i]
+                            if skey == vector:
+                                key = (sent_by, times[i])
+                                bad = cpu not in allowed
                 if key is None:
                     key = ("#", n)
-                cv = (cpu, vector)
-                acc = pending.get(cv)
-                if acc is None:
-                    pending[cv] = [(key, sent_by, bad, t_sent)]
-                else:
-                    acc.append((key, sent_by, bad, t_sent))
+                pending[(cpu, vector)].append((key, sent_by, bad, t_sent))
                 continue
             _, cpu, vector = h
             cv = (cpu, vector)
             consumed = pending.pop(cv, None)
             if not consumed:
                 continue   # a local source the recorder does not see (LVT error, thermal...)
-            runs[cv] = runs.get(cv, 0) + 1
-            done = served.get(cv)
-            if done is None:
-                done = served[cv] = set()
+            runs[cv] += 1
+            done = served[cv]
             if (consumed[0][0] in done if len(consumed) == 1
                     else all(c[0] in done for c in consumed)):
                 dups[cv] = dups.get(cv, 0) + 1
