@@ -36,7 +36,7 @@ from typing import Any
 
 from navic.apic import dest as apic_dest
 from navic.apic.icr import _DECODE_CACHE, DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SMI, SH_SELF, Icr
-from navic.apic.registers import APIC_ICR, APIC_ICR2, APIC_SVR, SVR_APIC_ENABLED
+from navic.apic.registers import APIC_ICR, APIC_ICR2, APIC_SVR, ICR_LOW_MASK, SVR_APIC_ENABLED
 from navic.check.oracle import DEFAULT_BOUND_US
 from navic.hw import isa
 
@@ -70,6 +70,9 @@ class Tracker:
             for n, _ in pairs:
                 self.group_of[n] = g
         self.apic_of = {n: a for pairs in groups for n, a in pairs}
+        for n in self.apic_of:   # every watched sender has its (possibly empty) send lists
+            self.times[n] = []
+            self.sends[n] = []
         clock = run.engine
         for g in run.guests:
             if g.name in self.apic_of:
@@ -99,7 +102,9 @@ class Tracker:
                 elif msr == _MSR_SELF_IPI:
                     note(name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
             elif t is mmio and insn.addr - g.apic_base == icr_off:
-                note(name, src, clock.now, Icr.decode(insn.value, src.regs[APIC_ICR2 >> 2], False))
+                lo, hi = insn.value & ICR_LOW_MASK, src.regs[APIC_ICR2 >> 2]
+                icr = decoded.get((lo, hi, False)) or Icr.decode(lo, hi, False)   # (as above)
+                note(name, src, clock.now, icr)
 
         if getattr(g, "send_watch", False) is None and "next_insn" not in vars(g):
             # A GuestCpu: it calls the watcher for its WRMSR / MMIO writes as they are fetched
@@ -159,10 +164,7 @@ class Tracker:
             key = 0
         else:
             key = icr.vector
-        times = self.times.get(sender)
-        if times is None:
-            times = self.times[sender] = []
-            self.sends[sender] = []
+        times = self.times[sender]
         sends = self.sends[sender]
         if times and times[-1] == now:
             times.pop()

@@ -101,9 +101,10 @@ class PhysCpu:
             insn = g.next_insn()
             t = type(insn)
             if t is MmioWrite or t is MmioRead:
-                apic_lo = a.apic_base & 0xFFFFF000
+                # (a.apic_base and a.mode == "xapic", read without the property calls)
+                apic_lo = a._apic_base & 0xFFFFF000
                 off = insn.addr - apic_lo
-                claimed = a.mode == "xapic" and 0 <= off < 0x1000
+                claimed = a._hw_enabled and not a._x2apic and 0 <= off < 0x1000
                 if t is MmioWrite:
                     if claimed:
                         a.mmio_write(off, insn.value)
