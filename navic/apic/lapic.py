@@ -64,6 +64,12 @@ _TMR_FROM_IRR = _W_IRR - _W_TMR  # word distance between an IRR word and its TMR
 _ISR_FROM_IRR = _W_IRR - _W_ISR
 _SCAN = (28, 24, 20, 16, 12, 8, 4, 0)  # word offsets of the 8 bitmap words, highest first
 
+# Names the per-IPI paths (wrmsr, write_reg) test, bound once as module globals.
+_OFF_ICR, _OFF_EOI, _OFF_TPR = R.APIC_ICR, R.APIC_EOI, R.APIC_TPR
+_ICR_LOW_MASK = R.ICR_LOW_MASK
+_X2_FIRST, _X2_LAST = R.X2APIC_MSR_BASE, R.X2APIC_MSR_LAST
+_X2_WRITABLE = R.X2APIC_WRITABLE
+
 _ZERO_PAGE = bytes(R.PAGE_SIZE)
 # Byte ranges of the IRR and ISR bitmaps in the page (8 words, one per 16 bytes, with the reserved
 # bytes between them).  ``page[_IRR_LO:_IRR_HI] == _NO_BITS`` is a one-comparison test that no IRR
@@ -564,16 +570,16 @@ class LocalApic:
         64-bit MSR value."""
         regs = self.regs
         x2 = self._x2apic
-        if off == R.APIC_ICR:
+        if off == _OFF_ICR:
             if x2:
                 low = value & _U32
                 high = value >> 32
-                if low & ~R.ICR_LOW_MASK or high > _U32:
+                if low & ~_ICR_LOW_MASK or high > _U32:
                     return False
                 regs[_W_ICR] = low
                 regs[_W_ICR2] = high
             else:
-                low = value & R.ICR_LOW_MASK
+                low = value & _ICR_LOW_MASK
                 regs[_W_ICR] = low
                 high = regs[_W_ICR2]
             # Icr.decode(low, high, x2) through its cache, then self._send(icr), inlined (one
@@ -588,11 +594,11 @@ class LocalApic:
                 return False
         else:
             value &= _U32
-        if off == R.APIC_EOI:
+        if off == _OFF_EOI:
             if x2 and value:
                 return False
             self.eoi()
-        elif off == R.APIC_TPR:
+        elif off == _OFF_TPR:
             if x2 and value & ~0xFF:
                 return False
             regs[_W_TPR] = value & 0xFF
@@ -710,21 +716,22 @@ class LocalApic:
     def wrmsr(self, msr: int, value: int) -> None:
         if not 0 <= value <= _U64:
             raise ValueError(f"MSR value {value:#x} is not a 64-bit quantity")
+        # The x2APIC register MSRs first (the common case; the three cases do not overlap).
+        if _X2_FIRST <= msr <= _X2_LAST:
+            if not self._x2apic:
+                raise GPFault(f"WRMSR {msr:#x}: x2APIC MSR while not in x2APIC mode")
+            off = (msr - _X2_FIRST) << 4
+            if off not in _X2_WRITABLE:
+                what = "read-only" if off in R.X2APIC_READABLE else "reserved"
+                raise GPFault(f"WRMSR {msr:#x}: {what} x2APIC register")
+            if not self.write_reg(off, value):
+                raise GPFault(f"WRMSR {msr:#x} value {value:#x}: reserved bits / illegal value")
+            return
         if msr == R.MSR_IA32_APICBASE:
             self.set_apic_base(value)
             return
         if msr == R.MSR_IA32_TSC_DEADLINE:
             self._write_tsc_deadline(value)
-            return
-        if R.X2APIC_MSR_BASE <= msr <= R.X2APIC_MSR_LAST:
-            if not self._x2apic:
-                raise GPFault(f"WRMSR {msr:#x}: x2APIC MSR while not in x2APIC mode")
-            off = (msr - R.X2APIC_MSR_BASE) << 4
-            if off not in R.X2APIC_WRITABLE:
-                what = "read-only" if off in R.X2APIC_READABLE else "reserved"
-                raise GPFault(f"WRMSR {msr:#x}: {what} x2APIC register")
-            if not self.write_reg(off, value):
-                raise GPFault(f"WRMSR {msr:#x} value {value:#x}: reserved bits / illegal value")
             return
         raise GPFault(f"WRMSR {msr:#x}: not an APIC MSR")
 
