@@ -132,13 +132,15 @@ class Tracker:
         selected: Any
         if icr.shorthand == SH_SELF:
             allowed = (sender,)
-            selected = None
+            selected = [self.apic_of[sender]]
+            n_sel = 1
         else:
             if mode == DM_LOWEST:
                 selected = apic_dest.lowest_priority_candidates(apics, src, icr)
             else:
                 selected = apic_dest.resolve(apics, src, icr)
-            if len(selected) == 1:
+            n_sel = len(selected)
+            if n_sel == 1:
                 allowed = (name_of[selected[0]],)
             else:
                 allowed = tuple([name_of[a] for a in selected])
@@ -147,16 +149,14 @@ class Tracker:
         # one enabled candidate.
         must: Any = ()
         if (mode == DM_FIXED or mode == DM_LOWEST) and icr.vector >= 16:
-            if selected is None:
-                selected = [self.apic_of[sender]]
-            if len(selected) == 1:   # (allowed is then the name of selected[0])
+            if n_sel == 1:   # (allowed is then the name of selected[0])
                 a = selected[0]
                 ok = allowed if a._hw_enabled and a.regs[_W_SVR] & SVR_APIC_ENABLED else ()
             else:
                 ok = tuple([name_of[a] for a in selected
                             if a._hw_enabled and a.regs[_W_SVR] & SVR_APIC_ENABLED])
             must = ok if mode == DM_FIXED or not ok else (ok,)   # (ok,): any one of them
-        if len(allowed) > 8:
+        if n_sel > 8:   # (n_sel == len(allowed))
             allowed = frozenset(allowed)
         if mode == DM_NMI:
             key = 2
