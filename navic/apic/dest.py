@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from navic.apic import registers as R
-from navic.apic.icr import DEST_PHYSICAL, DM_LOWEST, SH_ALL, SH_NONE, SH_SELF, Icr
+from navic.apic.icr import DEST_PHYSICAL, DM_LOWEST, SH_ALL, SH_NONE, SH_OTHERS, SH_SELF, Icr
 from navic.apic.lapic import ARBITRATIONS, LocalApic
 
 __all__ = ["match_dest", "resolve", "lowest_priority_candidates", "arbitrate", "ARBITRATIONS"]
@@ -113,11 +113,21 @@ def resolve(
         return [source] if source is not None and source._hw_enabled else []
     if icr.delivery_mode != DM_LOWEST:
         if icr.shorthand == SH_NONE and icr.dest_mode == DEST_PHYSICAL:
-            # Physical destination (the common unicast): match_dest's physical branch, inlined.
+            # Physical destination (the common unicast): match_dest's physical branch, inlined
+            # (a plain loop: no list-comprehension frame per message).
             dest = icr.dest
-            return [a for a in apics if a._hw_enabled and (
-                (dest == 0xFFFFFFFF or dest == a.regs[_W_ID]) if a._x2apic
-                else (dest == 0xFF or dest == a.regs[_W_ID] >> 24))]
+            out = []
+            for a in apics:
+                if a._hw_enabled and ((dest == 0xFFFFFFFF or dest == a.regs[_W_ID]) if a._x2apic
+                                      else (dest == 0xFF or dest == a.regs[_W_ID] >> 24)):
+                    out.append(a)
+            return out
+        # The broadcast shorthands: match_dest is "hardware-enabled" (and, for all-excluding-self,
+        # "not the source"), inlined -- no call per APIC on a broadcast.
+        if icr.shorthand == SH_ALL:
+            return [a for a in apics if a._hw_enabled]
+        if icr.shorthand == SH_OTHERS:
+            return [a for a in apics if a._hw_enabled and a is not source]
         return [a for a in apics if match_dest(a, source, icr)]
     candidates = lowest_priority_candidates(apics, source, icr)
     if len(candidates) <= 1:

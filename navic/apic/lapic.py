@@ -22,6 +22,7 @@ Modelling choices where the SDM is silent or KVM differs are listed in docs/mode
 from __future__ import annotations
 
 from navic.apic import registers as R
+from navic.apic.icr import _DECODE_CACHE as _ICR_DECODED
 from navic.apic.icr import (
     DM_EXTINT,
     DM_FIXED,
@@ -63,7 +64,20 @@ _TMR_FROM_IRR = _W_IRR - _W_TMR  # word distance between an IRR word and its TMR
 _ISR_FROM_IRR = _W_IRR - _W_ISR
 _SCAN = (28, 24, 20, 16, 12, 8, 4, 0)  # word offsets of the 8 bitmap words, highest first
 
+# Names the per-IPI paths (wrmsr, write_reg) test, bound once as module globals.
+_OFF_ICR, _OFF_EOI, _OFF_TPR = R.APIC_ICR, R.APIC_EOI, R.APIC_TPR
+_ICR_LOW_MASK = R.ICR_LOW_MASK
+_X2_FIRST, _X2_LAST = R.X2APIC_MSR_BASE, R.X2APIC_MSR_LAST
+_X2_WRITABLE = R.X2APIC_WRITABLE
+
 _ZERO_PAGE = bytes(R.PAGE_SIZE)
+# Byte ranges of the IRR and ISR bitmaps in the page (8 words, one per 16 bytes, with the reserved
+# bytes between them).  ``page[_IRR_LO:_IRR_HI] == _NO_BITS`` is a one-comparison test that no IRR
+# bit is set: equivalent to ``_highest(regs, _W_IRR) < 0`` whenever it holds (if a reserved byte
+# were ever non-zero the test fails and the caller falls back to the word scan).
+_IRR_LO, _IRR_HI = R.APIC_IRR, R.APIC_IRR + 0x80
+_ISR_LO, _ISR_HI = R.APIC_ISR, R.APIC_ISR + 0x80
+_NO_BITS = bytes(0x80)
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 _MASKED = R.LVT_MASKED
@@ -325,47 +339,40 @@ class LocalApic:
     def highest_isr(self) -> int:
         return _highest(self.regs, _W_ISR)
 
-    def _bit_op(self, base: int, v: int, op: int) -> bool:
-        w = base + ((v >> 5) << 2)
-        bit = 1 << (v & 31)
-        regs = self.regs
-        if op == 1:
-            regs[w] |= bit
-        elif op == 0:
-            regs[w] &= ~bit
-        return bool(regs[w] & bit)
-
+    # Bit v of a bitmap: word base + 4 * (v >> 5) (one word per 16 bytes), bit v & 31.
     def set_irr(self, v: int) -> None:
-        self._bit_op(_W_IRR, v, 1)
+        self.regs[_W_IRR + ((v >> 5) << 2)] |= 1 << (v & 31)
 
     def clear_irr(self, v: int) -> None:
-        self._bit_op(_W_IRR, v, 0)
+        self.regs[_W_IRR + ((v >> 5) << 2)] &= ~(1 << (v & 31))
 
     def test_irr(self, v: int) -> bool:
-        return self._bit_op(_W_IRR, v, 2)
+        return bool(self.regs[_W_IRR + ((v >> 5) << 2)] & (1 << (v & 31)))
 
     def set_isr(self, v: int) -> None:
-        self._bit_op(_W_ISR, v, 1)
+        self.regs[_W_ISR + ((v >> 5) << 2)] |= 1 << (v & 31)
 
     def clear_isr(self, v: int) -> None:
-        self._bit_op(_W_ISR, v, 0)
+        self.regs[_W_ISR + ((v >> 5) << 2)] &= ~(1 << (v & 31))
 
     def test_isr(self, v: int) -> bool:
-        return self._bit_op(_W_ISR, v, 2)
+        return bool(self.regs[_W_ISR + ((v >> 5) << 2)] & (1 << (v & 31)))
 
     def set_tmr(self, v: int) -> None:
-        self._bit_op(_W_TMR, v, 1)
+        self.regs[_W_TMR + ((v >> 5) << 2)] |= 1 << (v & 31)
 
     def clear_tmr(self, v: int) -> None:
-        self._bit_op(_W_TMR, v, 0)
+        self.regs[_W_TMR + ((v >> 5) << 2)] &= ~(1 << (v & 31))
 
     def test_tmr(self, v: int) -> bool:
-        return self._bit_op(_W_TMR, v, 2)
+        return bool(self.regs[_W_TMR + ((v >> 5) << 2)] & (1 << (v & 31)))
 
     # ------------------------------------------------------------------ priority
     def _compute_ppr(self) -> int:
         regs = self.regs
         tpr = regs[_W_TPR]
+        if self.page[_ISR_LO:_ISR_HI] == _NO_BITS:   # no ISR bit set (fast form of isrv < 0)
+            return tpr & 0xFF
         isrv = _highest(regs, _W_ISR)
         if isrv < 0 or (tpr & 0xF0) >= (isrv & 0xF0):
             return tpr & 0xFF
@@ -380,7 +387,7 @@ class LocalApic:
         old = regs[_W_PPR]
         new = self._compute_ppr()
         regs[_W_PPR] = new
-        if new < old and self._hw_enabled:
+        if new < old and self._hw_enabled and self.page[_IRR_LO:_IRR_HI] != _NO_BITS:
             irr = _highest(regs, _W_IRR)
             if irr >= 0 and (irr & 0xF0) > new:
                 self.hooks.interrupt_pending(self)
@@ -389,8 +396,8 @@ class LocalApic:
         """Vector the APIC would present to the CPU now (highest IRR whose class is above the PPR
         class), else -1.  Ignores RFLAGS.IF.  A software-disabled APIC still presents IRR bits that
         are already pending (SDM §11.4.7.2: they "are held and require masking or handling")."""
-        if not self._hw_enabled:
-            return -1
+        if not self._hw_enabled or self.page[_IRR_LO:_IRR_HI] == _NO_BITS:
+            return -1   # (the empty-IRR test is the fast form of irr < 0 below)
         regs = self.regs
         irr = _highest(regs, _W_IRR)
         if irr < 0:
@@ -428,7 +435,14 @@ class LocalApic:
         w = _W_ISR + ((v >> 5) << 2)
         bit = 1 << (v & 31)
         regs[w] &= ~bit
-        self._update_ppr_notify()
+        # self._update_ppr_notify(), inlined (one frame less per EOI)
+        old = regs[_W_PPR]
+        new = self._compute_ppr()
+        regs[_W_PPR] = new
+        if new < old and self._hw_enabled and self.page[_IRR_LO:_IRR_HI] != _NO_BITS:
+            irr = _highest(regs, _W_IRR)
+            if irr >= 0 and (irr & 0xF0) > new:
+                self.hooks.interrupt_pending(self)
         if regs[w - _W_ISR + _W_TMR] & bit:
             self.hooks.eoi_level(self, v)
 
@@ -556,31 +570,35 @@ class LocalApic:
         64-bit MSR value."""
         regs = self.regs
         x2 = self._x2apic
-        if off == R.APIC_ICR:
+        if off == _OFF_ICR:
             if x2:
                 low = value & _U32
                 high = value >> 32
-                if low & ~R.ICR_LOW_MASK or high > _U32:
+                if low & ~_ICR_LOW_MASK or high > _U32:
                     return False
                 regs[_W_ICR] = low
                 regs[_W_ICR2] = high
-                icr = Icr.decode(low, high, True)
             else:
-                low = value & R.ICR_LOW_MASK
+                low = value & _ICR_LOW_MASK
                 regs[_W_ICR] = low
-                icr = Icr.decode(low, regs[_W_ICR2], False)
-            self._send(icr)
+                high = regs[_W_ICR2]
+            # Icr.decode(low, high, x2) through its cache, then self._send(icr), inlined (one
+            # frame less per IPI): (low, high, x2) is already decode's cache key (both masked).
+            icr = _ICR_DECODED.get((low, high, x2)) or Icr.decode(low, high, x2)
+            if icr.delivery_mode <= DM_LOWEST and icr.vector < 16:
+                self._error(R.ESR_SEND_ILLEGAL_VECTOR)
+            self.hooks.send_ipi(self, icr)
             return True
         if x2:
             if value >> 32:
                 return False
         else:
             value &= _U32
-        if off == R.APIC_EOI:
+        if off == _OFF_EOI:
             if x2 and value:
                 return False
             self.eoi()
-        elif off == R.APIC_TPR:
+        elif off == _OFF_TPR:
             if x2 and value & ~0xFF:
                 return False
             regs[_W_TPR] = value & 0xFF
@@ -698,21 +716,22 @@ class LocalApic:
     def wrmsr(self, msr: int, value: int) -> None:
         if not 0 <= value <= _U64:
             raise ValueError(f"MSR value {value:#x} is not a 64-bit quantity")
+        # The x2APIC register MSRs first (the common case; the three cases do not overlap).
+        if _X2_FIRST <= msr <= _X2_LAST:
+            if not self._x2apic:
+                raise GPFault(f"WRMSR {msr:#x}: x2APIC MSR while not in x2APIC mode")
+            off = (msr - _X2_FIRST) << 4
+            if off not in _X2_WRITABLE:
+                what = "read-only" if off in R.X2APIC_READABLE else "reserved"
+                raise GPFault(f"WRMSR {msr:#x}: {what} x2APIC register")
+            if not self.write_reg(off, value):
+                raise GPFault(f"WRMSR {msr:#x} value {value:#x}: reserved bits / illegal value")
+            return
         if msr == R.MSR_IA32_APICBASE:
             self.set_apic_base(value)
             return
         if msr == R.MSR_IA32_TSC_DEADLINE:
             self._write_tsc_deadline(value)
-            return
-        if R.X2APIC_MSR_BASE <= msr <= R.X2APIC_MSR_LAST:
-            if not self._x2apic:
-                raise GPFault(f"WRMSR {msr:#x}: x2APIC MSR while not in x2APIC mode")
-            off = (msr - R.X2APIC_MSR_BASE) << 4
-            if off not in R.X2APIC_WRITABLE:
-                what = "read-only" if off in R.X2APIC_READABLE else "reserved"
-                raise GPFault(f"WRMSR {msr:#x}: {what} x2APIC register")
-            if not self.write_reg(off, value):
-                raise GPFault(f"WRMSR {msr:#x} value {value:#x}: reserved bits / illegal value")
             return
         raise GPFault(f"WRMSR {msr:#x}: not an APIC MSR")
 

@@ -31,17 +31,19 @@ destinations with :mod:`navic.apic.dest` against the current APIC state of the s
 from __future__ import annotations
 
 import bisect
+from collections import defaultdict
 from typing import Any
 
 from navic.apic import dest as apic_dest
-from navic.apic.icr import DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SMI, SH_SELF, Icr
-from navic.apic.registers import APIC_ICR, APIC_ICR2
+from navic.apic.icr import _DECODE_CACHE, DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SMI, SH_SELF, Icr
+from navic.apic.registers import APIC_ICR, APIC_ICR2, APIC_SVR, ICR_LOW_MASK, SVR_APIC_ENABLED
 from navic.check.oracle import DEFAULT_BOUND_US
 from navic.hw import isa
 
 _MSR_ICR = 0x830
 _MSR_SELF_IPI = 0x83F
 _IPI_KINDS = frozenset({"fixed", "lowest", "nmi", "init", "sipi", "smi"})
+_W_SVR = APIC_SVR >> 2
 
 
 class Tracker:
@@ -61,12 +63,16 @@ class Tracker:
                 groups.append([(v.name, v.apic) for v in kvm2.vcpus])
         else:
             groups = [[(n, a) for n, a in zip(run.machine.names, run.machine.apics, strict=False)]]
-        self.group_of: dict[str, tuple[list[tuple[str, Any]], list[str], list[Any]]] = {}
+        # sender -> (its VM's APICs, apic -> its name in that VM; APICs hash by identity)
+        self.group_of: dict[str, tuple[list[Any], dict[Any, str]]] = {}
         for pairs in groups:
-            g = (pairs, [n for n, _ in pairs], [a for _, a in pairs])
+            g = ([a for _, a in pairs], {a: n for n, a in pairs})
             for n, _ in pairs:
                 self.group_of[n] = g
         self.apic_of = {n: a for pairs in groups for n, a in pairs}
+        for n in self.apic_of:   # every watched sender has its (possibly empty) send lists
+            self.times[n] = []
+            self.sends[n] = []
         clock = run.engine
         for g in run.guests:
             if g.name in self.apic_of:
@@ -80,17 +86,25 @@ class Tracker:
         wrmsr, mmio = isa.Wrmsr, isa.MmioWrite
         icr_off = APIC_ICR
 
+        decoded = _DECODE_CACHE
+
         def watch(insn: Any) -> None:
             t = type(insn)
             if t is wrmsr:
                 msr = insn.msr
                 if msr == _MSR_ICR:
                     v = insn.value
-                    note(name, src, clock.now, Icr.decode(v & 0xFFFFFFFF, v >> 32, True))
+                    lo, hi = v & 0xFFFFFFFF, v >> 32
+                    # Icr.decode(lo, hi, True), through its cache without the call when possible
+                    # (the cache key masks lo and hi; a value with reserved bits takes the call).
+                    icr = decoded.get((lo, hi, True)) or Icr.decode(lo, hi, True)
+                    note(name, src, clock.now, icr)
                 elif msr == _MSR_SELF_IPI:
                     note(name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
             elif t is mmio and insn.addr - g.apic_base == icr_off:
-                note(name, src, clock.now, Icr.decode(insn.value, src.regs[APIC_ICR2 >> 2], False))
+                lo, hi = insn.value & ICR_LOW_MASK, src.regs[APIC_ICR2 >> 2]
+                icr = decoded.get((lo, hi, False)) or Icr.decode(lo, hi, False)   # (as above)
+                note(name, src, clock.now, icr)
 
         if getattr(g, "send_watch", False) is None and "next_insn" not in vars(g):
             # A GuestCpu: it calls the watcher for its WRMSR / MMIO writes as they are fetched
@@ -109,23 +123,40 @@ class Tracker:
 
     def _note(self, sender: str, src: Any, now: int, icr: Icr) -> None:
         mode = icr.delivery_mode
-        pairs, names, apics = self.group_of[sender]
+        apics, name_of = self.group_of[sender]
+        # The APICs the send selects: every matching APIC (for lowest priority every legal
+        # candidate), in VM order.  Outside the "self" shorthand and lowest priority that is
+        # exactly dest.resolve (the [a for a in apics if match_dest(a, src, icr)] filter, with its
+        # physical unicast inlined).
         allowed: Any
+        selected: Any
         if icr.shorthand == SH_SELF:
             allowed = (sender,)
-        elif mode == DM_LOWEST:
-            cands = apic_dest.lowest_priority_candidates(apics, src, icr)
-            allowed = tuple([names[apics.index(a)] for a in cands])
+            selected = [self.apic_of[sender]]
+            n_sel = 1
         else:
-            md = apic_dest.match_dest
-            allowed = tuple([n for n, a in pairs if md(a, src, icr)])
+            if mode == DM_LOWEST:
+                selected = apic_dest.lowest_priority_candidates(apics, src, icr)
+            else:
+                selected = apic_dest.resolve(apics, src, icr)
+            n_sel = len(selected)
+            if n_sel == 1:
+                allowed = (name_of[selected[0]],)
+            else:
+                allowed = tuple([name_of[a] for a in selected])
         # Who must accept it (the "never accepted" check): fixed IPIs with a legal vector, every
-        # selected APIC that is enabled now; lowest priority: at least one enabled candidate.
+        # selected APIC that is enabled now (hardware and software); lowest priority: at least
+        # one enabled candidate.
         must: Any = ()
         if (mode == DM_FIXED or mode == DM_LOWEST) and icr.vector >= 16:
-            ok = tuple([n for n in allowed if self.apic_of[n].hw_enabled and self.apic_of[n].sw_enabled])
+            if n_sel == 1:   # (allowed is then the name of selected[0])
+                a = selected[0]
+                ok = allowed if a._hw_enabled and a.regs[_W_SVR] & SVR_APIC_ENABLED else ()
+            else:
+                ok = tuple([name_of[a] for a in selected
+                            if a._hw_enabled and a.regs[_W_SVR] & SVR_APIC_ENABLED])
             must = ok if mode == DM_FIXED or not ok else (ok,)   # (ok,): any one of them
-        if len(allowed) > 8:
+        if n_sel > 8:   # (n_sel == len(allowed))
             allowed = frozenset(allowed)
         if mode == DM_NMI:
             key = 2
@@ -133,33 +164,13 @@ class Tracker:
             key = 0
         else:
             key = icr.vector
-        times = self.times.get(sender)
-        if times is None:
-            times = self.times[sender] = []
-            self.sends[sender] = []
+        times = self.times[sender]
         sends = self.sends[sender]
         if times and times[-1] == now:
             times.pop()
             sends.pop()
         times.append(now)
         sends.append((key, allowed, must))
-
-    def _send_of(self, sent_by: str | None, t_sent: int, vector: int) -> tuple[int, Any] | None:
-        """The send an acceptance came from: the sender's latest send at or before ``t_sent``
-        (emulated and bare-metal paths pass the ICR-write time; the AVIC path the IRR-set time,
-        which falls inside the ICR write)."""
-        if sent_by is None:
-            return None
-        times = self.times.get(sent_by)
-        if not times:
-            return None
-        i = bisect.bisect_right(times, t_sent) - 1
-        if i < 0:
-            return None
-        key, allowed, _must = self.sends[sent_by][i]
-        if key != vector:
-            return None   # not this send (e.g. a write this tracker does not see)
-        return times[i], allowed
 
     def _never_accepted(self, got: dict[tuple[str, str, int], int], bound_us: float) -> list[dict[str, Any]]:
         """**lost** (never accepted): a fixed/lowest-priority send whose destination, resolved at
@@ -199,36 +210,48 @@ class Tracker:
 
     def check(self, bound_us: float = DEFAULT_BOUND_US) -> list[dict[str, Any]]:
         hist = self.run.recorder.history
-        got: dict[tuple[str, str, int], int] = {}   # (sender, target, vector) -> acceptances
-        pending: dict[tuple[str, int], list[tuple[Any, str | None, bool, int]]] = {}
-        served: dict[tuple[str, int], set[Any]] = {}
-        runs: dict[tuple[str, int], int] = {}
+        # (defaultdicts: a missing key is created without a .get()/.setdefault() call)
+        got: defaultdict[tuple[str, str, int], int] = defaultdict(int)   # (sender, target, vector) -> acceptances
+        pending: defaultdict[tuple[str, int], list[tuple[Any, str | None, bool, int]]] = defaultdict(list)
+        served: defaultdict[tuple[str, int], set[Any]] = defaultdict(set)
+        runs: defaultdict[tuple[str, int], int] = defaultdict(int)
         dups: dict[tuple[str, int], int] = {}
         out: list[dict[str, Any]] = []
         misrouted_seen: set[Any] = set()
+        times_of, sends_of = self.times, self.sends
+        bisect_right = bisect.bisect_right
         for n, h in enumerate(hist):
             if h[0] == "a":
                 _, cpu, vector, kind, sent_by, t_sent = h
+                key: Any = None
+                bad = False
                 if sent_by is not None:
-                    k3 = (sent_by, cpu, vector)
-                    got[k3] = got.get(k3, 0) + 1
-                send = self._send_of(sent_by, t_sent, vector) if kind in _IPI_KINDS else None
-                if send is None:
-                    key: Any = ("#", n)
-                    bad = False
-                else:
-                    key = (sent_by, send[0])
-                    bad = cpu not in send[1]
-                pending.setdefault((cpu, vector), []).append((key, sent_by, bad, t_sent))
+                    got[(sent_by, cpu, vector)] += 1
+                    if kind in _IPI_KINDS and sent_by in times_of:
+                        # The send it came from: the sender's latest send at or before t_sent
+                        # (emulated and bare-metal paths pass the ICR-write time; the AVIC path
+                        # the IRR-set time, which falls inside the ICR write) -- unless that
+                        # send had another vector (a write this tracker does not see).
+                        times = times_of[sent_by]
+                        i = bisect_right(times, t_sent) - 1
+                        if i >= 0:
+                            skey, allowed, _must = sends_of[sent_by][i]
+                            if skey == vector:
+                                key = (sent_by, times[i])
+                                bad = cpu not in allowed
+                if key is None:
+                    key = ("#", n)
+                pending[(cpu, vector)].append((key, sent_by, bad, t_sent))
                 continue
             _, cpu, vector = h
             cv = (cpu, vector)
             consumed = pending.pop(cv, None)
             if not consumed:
                 continue   # a local source the recorder does not see (LVT error, thermal...)
-            runs[cv] = runs.get(cv, 0) + 1
-            done = served.setdefault(cv, set())
-            if all(c[0] in done for c in consumed):
+            runs[cv] += 1
+            done = served[cv]
+            if (consumed[0][0] in done if len(consumed) == 1
+                    else all(c[0] in done for c in consumed)):
                 dups[cv] = dups.get(cv, 0) + 1
             for key, sent_by, bad, t_sent in consumed:
                 done.add(key)

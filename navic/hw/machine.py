@@ -8,6 +8,8 @@ virtualised latency is compared with.
 
 from __future__ import annotations
 
+import functools
+
 from navic.apic import dest as apic_dest
 from navic.apic.icr import Icr
 from navic.apic.lapic import ApicHooks, LocalApic
@@ -31,12 +33,12 @@ class _CpuHooks(ApicHooks):
         self.m = machine
         self.i = cpu_index
         self.timer: Handle | None = None
-
-    def send_ipi(self, apic: LocalApic, icr: Icr) -> None:
-        self.m.send_ipi(self.i, icr)
-
-    def interrupt_pending(self, apic: LocalApic) -> None:
-        self.m.pcpus[self.i].wake.fire()
+        # The two per-IPI hooks are bound once, so that the APIC reaches the bus and the wake
+        # line without a forwarding frame:
+        # * send_ipi(apic, icr) is machine.send_ipi(cpu_index, apic, icr);
+        # * interrupt_pending(apic) is the CPU's wake.fire(apic), set by Machine.add_cpu (the
+        #   woken run_native ignores the value a Signal hands it).
+        self.send_ipi = functools.partial(machine.send_ipi, cpu_index)  # type: ignore[method-assign]
 
     def eoi_level(self, apic: LocalApic, vector: int) -> None:
         self.m.rec.count("level_eois")
@@ -64,6 +66,7 @@ class Machine:
         self.apics: list[LocalApic] = []
         self.guests: list[GuestCpu | None] = []
         self.names: list[str] = []
+        self._index: dict[LocalApic, int] = {}   # apic -> its CPU index (apics.index, no scan)
 
     def add_cpu(self, name: str, apic_id: int, mode: str, bsp: bool) -> PhysCpu:
         i = len(self.pcpus)
@@ -73,6 +76,8 @@ class Machine:
                          cycles_per_timer_tick=self.costs.TIMER_TICK)
         os_apic_defaults(apic)
         cpu = PhysCpu(self, i, apic)
+        hooks.interrupt_pending = cpu.wake.fire  # type: ignore[method-assign]
+        self._index[apic] = i
         self.pcpus.append(cpu)
         self.apics.append(apic)
         self.guests.append(None)
@@ -84,9 +89,10 @@ class Machine:
         self.engine.spawn(cpu.run_native(g), g.name)
 
     # -- the APIC bus ----------------------------------------------------------------------
-    def send_ipi(self, src: int, icr: Icr) -> None:
+    def send_ipi(self, src: int, src_apic: LocalApic, icr: Icr) -> None:
+        """CPU ``src`` (whose APIC is ``src_apic``) sends ``icr``: resolve the destinations now,
+        each one accepts it ``IPI_WIRE`` cycles later."""
         t = self.engine.now
-        src_apic = self.apics[src]
         targets = apic_dest.resolve(self.apics, src_apic, icr)
         self.rec.count("ipis_sent")
         tr = self.trace
@@ -95,10 +101,11 @@ class Machine:
                     mode=KIND_BY_MODE.get(icr.delivery_mode, "?"), dest=icr.dest,
                     targets=[self.names[self.apics.index(a)] for a in targets])
         wire = self.costs.IPI_WIRE
-        index_of = {id(a): i for i, a in enumerate(self.apics)} if len(targets) > 1 else None
+        index = self._index
+        sender = self.names[src]
+        call_later = self.engine.call_later
         for a in targets:
-            i = index_of[id(a)] if index_of is not None else self.apics.index(a)
-            self.engine.call_later(wire, self._arrive, i, icr, self.names[src], t, label="ipi-arrive")
+            call_later(wire, self._arrive, index[a], icr, sender, t, label="ipi-arrive")
 
     def _arrive(self, i: int, icr: Icr, sender: str, t_sent: int) -> None:
         apic = self.apics[i]

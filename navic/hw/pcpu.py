@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from navic.apic.lapic import GPFault, LocalApic
+from navic.apic.lapic import _IRR_HI, _IRR_LO, _NO_BITS, GPFault, LocalApic
 from navic.apic.registers import MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
 from navic.hw import isa
 from navic.hw.isa import Fault
@@ -41,13 +41,15 @@ class PhysCpu:
         a = self.apic
         if a.init_pending or (a.nmi_pending and not g.nmi_blocked) or a.smi_pending:
             return True
-        return g.IF and a.has_interrupt() >= 0
+        # An empty IRR is has_interrupt() < 0 without the call (see LocalApic.has_interrupt).
+        return g.IF and a.page[_IRR_LO:_IRR_HI] != _NO_BITS and a.has_interrupt() >= 0
 
     def run_native(self, g: GuestCpu) -> Generator[Any, Any, None]:
         """The process of a bare-metal CPU running ``g``."""
         m = self.machine
         costs = m.costs
         a = self.apic
+        page = a.page
         shadow = False
         apic_lo = g.apic_base
         MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT = (
@@ -87,7 +89,9 @@ class PhysCpu:
                     yield INTR_ENTRY
                     g.enter_handler(2, "nmi")
                     continue
-                if g.IF and (v := a.has_interrupt()) >= 0:
+                # An empty IRR (no byte of it set) is has_interrupt() < 0, which has no side
+                # effect: test it here and skip the call at most instruction boundaries.
+                if g.IF and page[_IRR_LO:_IRR_HI] != _NO_BITS and (v := a.has_interrupt()) >= 0:
                     a.ack_vector(v)
                     yield INTR_ENTRY
                     g.enter_handler(v, "irq")
@@ -97,9 +101,10 @@ class PhysCpu:
             insn = g.next_insn()
             t = type(insn)
             if t is MmioWrite or t is MmioRead:
-                apic_lo = a.apic_base & 0xFFFFF000
+                # (a.apic_base and a.mode == "xapic", read without the property calls)
+                apic_lo = a._apic_base & 0xFFFFF000
                 off = insn.addr - apic_lo
-                claimed = a.mode == "xapic" and 0 <= off < 0x1000
+                claimed = a._hw_enabled and not a._x2apic and 0 <= off < 0x1000
                 if t is MmioWrite:
                     if claimed:
                         a.mmio_write(off, insn.value)
@@ -110,7 +115,20 @@ class PhysCpu:
                     g.retire(a.mmio_read(off) if claimed else self.plain_memory.get(insn.addr, 0))
                 yield APIC_ACCESS
             elif t is Wrmsr or t is Rdmsr:
-                g.retire(self._msr(insn))
+                msr = insn.msr
+                if msr in APIC_MSRS:
+                    # self._msr(insn) for the x2APIC register MSRs, inlined.
+                    try:
+                        if t is Wrmsr:
+                            a.wrmsr(msr, insn.value)
+                            r = None
+                        else:
+                            r = a.rdmsr(msr)
+                    except GPFault as e:
+                        r = Fault("#GP", str(e))
+                    g.retire(r)
+                else:
+                    g.retire(self._msr(insn))
                 yield APIC_ACCESS
             elif t is Pause:
                 while g.epoch == insn.epoch and not self._interruptible(g):

@@ -2,7 +2,8 @@
 
 Each entry there has ``cycles`` and a ``source`` (a publication, or "assumption: ..." where none
 exists). A CPU section may override any cost and sets the nominal clock used to turn cycles
-into nanoseconds. Access costs as attributes: ``costs.IPI_WIRE``.
+into nanoseconds. Access costs as attributes: ``costs.IPI_WIRE`` (plain instance attributes, set
+once from ``cycles``: a cost lookup is a dictionary hit, not a Python call).
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ class CostModel:
     cycles: dict[str, int]
     sources: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Every cost as a plain attribute (``cycles`` is not changed after construction; a name
+        # that is already an attribute -- a field or a method -- is only reachable via ``cycles``).
+        d = self.__dict__
+        for name, value in self.cycles.items():
+            if name not in d and not hasattr(type(self), name):
+                d[name] = value
+
     def __getattr__(self, name: str) -> int:
+        # Only reached for names that are not attributes: a cost added to ``cycles`` later, or an
+        # unknown name.
         try:
             return self.__dict__["cycles"][name]
         except KeyError:

@@ -13,7 +13,7 @@ checks of :mod:`navic.check.provenance` (duplicated / misrouted deliveries).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import defaultdict, deque
 from typing import Any
 
 
@@ -25,22 +25,32 @@ class Recorder:
         self.counters: dict[str, int] = {}
         self.exits: dict[str, dict[str, int]] = {}
         self.violations: list[dict[str, Any]] = []
-        self._pending: dict[tuple[str, int], deque[tuple[int, str | None, str]]] = {}
+        # (cpu, vector) -> acceptances not yet served, oldest first (an absent key reads as an
+        # empty queue; readers test the queue, an empty one means nothing pending)
+        self._pending: defaultdict[tuple[str, int], deque[tuple[int, str | None, str]]] = defaultdict(deque)
         self.history: list[tuple[Any, ...]] = []
 
+    # count/exit run on every counted event: the try/except form costs no method call when the
+    # key exists (the common case) and inserts keys in the same order as .get(name, 0) + n.
     def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
+        c = self.counters
+        try:
+            c[name] += n
+        except KeyError:
+            c[name] = n
 
     def exit(self, level: str, reason: str) -> None:
-        d = self.exits.setdefault(level, {})
-        d[reason] = d.get(reason, 0) + 1
+        try:
+            d = self.exits[level]
+        except KeyError:
+            d = self.exits[level] = {}
+        try:
+            d[reason] += 1
+        except KeyError:
+            d[reason] = 1
 
     def accepted(self, cpu: str, vector: int, kind: str, sent_by: str | None, t_sent: int) -> None:
-        key = (cpu, vector)
-        q = self._pending.get(key)
-        if q is None:
-            q = self._pending[key] = deque()
-        q.append((t_sent, sent_by, kind))
+        self._pending[(cpu, vector)].append((t_sent, sent_by, kind))
         self.history.append(("a", cpu, vector, kind, sent_by, t_sent))
 
     def delivered(self, cpu: str, vector: int, kind: str) -> None:
