@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,12 +93,12 @@ class Run:
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def _collector_paused() -> Iterator[Callable[[], None]]:
     """Python's cyclic garbage collector, out of the way of a run: paused while the model is built
     (a 4096-vCPU VM is millions of long-lived objects, each allocation burst would trigger full
     scans of them), then on again with everything built so far frozen (not re-scanned by later
     collections) until the run is over. Results do not depend on it; wall time does (a
-    4096-vCPU shootdown: about a third less)."""
+    4096-vCPU shootdown: about a quarter less)."""
     was_on = gc.isenabled()
     thresholds = gc.get_threshold()
     gc.disable()
@@ -111,7 +111,7 @@ def _collector_paused() -> Iterator[None]:
             gc.set_threshold(50_000, 20, 100)
             if was_on:
                 gc.enable()
-        yield start_run  # type: ignore[misc]
+        yield start_run
     finally:
         gc.set_threshold(*thresholds)
         if frozen:
@@ -123,11 +123,11 @@ def _collector_paused() -> Iterator[None]:
 def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = False,
              schedule: list[tuple[str, str, int]] | None = None) -> Run:
     with _collector_paused() as start_run:
-        return _simulate(scn, chooser, trace, schedule, start_run)  # type: ignore[arg-type]
+        return _simulate(scn, chooser, trace, schedule, start_run)
 
 
 def _simulate(scn: Scenario, chooser: Chooser | None, trace: bool,
-              schedule: list[tuple[str, str, int]] | None, start_run: Any) -> Run:
+              schedule: list[tuple[str, str, int]] | None, start_run: Callable[[], None]) -> Run:
     if scn.l2 is not None and scn.host.virt != "kvm":
         raise UnsupportedScenario(f'{scn.source}: l2: a nested guest needs host.virt = "kvm"')
     if schedule is not None:
