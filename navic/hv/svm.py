@@ -39,6 +39,33 @@ X2AVIC_PASSTHROUGH_WRITES = frozenset({0x808, 0x80B, 0x830, 0x83F})
 LVTT_MSR = 0x832
 
 
+_MSR_POLICIES: dict[tuple[bool, bool], tuple[frozenset[int], frozenset[int]]] = {}
+
+
+def _msr_intercepts(*, doorbell: bool, x2avic: bool) -> tuple[frozenset[int], frozenset[int]]:
+    """(read, write) intercepted MSRs of one MSR-permission-map policy, built once and shared by
+    every vCPU with that policy (each vCPU used to get its own ~16 KiB pair of sets).
+
+    APIC_BASE and TSC_DEADLINE always exit, LVTT writes too; ``doorbell``: nested doorbell
+    emulation (writes to the AVIC doorbell MSR exit); ``x2avic``: x2AVIC active for an x2APIC
+    guest, only the writes it does not accelerate exit; otherwise (APICv off, or hybrid AVIC:
+    AVIC without x2AVIC) every x2APIC MSR exits."""
+    key = (doorbell, x2avic)
+    pol = _MSR_POLICIES.get(key)
+    if pol is None:
+        rd = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
+        wr = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE, LVTT_MSR}
+        if doorbell:
+            wr.add(A.MSR_AMD64_SVM_AVIC_DOORBELL)
+        if x2avic:
+            wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
+        else:
+            rd |= set(X2APIC_MSRS)
+            wr |= set(X2APIC_MSRS)
+        pol = _MSR_POLICIES[key] = (frozenset(rd), frozenset(wr))
+    return pol
+
+
 class SvmVendor:
     """``kvm_x86_ops`` for SVM with AVIC, for one VM."""
 
@@ -131,17 +158,12 @@ class SvmVendor:
         self._set_msr_intercepts(vcpu, active=False)
 
     def _set_msr_intercepts(self, vcpu: Vcpu, *, active: bool) -> None:
+        """The MSR permission map of vmcb01: shared immutable sets, one per policy (see
+        :func:`_msr_intercepts`); a change assigns another set, never edits one in place."""
         ctx = getattr(vcpu, "ctx01", vcpu.ctx)
-        ctx.msr_rd = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
-        ctx.msr_wr = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE, LVTT_MSR}
-        if self.nested is not None:
-            ctx.msr_wr.add(A.MSR_AMD64_SVM_AVIC_DOORBELL)   # nested doorbell emulation
-        if active and self.features.x2avic and vcpu.apic.mode == "x2apic":
-            ctx.msr_wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
-        else:
-            # APICv off, or hybrid AVIC (AVIC without x2AVIC): every x2APIC MSR exits.
-            ctx.msr_rd |= set(X2APIC_MSRS)
-            ctx.msr_wr |= set(X2APIC_MSRS)
+        ctx.msr_rd, ctx.msr_wr = _msr_intercepts(
+            doorbell=self.nested is not None,
+            x2avic=bool(active and self.features.x2avic and vcpu.apic.mode == "x2apic"))
 
     def refresh_apicv_exec_ctrl(self, vcpu: Vcpu) -> None:
         """avic_refresh_apicv_exec_ctrl(): follow the inhibit state (KVM_REQ_APICV_UPDATE)."""

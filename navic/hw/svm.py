@@ -22,7 +22,7 @@ Trap-style exits complete the instruction before exiting; fault-style exits leav
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from navic.apic.lapic import LocalApic
@@ -54,8 +54,10 @@ class GuestContext:
     level: str
     vmcb: V.Vmcb
     guest: GuestCpu
-    msr_rd: set[int] = field(default_factory=set)   # MSRPM read-intercept bits set
-    msr_wr: set[int] = field(default_factory=set)   # MSRPM write-intercept bits set
+    # MSRPM read / write intercept bits set: immutable sets shared by every vCPU with the same policy
+    # (the hypervisor assigns another set to change them).
+    msr_rd: frozenset[int] = frozenset()
+    msr_wr: frozenset[int] = frozenset()
     exit_insn: Any = None
     exit_insn_offset: int = 0
     _eval: bool = False

@@ -96,8 +96,8 @@ class NestedSvm:
             ctx02 = GuestContext(l2.name, "L2", vmcb02, l2.guest)
             st.ctx02 = ctx02
         ctx02.bind_vapic(l2.apic)
-        ctx02.msr_rd = set(l2.ctx.msr_rd)
-        ctx02.msr_wr = set(l2.ctx.msr_wr)
+        ctx02.msr_rd = l2.ctx.msr_rd   # immutable policy sets: shared, not copied
+        ctx02.msr_wr = l2.ctx.msr_wr
         st.active = True
         st.vmcb12_gpa = gpa
         st.vmcb12 = vmcb12

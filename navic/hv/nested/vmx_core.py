@@ -149,8 +149,8 @@ class NestedVmx:
         for f in ("virt_apic_accesses", "virt_x2apic_mode", "apic_reg_virt", "vid", "posted_intr",
                   "hlt_exiting", "intr_window_exiting", "tpr_threshold", "eoi_exit_bitmap", "rvi", "svi"):
             setattr(ctx02, f, getattr(ctx12, f))
-        ctx02.msr_rd = set(ctx12.msr_rd)
-        ctx02.msr_wr = set(ctx12.msr_wr)
+        ctx02.msr_rd = ctx12.msr_rd   # immutable policy sets: shared, not copied
+        ctx02.msr_wr = ctx12.msr_wr
         ctx02.entry_intr_info = ctx12.entry_intr_info   # consumed: vmcs12's is cleared at entry
         ctx12.entry_intr_info = 0
         ctx02.pi_nested_pending = False
