@@ -218,6 +218,13 @@ class Kvm:
                 self.kvm_apic_accept_events(vcpu)
             else:
                 r = yield from self.vcpu_enter_guest(vcpu)
+                if r is None:
+                    # In guest mode: VMRUN and the exit handling, the rest of vcpu_enter_guest(),
+                    # run in this frame: each guest instruction resumes one generator level less.
+                    exit_reason = yield from self.vendor.run(vcpu)
+                    vcpu.host_t0 = self.engine.now
+                    vcpu.mode = OUTSIDE_GUEST_MODE
+                    r = yield from self.vendor.handle_exit(vcpu, exit_reason)
                 if r == "halt":
                     yield from self.kvm_vcpu_halt(vcpu)
             if vcpu.need_resched:
@@ -235,7 +242,9 @@ class Kvm:
         self.vendor.vcpu_load(vcpu, vcpu.cpu)
 
     def vcpu_enter_guest(self, vcpu: Vcpu) -> Gen:
-        """x86.c vcpu_enter_guest(): requests, event injection, the mode barrier, VMRUN, exit."""
+        """x86.c vcpu_enter_guest() up to VMRUN: requests, event injection, the mode barrier.
+        Returns None when the vCPU is IN_GUEST_MODE and must run (the caller, :meth:`vcpu_thread`,
+        then runs ``vendor.run`` and ``vendor.handle_exit``), else why it did not enter."""
         pcpu = vcpu.pcpu
         if REQ_APICV_UPDATE in vcpu.requests:
             vcpu.requests.discard(REQ_APICV_UPDATE)
@@ -264,10 +273,7 @@ class Kvm:
                             vcpu=ctx.name if ctx is not None else vcpu.name,
                             guest_level=ctx.level if ctx is not None else "L1")
         self._account_host_time(vcpu)
-        exit_reason = yield from self.vendor.run(vcpu)
-        vcpu.host_t0 = self.engine.now
-        vcpu.mode = OUTSIDE_GUEST_MODE
-        return (yield from self.vendor.handle_exit(vcpu, exit_reason))
+        return None
 
     def _account_host_time(self, vcpu: Vcpu) -> None:
         """Hypervisor CPU time: from a #VMEXIT to the next VMRUN of the vCPU, less the time it was

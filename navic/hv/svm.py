@@ -287,15 +287,21 @@ class SvmVendor:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, vcpu: Vcpu) -> Gen:
-        """svm_vcpu_run(): VMRUN on this pCPU."""
-        return (yield from self.hw.vmrun(self.host.pcpus[vcpu.cpu], vcpu.ctx))
+        """svm_vcpu_run(): VMRUN on this pCPU. Returns the silicon's VMRUN steps themselves (not a
+        generator around them: one level less on every guest instruction)."""
+        return self.hw.vmrun(self.host.pcpus[vcpu.cpu], vcpu.ctx)
 
     def handle_exit(self, vcpu: Vcpu, code: int) -> Gen:
-        """svm_handle_exit(): dispatch on the exit code (exits from L2 go to nested.c first)."""
-        kvm = self.kvm
+        """svm_handle_exit(): the steps that handle the exit (exits from L2 go to nested.c first).
+        Returns the handler's steps directly, like :meth:`run`."""
         st = vcpu.nested
         if st is not None and st.active:
-            return (yield from self.nested.handle_l2_exit(vcpu, code))
+            return self.nested.handle_l2_exit(vcpu, code)
+        return self._handle_exit(vcpu, code)
+
+    def _handle_exit(self, vcpu: Vcpu, code: int) -> Gen:
+        """Dispatch on the exit code of an exit L0 handles for this guest."""
+        kvm = self.kvm
         name = V.exit_name(code)
         kvm.rec.exit(kvm.exit_level, name)
         vmcb = vcpu.vmcb
@@ -477,9 +483,11 @@ class SvmVendor:
             return "continue"
         return (yield from self.nested.vmrun(vcpu))
 
-    def check_nested_events(self, vcpu: Vcpu) -> Gen:
-        if self.nested is not None:
-            yield from self.nested.check_nested_events(vcpu)
+    def check_nested_events(self, vcpu: Vcpu) -> Gen | tuple[()]:
+        """kvm_x86_ops.nested_ops->check_events: the steps to run (none without nested SVM)."""
+        if self.nested is None:
+            return ()
+        return self.nested.check_nested_events(vcpu)
 
     _handlers: dict[int, Any] = {
         V.SVM_EXIT_VMRUN: _exit_vmrun,

@@ -157,10 +157,12 @@ class NestedSvm:
             return False
         return a.has_interrupt() >= 0 or a.nmi_pending or bool(getattr(vcpu.guest, "frames", None))
 
-    def check_nested_events(self, vcpu: Vcpu) -> Gen:
-        """svm_check_nested_events(): an L1 interrupt before re-entering L2 → nested #VMEXIT(INTR)."""
+    def check_nested_events(self, vcpu: Vcpu) -> Gen | tuple[()]:
+        """svm_check_nested_events(): an L1 interrupt before re-entering L2 → nested #VMEXIT(INTR).
+        Returns the steps to run (none, the common case, without building a generator)."""
         if self.l1_event_pending(vcpu):
-            yield from self.nested_svm_vmexit(vcpu, V.SVM_EXIT_INTR, 0, 0)
+            return self.nested_svm_vmexit(vcpu, V.SVM_EXIT_INTR, 0, 0)
+        return ()
 
     def nested_svm_vmexit(self, vcpu: Vcpu, code: int, info1: int, info2: int) -> Gen:
         kvm = self.kvm
