@@ -141,6 +141,7 @@ class Kvm:
         self.trace = host.trace
         self.mem = host.mem
         self.vcpus: list[Vcpu] = []
+        self.vcpu_by_id: dict[int, Vcpu] = {}   # vcpu_id (initial APIC ID) -> vCPU (kvm_get_vcpu_by_id)
         self.vendor: Any = None  # set by the vendor module (SVM/AVIC or VMX)
         self.apic_timer_fn = self._apic_timer_expired
         self.inhibits = Inhibits(self.engine)
@@ -163,6 +164,7 @@ class Kvm:
             backing = self.mem.alloc(1)
             v = Vcpu(self, i, f"{prefix}.{i}", vm.apic_id(i), vm.apic, guest_of(i), backing, home=i % npcpus)
             self.vcpus.append(v)
+            self.vcpu_by_id.setdefault(v.vcpu_id, v)   # the first vCPU with this ID, as a scan finds
             v.guest.poll_wake = (poll_wake_of(v) if poll_wake_of is not None
                                  else (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None))
             self.host.backing_owner[backing] = v

@@ -199,7 +199,7 @@ class NestedSvm:
         now → wake it up; not running L2 → nothing (its next VMRUN evaluates IRR)."""
         kvm = self.kvm
         kvm.rec.count("emulated_doorbells")
-        target = next((v for v in kvm.vcpus if v.vcpu_id == l1_apic_id), None)
+        target = kvm.vcpu_by_id.get(l1_apic_id)
         if target is None:
             return
         st = getattr(target, "nested", None)
