@@ -295,8 +295,6 @@ class Kvm:
         the vCPU wait for SIPI (KVM_MP_STATE_INIT_RECEIVED); a SIPI in that state restarts it (see
         docs/model.md "INIT and SIPI"); a SIPI to a running vCPU is dropped. An SMI enters SMM,
         which the program does not see: it is only recorded, as on bare metal."""
-        from navic.hw.machine import os_apic_defaults
-
         a = vcpu.apic
         if a.init_pending:
             vcpu.saved_ldr = a.read_reg(APIC_LDR_OFFSET)
@@ -308,6 +306,8 @@ class Kvm:
         if a.sipi_vector is not None:
             vec = a.take_sipi()
             if vcpu.mp_state == MP_STATE_INIT_RECEIVED:
+                from navic.hw.machine import os_apic_defaults
+
                 os_apic_defaults(a, ldr=vcpu.saved_ldr)
                 vcpu.mp_state = MP_STATE_RUNNABLE
                 vcpu.guest.note_event(vec if vec is not None else 0, "sipi")

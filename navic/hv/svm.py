@@ -262,10 +262,10 @@ class SvmVendor:
         a = vcpu.apic
         vmcb = vcpu.vmcb
         g = vcpu.guest
-        if vmcb.event_inj & (1 << 31):
-            return
         if vcpu.nested is not None and vcpu.nested.active:
             return   # L1 events while L2 runs: nested #VMEXIT(INTR) first (check_nested_events)
+        if vmcb.event_inj & (1 << 31):
+            return
         if a.nmi_pending and not g.nmi_blocked:
             a.take_nmi()
             vmcb.event_inj = (1 << 31) | (2 << 8) | 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from navic.apic.lapic import LocalApic
@@ -101,7 +102,7 @@ class Svm:
             isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT)
         avic = bool(vmcb.avic_enable)
         x2avic = avic and bool(vmcb.x2avic_enable)
-        vapic = ctx.vapic if avic else None
+        vapic = ctx._vapic if avic else None   # the property's value, without the call
         bar = vmcb.avic_vapic_bar & V.VMCB_AVIC_APIC_BAR_MASK
         pcpu.guest_mode = True
         pcpu.running = ctx
@@ -243,7 +244,7 @@ class Svm:
         (and sets ``ctx._eval`` when it is an evaluation point), else (exit, info1, info2)."""
         costs = self.costs
         g = ctx.guest
-        vapic = ctx.vapic
+        vapic = ctx._vapic   # ctx.vapic without the property call
         regs = vapic.regs
         ctx._eval = False
         eoi_level = write and off == APIC_EOI and A.eoi_is_level(vapic.page)
@@ -297,7 +298,7 @@ class Svm:
                 res = yield from self.avic.icr_write(
                     ctx.vmcb, vapic.apic_id, pcpu.apic_id, lo, hi,
                     irr_set=lambda hpa, vec, _i: host.on_hw_irr_set(hpa, vec, name),
-                    doorbell=lambda hid: host.doorbell(hid, src=pcpu.index))
+                    doorbell=partial(host.doorbell, src=pcpu.index))
                 if saved is not None:
                     regs[APIC_ICR >> 2], regs[APIC_ICR2 >> 2] = saved
                 if res is None:
