@@ -219,14 +219,13 @@ class Kvm:
                 yield from self.kvm_vcpu_block(vcpu)
                 self.kvm_apic_accept_events(vcpu)
             else:
-                r = yield from self.vcpu_enter_guest(vcpu)
-                if r is None:
-                    # In guest mode: VMRUN and the exit handling, the rest of vcpu_enter_guest(),
-                    # run in this frame: each guest instruction resumes one generator level less.
-                    exit_reason = yield from self.vendor.run(vcpu)
-                    vcpu.host_t0 = self.engine.now
-                    vcpu.mode = OUTSIDE_GUEST_MODE
-                    r = yield from self.vendor.handle_exit(vcpu, exit_reason)
+                why = yield from self.vcpu_enter_guest(vcpu)
+                if why is None:
+                    # In guest mode: VMRUN runs in this frame (each guest instruction resumes one
+                    # generator level less), then the exit is handled.
+                    r = yield from self.vcpu_exit(vcpu, (yield from self.vendor.run(vcpu)))
+                else:
+                    r = why
                 if r == "halt":
                     yield from self.kvm_vcpu_halt(vcpu)
             if vcpu.need_resched:
@@ -246,7 +245,7 @@ class Kvm:
     def vcpu_enter_guest(self, vcpu: Vcpu) -> Gen:
         """x86.c vcpu_enter_guest() up to VMRUN: requests, event injection, the mode barrier.
         Returns None when the vCPU is IN_GUEST_MODE and must run (the caller, :meth:`vcpu_thread`,
-        then runs ``vendor.run`` and ``vendor.handle_exit``), else why it did not enter."""
+        then runs ``vendor.run`` and :meth:`vcpu_exit`), else why it did not enter."""
         pcpu = vcpu.pcpu
         if REQ_APICV_UPDATE in vcpu.requests:
             vcpu.requests.discard(REQ_APICV_UPDATE)
@@ -276,6 +275,14 @@ class Kvm:
                             guest_level=ctx.level if ctx is not None else "L1")
         self._account_host_time(vcpu)
         return None
+
+    def vcpu_exit(self, vcpu: Vcpu, exit_reason: int) -> Gen:
+        """The rest of x86.c vcpu_enter_guest() after VMRUN: out of guest mode, handle the exit.
+        (A frame of its own, as when vcpu_enter_guest() held the exit reason: the explorer's state
+        hash sees the suspended frames' locals.)"""
+        vcpu.host_t0 = self.engine.now
+        vcpu.mode = OUTSIDE_GUEST_MODE
+        return (yield from self.vendor.handle_exit(vcpu, exit_reason))
 
     def _account_host_time(self, vcpu: Vcpu) -> None:
         """Hypervisor CPU time: from a #VMEXIT to the next VMRUN of the vCPU, less the time it was

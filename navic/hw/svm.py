@@ -100,8 +100,10 @@ class Svm:
         INTR_ENTRY, INSN, HLT_WAKE, SPIN_LOOP = costs.INTR_ENTRY, costs.INSN, costs.HLT_WAKE, costs.SPIN_LOOP
         MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT = (
             isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT)
-        avic = bool(vmcb.avic_enable)
-        x2avic = avic and bool(vmcb.x2avic_enable)
+        int_ctl = vmcb.int_ctl   # one read for both enable bits (31: AVIC, 30: x2AVIC)
+        avic = bool(int_ctl & V.AVIC_ENABLE_MASK)
+        x2avic = avic and bool(int_ctl & V.X2APIC_MODE_MASK)
+        del int_ctl   # not part of the suspended run's state
         vapic = ctx._vapic if avic else None   # the property's value, without the call
         bar = vmcb.avic_vapic_bar & V.VMCB_AVIC_APIC_BAR_MASK
         pcpu.guest_mode = True
@@ -252,7 +254,9 @@ class Svm:
         kind = self._kinds.get(key)
         if kind is None:
             kind = self._kinds[key] = A.classify_access(*key)
-        if kind == A.GP or (msr and write and (why := _x2apic_reserved(off, value))):
+        # The reserved-bit checks only where a reserved bit is set (_x2apic_reserved would return "").
+        if kind == A.GP or (msr and write and value & _X2APIC_RESERVED.get(off, 0)
+                            and (why := _x2apic_reserved(off, value))):
             g.retire(Fault("#GP", "x2APIC access check" if kind == A.GP else why))
             yield costs.APIC_ACCESS
             return None
@@ -317,6 +321,10 @@ class Svm:
             return (V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS, *A.noaccel_exit_info(off, True, max(vec, 0)))
         return None  # allowed: a plain backing-page write
 
+
+
+# Reserved bits of the x2APIC writes AVIC accelerates (the bits _x2apic_reserved checks).
+_X2APIC_RESERVED = {APIC_EOI: -1, APIC_TPR: ~0xFF, APIC_SELF_IPI: ~0xFF, APIC_ICR: 0xFFF33000}
 
 
 def _x2apic_reserved(off: int, value: int) -> str:
