@@ -246,7 +246,7 @@ class Kvm:
         """x86.c vcpu_enter_guest() up to VMRUN: requests, event injection, the mode barrier.
         Returns None when the vCPU is IN_GUEST_MODE and must run (the caller, :meth:`vcpu_thread`,
         then runs ``vendor.run`` and :meth:`vcpu_exit`), else why it did not enter."""
-        pcpu = vcpu.pcpu
+        pcpu = self.host.pcpus[vcpu.cpu]   # vcpu.pcpu (it holds a CPU here) without the property call
         if REQ_APICV_UPDATE in vcpu.requests:
             vcpu.requests.discard(REQ_APICV_UPDATE)
             self.vendor.refresh_apicv_exec_ctrl(vcpu)

@@ -98,8 +98,8 @@ class Svm:
         yield costs.VMRUN
         # Fixed for the run: read the per-instruction costs and instruction classes once.
         INTR_ENTRY, INSN, HLT_WAKE, SPIN_LOOP = costs.INTR_ENTRY, costs.INSN, costs.HLT_WAKE, costs.SPIN_LOOP
-        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT = (
-            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT)
+        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT, Vmrun, MemWrite = (
+            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT, isa.Vmrun, isa.MemWrite)
         int_ctl = vmcb.int_ctl   # one read for both enable bits (31: AVIC, 30: x2AVIC)
         avic = bool(int_ctl & V.AVIC_ENABLE_MASK)
         x2avic = avic and bool(int_ctl & V.X2APIC_MODE_MASK)
@@ -189,7 +189,7 @@ class Svm:
                     break
                 g.retire(Fault("#GP", f"MSR {msr:#x} not implemented"))
                 yield INSN
-            elif t is isa.Vmrun:
+            elif t is Vmrun:
                 # A guest hypervisor's VMRUN: L0 always intercepts it (nested.c emulates it).
                 if vmcb.intercept(V.INTERCEPT_VMRUN):
                     ctx.exit_insn = insn
@@ -197,7 +197,7 @@ class Svm:
                     break
                 g.retire(Fault("#UD", "VMRUN not intercepted"))
                 yield INSN
-            elif t is isa.MemWrite:
+            elif t is MemWrite:
                 npt = ctx.npt
                 if npt is not None and npt.is_write_protected(insn.gpa >> 12):
                     ctx.exit_insn = insn
