@@ -350,10 +350,10 @@ class VmxVendor:
     def run(self, vcpu: Vcpu) -> Gen:
         """vmx_vcpu_run() preceded by what vcpu_enter_guest() does after IN_GUEST_MODE: sync the PIR
         (RVI), SVI from vISR (hwapic_isr_update), or the TPR threshold without APICv. A vCPU in
-        guest mode (nested) enters vmcs02 instead (NestedVmx.run_l2). Returns the silicon's VM-entry
-        steps themselves (not a generator around them: one level less on every guest instruction)."""
+        guest mode (nested) enters vmcs02 instead (NestedVmx.run_l2). (A generator of its own: its
+        entry-time locals are part of the explorer's state hash.)"""
         if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
-            return self.nested.run_l2(vcpu)
+            return (yield from self.nested.run_l2(vcpu))
         ctx: VmcsContext = vcpu.ctx
         a = vcpu.apic
         if a.hw_enabled:
@@ -365,7 +365,7 @@ class VmxVendor:
             irr = a.highest_irr()
             tpr = (a.regs[APIC_TPR >> 2] >> 4) & 0xF
             ctx.tpr_threshold = 0 if irr < 0 or tpr < (irr >> 4) else irr >> 4
-        return self.hw.vmentry(self.host.pcpus[vcpu.cpu], ctx)
+        return (yield from self.hw.vmentry(self.host.pcpus[vcpu.cpu], ctx))
 
     def handle_exit(self, vcpu: Vcpu, reason: int) -> Gen:
         """vmx_handle_exit(): the steps that handle the exit (exits from L2: nested.c first)."""
