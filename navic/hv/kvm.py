@@ -141,6 +141,7 @@ class Kvm:
         self.trace = host.trace
         self.mem = host.mem
         self.vcpus: list[Vcpu] = []
+        self.vcpu_by_id: dict[int, Vcpu] = {}   # vcpu_id (initial APIC ID) -> vCPU (kvm_get_vcpu_by_id)
         self.vendor: Any = None  # set by the vendor module (SVM/AVIC or VMX)
         self.apic_timer_fn = self._apic_timer_expired
         self.inhibits = Inhibits(self.engine)
@@ -163,6 +164,7 @@ class Kvm:
             backing = self.mem.alloc(1)
             v = Vcpu(self, i, f"{prefix}.{i}", vm.apic_id(i), vm.apic, guest_of(i), backing, home=i % npcpus)
             self.vcpus.append(v)
+            self.vcpu_by_id.setdefault(v.vcpu_id, v)   # the first vCPU with this ID, as a scan finds
             v.guest.poll_wake = (poll_wake_of(v) if poll_wake_of is not None
                                  else (lambda v=v: v.pcpu.wake.fire() if v.cpu is not None else None))
             self.host.backing_owner[backing] = v
@@ -217,7 +219,13 @@ class Kvm:
                 yield from self.kvm_vcpu_block(vcpu)
                 self.kvm_apic_accept_events(vcpu)
             else:
-                r = yield from self.vcpu_enter_guest(vcpu)
+                why = yield from self.vcpu_enter_guest(vcpu)
+                if why is None:
+                    # In guest mode: VMRUN runs in this frame (each guest instruction resumes one
+                    # generator level less), then the exit is handled.
+                    r = yield from self.vcpu_exit(vcpu, (yield from self.vendor.run(vcpu)))
+                else:
+                    r = why
                 if r == "halt":
                     yield from self.kvm_vcpu_halt(vcpu)
             if vcpu.need_resched:
@@ -235,8 +243,10 @@ class Kvm:
         self.vendor.vcpu_load(vcpu, vcpu.cpu)
 
     def vcpu_enter_guest(self, vcpu: Vcpu) -> Gen:
-        """x86.c vcpu_enter_guest(): requests, event injection, the mode barrier, VMRUN, exit."""
-        pcpu = vcpu.pcpu
+        """x86.c vcpu_enter_guest() up to VMRUN: requests, event injection, the mode barrier.
+        Returns None when the vCPU is IN_GUEST_MODE and must run (the caller, :meth:`vcpu_thread`,
+        then runs ``vendor.run`` and :meth:`vcpu_exit`), else why it did not enter."""
+        pcpu = self.host.pcpus[vcpu.cpu]   # vcpu.pcpu (it holds a CPU here) without the property call
         if REQ_APICV_UPDATE in vcpu.requests:
             vcpu.requests.discard(REQ_APICV_UPDATE)
             self.vendor.refresh_apicv_exec_ctrl(vcpu)
@@ -264,7 +274,12 @@ class Kvm:
                             vcpu=ctx.name if ctx is not None else vcpu.name,
                             guest_level=ctx.level if ctx is not None else "L1")
         self._account_host_time(vcpu)
-        exit_reason = yield from self.vendor.run(vcpu)
+        return None
+
+    def vcpu_exit(self, vcpu: Vcpu, exit_reason: int) -> Gen:
+        """The rest of x86.c vcpu_enter_guest() after VMRUN: out of guest mode, handle the exit.
+        (A frame of its own, as when vcpu_enter_guest() held the exit reason: the explorer's state
+        hash sees the suspended frames' locals.)"""
         vcpu.host_t0 = self.engine.now
         vcpu.mode = OUTSIDE_GUEST_MODE
         return (yield from self.vendor.handle_exit(vcpu, exit_reason))
@@ -287,8 +302,6 @@ class Kvm:
         the vCPU wait for SIPI (KVM_MP_STATE_INIT_RECEIVED); a SIPI in that state restarts it (see
         docs/model.md "INIT and SIPI"); a SIPI to a running vCPU is dropped. An SMI enters SMM,
         which the program does not see: it is only recorded, as on bare metal."""
-        from navic.hw.machine import os_apic_defaults
-
         a = vcpu.apic
         if a.init_pending:
             vcpu.saved_ldr = a.read_reg(APIC_LDR_OFFSET)
@@ -300,6 +313,8 @@ class Kvm:
         if a.sipi_vector is not None:
             vec = a.take_sipi()
             if vcpu.mp_state == MP_STATE_INIT_RECEIVED:
+                from navic.hw.machine import os_apic_defaults
+
                 os_apic_defaults(a, ldr=vcpu.saved_ldr)
                 vcpu.mp_state = MP_STATE_RUNNABLE
                 vcpu.guest.note_event(vec if vec is not None else 0, "sipi")

@@ -39,6 +39,33 @@ X2AVIC_PASSTHROUGH_WRITES = frozenset({0x808, 0x80B, 0x830, 0x83F})
 LVTT_MSR = 0x832
 
 
+_MSR_POLICIES: dict[tuple[bool, bool], tuple[frozenset[int], frozenset[int]]] = {}
+
+
+def _msr_intercepts(*, doorbell: bool, x2avic: bool) -> tuple[frozenset[int], frozenset[int]]:
+    """(read, write) intercepted MSRs of one MSR-permission-map policy, built once and shared by
+    every vCPU with that policy (each vCPU used to get its own ~16 KiB pair of sets).
+
+    APIC_BASE and TSC_DEADLINE always exit, LVTT writes too; ``doorbell``: nested doorbell
+    emulation (writes to the AVIC doorbell MSR exit); ``x2avic``: x2AVIC active for an x2APIC
+    guest, only the writes it does not accelerate exit; otherwise (APICv off, or hybrid AVIC:
+    AVIC without x2AVIC) every x2APIC MSR exits."""
+    key = (doorbell, x2avic)
+    pol = _MSR_POLICIES.get(key)
+    if pol is None:
+        rd = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
+        wr = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE, LVTT_MSR}
+        if doorbell:
+            wr.add(A.MSR_AMD64_SVM_AVIC_DOORBELL)
+        if x2avic:
+            wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
+        else:
+            rd |= set(X2APIC_MSRS)
+            wr |= set(X2APIC_MSRS)
+        pol = _MSR_POLICIES[key] = (frozenset(rd), frozenset(wr))
+    return pol
+
+
 class SvmVendor:
     """``kvm_x86_ops`` for SVM with AVIC, for one VM."""
 
@@ -131,17 +158,12 @@ class SvmVendor:
         self._set_msr_intercepts(vcpu, active=False)
 
     def _set_msr_intercepts(self, vcpu: Vcpu, *, active: bool) -> None:
+        """The MSR permission map of vmcb01: shared immutable sets, one per policy (see
+        :func:`_msr_intercepts`); a change assigns another set, never edits one in place."""
         ctx = getattr(vcpu, "ctx01", vcpu.ctx)
-        ctx.msr_rd = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
-        ctx.msr_wr = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE, LVTT_MSR}
-        if self.nested is not None:
-            ctx.msr_wr.add(A.MSR_AMD64_SVM_AVIC_DOORBELL)   # nested doorbell emulation
-        if active and self.features.x2avic and vcpu.apic.mode == "x2apic":
-            ctx.msr_wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
-        else:
-            # APICv off, or hybrid AVIC (AVIC without x2AVIC): every x2APIC MSR exits.
-            ctx.msr_rd |= set(X2APIC_MSRS)
-            ctx.msr_wr |= set(X2APIC_MSRS)
+        ctx.msr_rd, ctx.msr_wr = _msr_intercepts(
+            doorbell=self.nested is not None,
+            x2avic=bool(active and self.features.x2avic and vcpu.apic.mode == "x2apic"))
 
     def refresh_apicv_exec_ctrl(self, vcpu: Vcpu) -> None:
         """avic_refresh_apicv_exec_ctrl(): follow the inhibit state (KVM_REQ_APICV_UPDATE)."""
@@ -240,10 +262,10 @@ class SvmVendor:
         a = vcpu.apic
         vmcb = vcpu.vmcb
         g = vcpu.guest
-        if vmcb.event_inj & (1 << 31):
-            return
         if vcpu.nested is not None and vcpu.nested.active:
             return   # L1 events while L2 runs: nested #VMEXIT(INTR) first (check_nested_events)
+        if vmcb.event_inj & (1 << 31):
+            return
         if a.nmi_pending and not g.nmi_blocked:
             a.take_nmi()
             vmcb.event_inj = (1 << 31) | (2 << 8) | 2
@@ -265,15 +287,21 @@ class SvmVendor:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, vcpu: Vcpu) -> Gen:
-        """svm_vcpu_run(): VMRUN on this pCPU."""
-        return (yield from self.hw.vmrun(self.host.pcpus[vcpu.cpu], vcpu.ctx))
+        """svm_vcpu_run(): VMRUN on this pCPU. Returns the silicon's VMRUN steps themselves (not a
+        generator around them: one level less on every guest instruction)."""
+        return self.hw.vmrun(self.host.pcpus[vcpu.cpu], vcpu.ctx)
 
     def handle_exit(self, vcpu: Vcpu, code: int) -> Gen:
-        """svm_handle_exit(): dispatch on the exit code (exits from L2 go to nested.c first)."""
-        kvm = self.kvm
+        """svm_handle_exit(): the steps that handle the exit (exits from L2 go to nested.c first).
+        Returns the handler's steps directly, like :meth:`run`."""
         st = vcpu.nested
         if st is not None and st.active:
-            return (yield from self.nested.handle_l2_exit(vcpu, code))
+            return self.nested.handle_l2_exit(vcpu, code)
+        return self._handle_exit(vcpu, code)
+
+    def _handle_exit(self, vcpu: Vcpu, code: int) -> Gen:
+        """Dispatch on the exit code of an exit L0 handles for this guest."""
+        kvm = self.kvm
         name = V.exit_name(code)
         kvm.rec.exit(kvm.exit_level, name)
         vmcb = vcpu.vmcb
@@ -455,9 +483,11 @@ class SvmVendor:
             return "continue"
         return (yield from self.nested.vmrun(vcpu))
 
-    def check_nested_events(self, vcpu: Vcpu) -> Gen:
-        if self.nested is not None:
-            yield from self.nested.check_nested_events(vcpu)
+    def check_nested_events(self, vcpu: Vcpu) -> Gen | tuple[()]:
+        """kvm_x86_ops.nested_ops->check_events: the steps to run (none without nested SVM)."""
+        if self.nested is None:
+            return ()
+        return self.nested.check_nested_events(vcpu)
 
     _handlers: dict[int, Any] = {
         V.SVM_EXIT_VMRUN: _exit_vmrun,

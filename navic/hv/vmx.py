@@ -58,6 +58,32 @@ VMX_REQUIRED_APICV_INHIBITS = frozenset({"DISABLED", "ABSENT", "HYPERV", "BLOCKI
 KVM_MAX_VCPU_IDS = 4096 * 4   # KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO (x86)
 
 
+_MSR_BITMAPS: dict[tuple[bool, bool, bool], tuple[frozenset[int], frozenset[int]]] = {}
+
+
+def _msr_bitmap(*, x2: bool, active: bool, ipiv: bool) -> tuple[frozenset[int], frozenset[int]]:
+    """(read, write) intercepts of one MSR-bitmap policy, built once and shared by every vCPU with
+    that policy (immutable: a change assigns another pair). APIC_BASE and TSC_DEADLINE always exit;
+    an xAPIC guest: every x2APIC MSR; x2APIC with APICv: all but the virtualised reads and writes
+    (+ ICR with IPIv); x2APIC without APICv: all but TPR (TPR shadow)."""
+    key = (x2, active, ipiv)
+    pol = _MSR_BITMAPS.get(key)
+    if pol is None:
+        rd = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
+        wr = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
+        if not x2:
+            rd |= X2APIC_MSRS
+            wr |= X2APIC_MSRS
+        elif active:
+            rd |= X2APIC_MSRS - X2APIC_APICV_READS
+            wr |= X2APIC_MSRS - X2APIC_APICV_WRITES - ({MSR_X2APIC_ICR} if ipiv else set())
+        else:
+            rd |= X2APIC_MSRS - {MSR_X2APIC_TPR}
+            wr |= X2APIC_MSRS - {MSR_X2APIC_TPR}
+        pol = _MSR_BITMAPS[key] = (frozenset(rd), frozenset(wr))
+    return pol
+
+
 class VmxVendor:
     """``kvm_x86_ops`` for VMX with APICv / IPIv, for one VM."""
 
@@ -125,17 +151,7 @@ class VmxVendor:
         ctx.virt_x2apic_mode = x2
         ctx.apic_reg_virt = ctx.vid = ctx.posted_intr = active
         ctx.ipiv = active and self.enable_ipiv
-        ctx.msr_rd = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
-        ctx.msr_wr = {MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE}
-        if not x2:
-            ctx.msr_rd |= X2APIC_MSRS
-            ctx.msr_wr |= X2APIC_MSRS
-        elif active:
-            ctx.msr_rd |= X2APIC_MSRS - X2APIC_APICV_READS
-            ctx.msr_wr |= X2APIC_MSRS - X2APIC_APICV_WRITES - ({MSR_X2APIC_ICR} if self.enable_ipiv else set())
-        else:
-            ctx.msr_rd |= X2APIC_MSRS - {MSR_X2APIC_TPR}
-            ctx.msr_wr |= X2APIC_MSRS - {MSR_X2APIC_TPR}
+        ctx.msr_rd, ctx.msr_wr = _msr_bitmap(x2=x2, active=active, ipiv=bool(self.enable_ipiv))
 
     def refresh_apicv_exec_ctrl(self, vcpu: Vcpu) -> None:
         """kvm_vcpu_update_apicv() / vmx_refresh_apicv_exec_ctrl() on KVM_REQ_APICV_UPDATE."""
@@ -334,7 +350,8 @@ class VmxVendor:
     def run(self, vcpu: Vcpu) -> Gen:
         """vmx_vcpu_run() preceded by what vcpu_enter_guest() does after IN_GUEST_MODE: sync the PIR
         (RVI), SVI from vISR (hwapic_isr_update), or the TPR threshold without APICv. A vCPU in
-        guest mode (nested) enters vmcs02 instead (NestedVmx.run_l2)."""
+        guest mode (nested) enters vmcs02 instead (NestedVmx.run_l2). (A generator of its own: its
+        entry-time locals are part of the explorer's state hash.)"""
         if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
             return (yield from self.nested.run_l2(vcpu))
         ctx: VmcsContext = vcpu.ctx
@@ -351,10 +368,14 @@ class VmxVendor:
         return (yield from self.hw.vmentry(self.host.pcpus[vcpu.cpu], ctx))
 
     def handle_exit(self, vcpu: Vcpu, reason: int) -> Gen:
-        """vmx_handle_exit(): the x2APIC ICR fastpath, then dispatch on the basic exit reason."""
-        kvm = self.kvm
+        """vmx_handle_exit(): the steps that handle the exit (exits from L2: nested.c first)."""
         if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
-            return (yield from self.nested.handle_l2_exit(vcpu, reason))   # exits from L2: nested.c first
+            return self.nested.handle_l2_exit(vcpu, reason)
+        return self._handle_exit(vcpu, reason)
+
+    def _handle_exit(self, vcpu: Vcpu, reason: int) -> Gen:
+        """The x2APIC ICR fastpath, then dispatch on the basic exit reason."""
+        kvm = self.kvm
         ctx: VmcsContext = vcpu.ctx
         name = X.exit_reason_name(reason)
         kvm.rec.exit(kvm.exit_level, name)

@@ -22,7 +22,8 @@ Trap-style exits complete the instruction before exiting; fault-style exits leav
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from navic.apic.lapic import LocalApic
@@ -54,8 +55,10 @@ class GuestContext:
     level: str
     vmcb: V.Vmcb
     guest: GuestCpu
-    msr_rd: set[int] = field(default_factory=set)   # MSRPM read-intercept bits set
-    msr_wr: set[int] = field(default_factory=set)   # MSRPM write-intercept bits set
+    # MSRPM read / write intercept bits set: immutable sets shared by every vCPU with the same policy
+    # (the hypervisor assigns another set to change them).
+    msr_rd: frozenset[int] = frozenset()
+    msr_wr: frozenset[int] = frozenset()
     exit_insn: Any = None
     exit_insn_offset: int = 0
     _eval: bool = False
@@ -95,11 +98,13 @@ class Svm:
         yield costs.VMRUN
         # Fixed for the run: read the per-instruction costs and instruction classes once.
         INTR_ENTRY, INSN, HLT_WAKE, SPIN_LOOP = costs.INTR_ENTRY, costs.INSN, costs.HLT_WAKE, costs.SPIN_LOOP
-        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT = (
-            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT)
-        avic = bool(vmcb.avic_enable)
-        x2avic = avic and bool(vmcb.x2avic_enable)
-        vapic = ctx.vapic if avic else None
+        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT, Vmrun, MemWrite = (
+            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT, isa.Vmrun, isa.MemWrite)
+        int_ctl = vmcb.int_ctl   # one read for both enable bits (31: AVIC, 30: x2AVIC)
+        avic = bool(int_ctl & V.AVIC_ENABLE_MASK)
+        x2avic = avic and bool(int_ctl & V.X2APIC_MODE_MASK)
+        del int_ctl   # not part of the suspended run's state
+        vapic = ctx._vapic if avic else None   # the property's value, without the call
         bar = vmcb.avic_vapic_bar & V.VMCB_AVIC_APIC_BAR_MASK
         pcpu.guest_mode = True
         pcpu.running = ctx
@@ -184,7 +189,7 @@ class Svm:
                     break
                 g.retire(Fault("#GP", f"MSR {msr:#x} not implemented"))
                 yield INSN
-            elif t is isa.Vmrun:
+            elif t is Vmrun:
                 # A guest hypervisor's VMRUN: L0 always intercepts it (nested.c emulates it).
                 if vmcb.intercept(V.INTERCEPT_VMRUN):
                     ctx.exit_insn = insn
@@ -192,7 +197,7 @@ class Svm:
                     break
                 g.retire(Fault("#UD", "VMRUN not intercepted"))
                 yield INSN
-            elif t is isa.MemWrite:
+            elif t is MemWrite:
                 npt = ctx.npt
                 if npt is not None and npt.is_write_protected(insn.gpa >> 12):
                     ctx.exit_insn = insn
@@ -241,7 +246,7 @@ class Svm:
         (and sets ``ctx._eval`` when it is an evaluation point), else (exit, info1, info2)."""
         costs = self.costs
         g = ctx.guest
-        vapic = ctx.vapic
+        vapic = ctx._vapic   # ctx.vapic without the property call
         regs = vapic.regs
         ctx._eval = False
         eoi_level = write and off == APIC_EOI and A.eoi_is_level(vapic.page)
@@ -249,7 +254,9 @@ class Svm:
         kind = self._kinds.get(key)
         if kind is None:
             kind = self._kinds[key] = A.classify_access(*key)
-        if kind == A.GP or (msr and write and (why := _x2apic_reserved(off, value))):
+        # The reserved-bit checks only where a reserved bit is set (_x2apic_reserved would return "").
+        if kind == A.GP or (msr and write and value & _X2APIC_RESERVED.get(off, 0)
+                            and (why := _x2apic_reserved(off, value))):
             g.retire(Fault("#GP", "x2APIC access check" if kind == A.GP else why))
             yield costs.APIC_ACCESS
             return None
@@ -295,7 +302,7 @@ class Svm:
                 res = yield from self.avic.icr_write(
                     ctx.vmcb, vapic.apic_id, pcpu.apic_id, lo, hi,
                     irr_set=lambda hpa, vec, _i: host.on_hw_irr_set(hpa, vec, name),
-                    doorbell=lambda hid: host.doorbell(hid, src=pcpu.index))
+                    doorbell=partial(host.doorbell, src=pcpu.index))
                 if saved is not None:
                     regs[APIC_ICR >> 2], regs[APIC_ICR2 >> 2] = saved
                 if res is None:
@@ -314,6 +321,10 @@ class Svm:
             return (V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS, *A.noaccel_exit_info(off, True, max(vec, 0)))
         return None  # allowed: a plain backing-page write
 
+
+
+# Reserved bits of the x2APIC writes AVIC accelerates (the bits _x2apic_reserved checks).
+_X2APIC_RESERVED = {APIC_EOI: -1, APIC_TPR: ~0xFF, APIC_SELF_IPI: ~0xFF, APIC_ICR: 0xFFF33000}
 
 
 def _x2apic_reserved(off: int, value: int) -> str:

@@ -36,7 +36,7 @@ Trap-like exits complete the instruction before exiting; fault-like exits leave 
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from navic.apic.lapic import LocalApic
@@ -103,8 +103,8 @@ class VmcsContext:
     pid_table_hpa: int = 0             # PID_POINTER_TABLE
     last_pid_index: int = -1           # LAST_PID_POINTER_INDEX
     eoi_exit_bitmap: int = 0           # EOI_EXIT_BITMAP0..3 as one 256-bit int
-    msr_rd: set[int] = field(default_factory=set)   # MSR-bitmap read intercepts
-    msr_wr: set[int] = field(default_factory=set)   # MSR-bitmap write intercepts
+    msr_rd: frozenset[int] = frozenset()   # MSR-bitmap read intercepts (immutable, shared per policy)
+    msr_wr: frozenset[int] = frozenset()   # MSR-bitmap write intercepts
     # Guest state.
     rvi: int = 0                       # GUEST_INTR_STATUS[7:0]
     svi: int = 0                       # GUEST_INTR_STATUS[15:8]

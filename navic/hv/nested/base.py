@@ -16,6 +16,12 @@ HANDLED = "handled"   # L0 dealt with the L2 exit alone
 REFLECT = "reflect"   # nested #VMEXIT to L1 with (code, info1, info2)
 
 
+def done(value: Any) -> Gen:
+    """Steps that take no time and return ``value`` (for a method that returns steps)."""
+    return value
+    yield  # pragma: no cover
+
+
 class Design:
     """A nested APIC design: what L1 is offered and how L0 runs L2's APIC."""
 

@@ -60,6 +60,7 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
     l1mem = GuestMemory(host.mem, npt)
     nested = NestedSvm(kvm0, host, l1mem, design)
     kvm0.vendor.nested = nested
+    kvm0.vendor.check_nested_events = nested.check_nested_events   # kvm_x86_ops.nested_ops
 
     l1host = _l1_vcpus(scn, kvm0, l1mem)
     nested.l1host = l1host

@@ -96,8 +96,8 @@ class NestedSvm:
             ctx02 = GuestContext(l2.name, "L2", vmcb02, l2.guest)
             st.ctx02 = ctx02
         ctx02.bind_vapic(l2.apic)
-        ctx02.msr_rd = set(l2.ctx.msr_rd)
-        ctx02.msr_wr = set(l2.ctx.msr_wr)
+        ctx02.msr_rd = l2.ctx.msr_rd   # immutable policy sets: shared, not copied
+        ctx02.msr_wr = l2.ctx.msr_wr
         st.active = True
         st.vmcb12_gpa = gpa
         st.vmcb12 = vmcb12
@@ -157,10 +157,12 @@ class NestedSvm:
             return False
         return a.has_interrupt() >= 0 or a.nmi_pending or bool(getattr(vcpu.guest, "frames", None))
 
-    def check_nested_events(self, vcpu: Vcpu) -> Gen:
-        """svm_check_nested_events(): an L1 interrupt before re-entering L2 → nested #VMEXIT(INTR)."""
+    def check_nested_events(self, vcpu: Vcpu) -> Gen | tuple[()]:
+        """svm_check_nested_events(): an L1 interrupt before re-entering L2 → nested #VMEXIT(INTR).
+        Returns the steps to run (none, the common case, without building a generator)."""
         if self.l1_event_pending(vcpu):
-            yield from self.nested_svm_vmexit(vcpu, V.SVM_EXIT_INTR, 0, 0)
+            return self.nested_svm_vmexit(vcpu, V.SVM_EXIT_INTR, 0, 0)
+        return ()
 
     def nested_svm_vmexit(self, vcpu: Vcpu, code: int, info1: int, info2: int) -> Gen:
         kvm = self.kvm
@@ -197,7 +199,7 @@ class NestedSvm:
         now → wake it up; not running L2 → nothing (its next VMRUN evaluates IRR)."""
         kvm = self.kvm
         kvm.rec.count("emulated_doorbells")
-        target = next((v for v in kvm.vcpus if v.vcpu_id == l1_apic_id), None)
+        target = kvm.vcpu_by_id.get(l1_apic_id)
         if target is None:
             return
         st = getattr(target, "nested", None)

@@ -21,9 +21,10 @@ the L1 vCPU named in L1's entry, what to reflect) is the vendor-neutral
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from navic.hv.nested.base import REFLECT, Design, Gen
+from navic.hv.nested.base import REFLECT, Design, Gen, done
 from navic.hv.nested.ipi_emulation import L1TableIpiEmulation
 from navic.hw import avic as A
 from navic.hw import vmcb as V
@@ -73,27 +74,27 @@ class DummyDesign(Design):
         vmcb02.max_index = vmcb12.max_index
 
     def on_avic_exit(self, vcpu: Vcpu, code: int, info1: int, info2: int) -> Gen:
+        """Returns the steps: L0's emulation for ID 1, else reflect exactly what L1 would see."""
         if code != V.SVM_EXIT_AVIC_INCOMPLETE_IPI or (info2 >> 32) != A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING:
-            return (REFLECT, code, info1, info2)   # ID 0/2/3/4 and NOACCEL: exactly what L1 would see
+            return done((REFLECT, code, info1, info2))   # ID 0/2/3/4 and NOACCEL
         vmcb12 = vcpu.nested.vmcb12
 
         def apm_algorithm(l2: Vcpu, deliver: Any, notify: Any) -> Gen:
-            """APM 15.29.6.1 on L1's tables: IRR in the real backing pages, doorbells to L1 vCPUs."""
-            res = yield from self.emulator.icr_write(
-                vmcb12, l2.vcpu_id, 0, info1 & 0xFFFFFFFF, info1 >> 32,
-                doorbell=notify, irr_set=lambda gpa, vec, _i: deliver(gpa, vec))
-            return None if res is None else (res.code, res.info1, res.info2)
+            """APM 15.29.6.1 on L1's tables: IRR in the real backing pages, doorbells to L1 vCPUs
+            (the engine's steps themselves; its AvicExit, if any, is what L1 must see)."""
+            return self.emulator.icr_write(vmcb12, l2.vcpu_id, 0, info1 & 0xFFFFFFFF, info1 >> 32,
+                                           doorbell=notify, irr_set=deliver)
 
-        return (yield from self.ipis.emulate(vcpu, (code, info1, info2), apm_algorithm, self.emulate_doorbell))
+        return self.ipis.emulate(vcpu, (code, info1, info2), apm_algorithm, self.emulate_doorbell,
+                                 _avic_exit_info)
 
     def emulate_doorbell(self, src: Vcpu, l1_apic_id: int) -> None:
         """avic_emulate_doorbell_write(): the shared notification with AVIC's signal — a real
         doorbell to the pCPU of an L1 vCPU running L2 (its AVIC evaluates vmcb02's backing page);
         an L1 vCPU not in L2 needs nothing (its next VMRUN evaluates IRR)."""
         self.kvm.rec.count("emulated_doorbells")
-        self.ipis.notify_l1_vcpu(src, l1_apic_id, runs=lambda st: True,
-                                 signal=lambda target: self._doorbell(src, target),
-                                 otherwise=lambda target: None)
+        self.ipis.notify_l1_vcpu(src, l1_apic_id, runs=None, signal=partial(self._doorbell, src),
+                                 otherwise=_nothing)
 
     def _doorbell(self, src: Vcpu, target: Vcpu) -> None:
         if src.cpu != target.cpu:
@@ -111,3 +112,10 @@ class DummyDesign(Design):
         self.emulate_doorbell(vcpu, value & 0xFFF)
         return None
 
+
+def _avic_exit_info(res: A.AvicExit) -> tuple[int, int, int]:
+    return res.code, res.info1, res.info2
+
+
+def _nothing(target: Vcpu) -> None:
+    """An L1 vCPU not running L2: its next VMRUN evaluates IRR."""

@@ -27,6 +27,7 @@ Only the algorithm (step 2) and the kind of notification (step 4) are vendor spe
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from navic.hv.kvm import IN_GUEST_MODE
@@ -35,9 +36,10 @@ from navic.hv.nested.base import HANDLED, REFLECT, Gen
 if TYPE_CHECKING:
     from navic.hv.kvm import Vcpu
 
-# algorithm(l2, deliver, notify) -> generator returning None (all delivered) or the failure
-# (code, info1, info2) to reflect; deliver(receive_gpa, vector); notify(*vendor_args).
-Algorithm = Callable[[Any, Callable[[int, int], None], Callable[..., None]], Gen]
+# algorithm(l2, deliver, notify) -> the steps of the vendor's IPI algorithm (a generator), returning
+# None (all delivered) or the vendor's failure, which ``exit_of`` turns into (code, info1, info2) to
+# reflect; deliver(receive_gpa, vector, *ignored); notify(*vendor_args).
+Algorithm = Callable[[Any, Callable[..., None], Callable[..., None]], Gen]
 
 
 class L1TableIpiEmulation:
@@ -48,36 +50,36 @@ class L1TableIpiEmulation:
         self.kvm = core.kvm
 
     def emulate(self, vcpu: Vcpu, exit_: tuple[int, int, int], algorithm: Algorithm,
-                notify: Callable[..., None]) -> Gen:
+                notify: Callable[..., None], exit_of: Callable[[Any], tuple[int, int, int]]) -> Gen:
         """Steps 1-5 for the L2 IPI that made L1 vCPU ``vcpu`` (running L2) exit with ``exit_``
         (code, info1, info2). Returns (HANDLED | REFLECT, code, info1, info2)."""
         kvm = self.kvm
         kvm.rec.count("nested_ipi_emulations")
         yield kvm.costs.NESTED_IPI_EMULATE
         l2 = vcpu.nested.l2
-        res = yield from algorithm(
-            l2, lambda gpa, vec: self.delivered(l2, gpa, vec),
-            lambda *a: notify(vcpu, *a))
+        # partial(): the callbacks are the methods themselves (no Python frame around them).
+        res = yield from algorithm(l2, partial(self.delivered, l2), partial(notify, vcpu))
         if res is None:
             return (HANDLED, *exit_)
-        return (REFLECT, *res)
+        return (REFLECT, *exit_of(res))
 
-    def delivered(self, sender: Vcpu, receive_gpa: int, vector: int) -> None:
+    def delivered(self, sender: Vcpu, receive_gpa: int, vector: int, *_: Any) -> None:
         """Step 3's provenance: the L2 vCPU that owns the backing page / PID at ``receive_gpa`` (an
         L1 GPA) accepted ``vector`` from ``sender``; a halt-polling L1 thread re-checks."""
         self.core.l1host.on_hw_irr_set(receive_gpa, vector, sender.name, sender.guest.ipi_sent_at)
 
-    def notify_l1_vcpu(self, src: Vcpu, l1_apic_id: int, *, runs: Callable[[Any], bool],
+    def notify_l1_vcpu(self, src: Vcpu, l1_apic_id: int, *, runs: Callable[[Any], bool] | None,
                        signal: Callable[[Vcpu], None], otherwise: Callable[[Vcpu], None]) -> None:
         """Step 4: the L1 vCPU with APIC ID ``l1_apic_id``. ``runs(nested_state)`` says whether it
-        runs the L2 vCPU the notification is for; ``signal(target)`` sends the real notification
-        to its pCPU; ``otherwise(target)`` is what the hardware does when it does not run it."""
+        runs the L2 vCPU the notification is for (None: any L2 vCPU it runs); ``signal(target)``
+        sends the real notification to its pCPU; ``otherwise(target)`` is what the hardware does
+        when it does not run it."""
         kvm = self.kvm
-        target = next((v for v in kvm.vcpus if v.vcpu_id == l1_apic_id), None)
+        target = kvm.vcpu_by_id.get(l1_apic_id)
         if target is None:
             return
         st = getattr(target, "nested", None)
-        if st is None or not st.active or not runs(st):
+        if st is None or not st.active or (runs is not None and not runs(st)):
             otherwise(target)
             return
         if target.mode == IN_GUEST_MODE and target.cpu is not None:

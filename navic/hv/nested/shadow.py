@@ -96,7 +96,7 @@ class ShadowDesign(Design):
         return A.phys_entry(backing, host_id=host_id, running=running, valid=True)
 
     def _l1_vcpu(self, l1_apic_id: int) -> Vcpu | None:
-        return next((v for v in self.kvm.vcpus if v.vcpu_id == l1_apic_id), None)
+        return self.kvm.vcpu_by_id.get(l1_apic_id)
 
     def invalidate(self, t: ShadowTable) -> None:
         """Erase and rebuild (KVM_REQ_APIC_PAGE_RELOAD + re-sync on next use; done at once here)."""

@@ -149,8 +149,8 @@ class NestedVmx:
         for f in ("virt_apic_accesses", "virt_x2apic_mode", "apic_reg_virt", "vid", "posted_intr",
                   "hlt_exiting", "intr_window_exiting", "tpr_threshold", "eoi_exit_bitmap", "rvi", "svi"):
             setattr(ctx02, f, getattr(ctx12, f))
-        ctx02.msr_rd = set(ctx12.msr_rd)
-        ctx02.msr_wr = set(ctx12.msr_wr)
+        ctx02.msr_rd = ctx12.msr_rd   # immutable policy sets: shared, not copied
+        ctx02.msr_wr = ctx12.msr_wr
         ctx02.entry_intr_info = ctx12.entry_intr_info   # consumed: vmcs12's is cleared at entry
         ctx12.entry_intr_info = 0
         ctx02.pi_nested_pending = False
@@ -175,7 +175,7 @@ class NestedVmx:
         if ctx02.posted_intr and pid is not None and pid.on:
             ctx02.rvi = X.process_posted_interrupts(pid, ctx02.vapic.page, ctx02.rvi)
         vendor = self.kvm.vendor
-        return (yield from vendor.hw.vmentry(self.host.pcpus[vcpu.cpu], ctx02))
+        return vendor.hw.vmentry(self.host.pcpus[vcpu.cpu], ctx02)
 
     # -- exits while L2 runs -----------------------------------------------------------------------
     def handle_l2_exit(self, vcpu: Vcpu, reason: int) -> Gen:
@@ -212,10 +212,12 @@ class NestedVmx:
         return (a.has_interrupt() >= 0 or a.nmi_pending or (pid is not None and pid.on)
                 or bool(getattr(vcpu.guest, "frames", None)))
 
-    def check_nested_events(self, vcpu: Vcpu) -> Gen:
-        """vmx_check_nested_events(): an L1 interrupt before re-entering L2 → nested VM exit."""
+    def check_nested_events(self, vcpu: Vcpu) -> Gen | tuple[()]:
+        """vmx_check_nested_events(): an L1 interrupt before re-entering L2 → nested VM exit.
+        Returns the steps to run (none, the common case, without building a generator)."""
         if self.l1_event_pending(vcpu):
-            yield from self.nested_vmx_vmexit(vcpu, X.EXIT_REASON_EXTERNAL_INTERRUPT, 0)
+            return self.nested_vmx_vmexit(vcpu, X.EXIT_REASON_EXTERNAL_INTERRUPT, 0)
+        return ()
 
     def nested_vmx_vmexit(self, vcpu: Vcpu, reason: int, qual: int) -> Gen:
         kvm = self.kvm

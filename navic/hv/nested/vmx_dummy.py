@@ -69,15 +69,14 @@ class VmxDummyDesign(VmxDesign):
 
         def ipiv_algorithm(l2: Vcpu, deliver: Any, notify: Any) -> Gen:
             """SDM IPI virtualisation on L1's PID-pointer table (L1 memory)."""
-            ex = yield from X.ipiv_icr_write(
+            return X.ipiv_icr_write(
                 l1mem, ctx12.pid_table_hpa, ctx12.last_pid_index, lo, hi, x2,
                 lambda nv, ndst: notify(nv, ndst, pid_gpa[0]),
                 pir_set=lambda gpa, vec, _dest: (pid_gpa.__setitem__(0, gpa), deliver(gpa, vec)),
                 fine_grained=True)
-            return None if ex is None else (ex.reason, ex.qualification, 0)
 
-        decision, reason, qual, _ = yield from self.ipis.emulate(vcpu, (reason, qual, 0), ipiv_algorithm,
-                                                                 self.notify)
+        decision, reason, qual, _ = yield from self.ipis.emulate(
+            vcpu, (reason, qual, 0), ipiv_algorithm, self.notify, lambda ex: (ex.reason, ex.qualification, 0))
         return (decision, reason, qual)
 
     def notify(self, src: Vcpu, nv: int, ndst: int, pid_gpa: int) -> None:
