@@ -130,6 +130,26 @@ def _insn(x: Any) -> Any:
     return repr(x) if type(x).__module__.endswith("isa") else type(x).__name__
 
 
+def _vmcs(ctx: Any) -> Any:
+    """A VMCS context (navic.hw.vmx_guest.VmcsContext): its controls, guest state and exit
+    information (plain fields), the exit instruction, and the bytes of its posted-interrupt
+    descriptor. The guest and virtual-APIC page are hashed with their owner."""
+    if ctx is None:
+        return None
+    out: list[Any] = []
+    for f in dataclasses.fields(ctx):
+        x = getattr(ctx, f.name)
+        if type(x) in _PLAIN:
+            out.append(x)
+        elif type(x) is frozenset:
+            out.append(hash(x))
+        elif f.name == "exit_insn":
+            out.append(_insn(x))
+        elif f.name == "pid":
+            out.append(bytes(x.mem.page(x.hpa)[x.hpa & 0xFFF:(x.hpa & 0xFFF) + 64]))
+    return tuple(out)
+
+
 def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
     """One KVM (L0's, or L1's in a nested run): its vCPUs, its host's CPUs and scheduler, its AVIC
     tables, the erratum window and the inhibits."""
@@ -142,7 +162,7 @@ def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
                       v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
                       v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
                       hash(bytes(vmcb.mem.page(vmcb.hpa))) if vmcb is not None else None,
-                      None if ctx is None else (ctx.level, _insn(ctx.exit_insn) if ctx.exit_insn else None),
+                      _vmcs(ctx),
                       getattr(v, "nested_inhibit", None)))
     host = kvm.host
     for p in host.pcpus:
@@ -184,8 +204,10 @@ def _nested_state(kvm0: Any, kvm2: Any, parts: list[Any]) -> None:
     for v in kvm0.vcpus:
         st = getattr(v, "nested", None)
         if st is not None:
+            vmcb02 = getattr(st, "vmcb02", None)          # nested SVM: the vmcb02 page
             parts.append((v.name, st.active, getattr(st.l2, "name", None),
-                          hash(bytes(hmem.page(st.vmcb02.hpa)))))
+                          hash(bytes(hmem.page(vmcb02.hpa))) if vmcb02 is not None
+                          else (_vmcs(st.ctx02), _vmcs(st.ctx12), st.vmcs12_gpa)))   # nested VMX
         t = getattr(v, "shadow_table", None)
         if t is not None:
             parts.append((v.name, t.gfn))

@@ -142,3 +142,17 @@ def test_l2_await_sees_another_l2_vcpus_add(design):
                   [{"op": "sti"}, {"op": "compute", "cycles": 20000}, {"op": "add", "var": "x"}])
     run = runner.simulate(parse_scenario(doc, "<bug>"))
     assert run.warnings == [] and all(g.finished for g in run.guests)
+
+
+@pytest.mark.parametrize("design", ["none", "dummy"])
+def test_nested_vmx_pingpong_explores_clean_at_bound_1(design):
+    """Nested VMX (spr): the state hash covers L0's vmcs02/vmcs12 contexts and their posted-
+    interrupt descriptors (it used to look for a vmcb02 and crash)."""
+    from navic.check.explore import Explorer, Options
+    from navic.scenario import loads_scenario
+
+    text = PINGPONG.read_text().replace('cpu = "zen4"', 'cpu = "spr"')
+    assert 'cpu = "spr"' in text
+    out = Explorer(loads_scenario(text, "spr.toml"), Options(preemptions=1, design=design)).run()
+    assert out.violation is None and out.complete
+    assert out.progress.schedules > 20
