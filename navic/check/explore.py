@@ -130,10 +130,11 @@ def _insn(x: Any) -> Any:
     return repr(x) if type(x).__module__.endswith("isa") else type(x).__name__
 
 
-def _vmcs(ctx: Any) -> Any:
-    """A VMCS context (navic.hw.vmx_guest.VmcsContext): its controls, guest state and exit
-    information (plain fields), the exit instruction, and the bytes of its posted-interrupt
-    descriptor. The guest and virtual-APIC page are hashed with their owner."""
+def _guest_ctx(ctx: Any) -> Any:
+    """A guest context (SVM ``GuestContext``, VMX ``VmcsContext``): its plain fields (controls,
+    guest state, exit information), its MSR intercept sets, the exit instruction and, for VMX, the
+    bytes of its posted-interrupt descriptor. The guest, the VMCB page and the virtual-APIC page
+    are hashed with their owner."""
     if ctx is None:
         return None
     out: list[Any] = []
@@ -162,7 +163,7 @@ def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
                       v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
                       v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
                       hash(bytes(vmcb.mem.page(vmcb.hpa))) if vmcb is not None else None,
-                      _vmcs(ctx),
+                      _guest_ctx(ctx),
                       getattr(v, "nested_inhibit", None)))
     host = kvm.host
     for p in host.pcpus:
@@ -207,7 +208,7 @@ def _nested_state(kvm0: Any, kvm2: Any, parts: list[Any]) -> None:
             vmcb02 = getattr(st, "vmcb02", None)          # nested SVM: the vmcb02 page
             parts.append((v.name, st.active, getattr(st.l2, "name", None),
                           hash(bytes(hmem.page(vmcb02.hpa))) if vmcb02 is not None
-                          else (_vmcs(st.ctx02), _vmcs(st.ctx12), st.vmcs12_gpa)))   # nested VMX
+                          else (_guest_ctx(st.ctx02), _guest_ctx(st.ctx12), st.vmcs12_gpa)))   # nested VMX
         t = getattr(v, "shadow_table", None)
         if t is not None:
             parts.append((v.name, t.gfn))
