@@ -204,11 +204,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="ping-pong rates: best of N runs (the SimPy baseline too)")
+    ap.add_argument("--only", choices=("pingpong", "oracle", "scale"),
+                    help="one part: the ping-pong rates (with the SimPy baseline), the oracle's cost, "
+                         "or the 4096-vCPU figures")
     args = ap.parse_args()
     n = 1000 if args.quick else 5000
     rep = max(1, args.repeat)
     print(f"$ .venv/bin/python bench/speed.py{' --quick' if args.quick else ''}"
-          f"{f' --repeat {rep}' if rep > 1 else ''}")
+          f"{f' --repeat {rep}' if rep > 1 else ''}{f' --only {args.only}' if args.only else ''}")
+    if args.only in (None, "pingpong"):
+        pingpong(n, rep)
+    if args.only in (None, "oracle"):
+        print("oracle:")
+        oracle_overhead(n, 3)
+    if args.only in (None, "scale"):
+        print("scale:")
+        broadcast_4096(args.quick)
+        shootdown_4096(args.quick)
+
+
+def pingpong(n: int, rep: int) -> None:
     print("simulated IPIs per wall second (ping-pong):")
     rates = {}
     for name, cfg in CONFIGS.items():
@@ -227,11 +242,6 @@ def main() -> None:
             print(f"  navic / SimPy (bare metal): {rates['bare metal'] / srate:.2f}x")
         except ImportError:
             print("  SimPy baseline: simpy is not installed (pip install simpy)")
-    print("oracle:")
-    oracle_overhead(n, 3)
-    print("scale:")
-    broadcast_4096(args.quick)
-    shootdown_4096(args.quick)
 
 
 if __name__ == "__main__":
