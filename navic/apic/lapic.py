@@ -435,14 +435,7 @@ class LocalApic:
         w = _W_ISR + ((v >> 5) << 2)
         bit = 1 << (v & 31)
         regs[w] &= ~bit
-        # self._update_ppr_notify(), inlined (one frame less per EOI)
-        old = regs[_W_PPR]
-        new = self._compute_ppr()
-        regs[_W_PPR] = new
-        if new < old and self._hw_enabled and self.page[_IRR_LO:_IRR_HI] != _NO_BITS:
-            irr = _highest(regs, _W_IRR)
-            if irr >= 0 and (irr & 0xF0) > new:
-                self.hooks.interrupt_pending(self)
+        self._update_ppr_notify()
         if regs[w - _W_ISR + _W_TMR] & bit:
             self.hooks.eoi_level(self, v)
 
