@@ -83,7 +83,7 @@ class ReplayChooser(Chooser):
         if self.sparse:
             for d in self.decisions:
                 if len(d) >= 4:
-                    self.by_point[int(d[3])] = (str(d[0]), str(d[1]), int(d[2]))  # type: ignore[arg-type]
+                    self.by_point[int(d[3])] = (str(d[0]), str(d[1]), int(d[2]))  # type: ignore[arg-type,call-overload]
         self.applied = 0  # sparse form: how many listed decisions were applied as recorded
 
     def _next(self, kind: str, n: int) -> int:

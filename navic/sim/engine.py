@@ -44,7 +44,7 @@ class Signal:
 
     def __init__(self, engine: Engine, name: str = "") -> None:
         self.engine = engine
-        self.waiters: list[Process] = []
+        self.waiters: list[Any] = []   # Processes, or objects with wake(value) (an L1 thread)
         self.name = name
 
     def fire(self, value: Any = None) -> int:
