@@ -560,9 +560,9 @@ class AvicEngine:
             tq = [mem.views(table + (k << PAGE_SHIFT))[3] for k in range(npages)]
         err = self.erratum
         if err is not None:
-            if (table >> PAGE_SHIFT) not in err._tracked:   # not err.is_tracking(table)
+            if not err.is_tracking(table):
                 err.track_table(table, npages)
-            err.ipi_seq += 1   # err.begin_ipi()
+            err.begin_ipi()
 
         # Step 2: broadcast - every valid entry 0..MAX_INDEX; invalid entries skipped silently.
         if sh != _SH_NONE or dest == (0xFFFFFFFF if x2 else 0xFF):
