@@ -35,6 +35,7 @@ class L0Config:
     errata: str | tuple[str, ...] = "auto"
     nested_apicv: str = "none"
     doorbell_strict: bool = True
+    shadow_variant: str = "navic"
     erratum_1235_p: float = 0.1
     erratum_1235_window: int = 2
     inhibits: tuple[str, ...] = ()

@@ -195,6 +195,8 @@ class SvmVendor:
     def vcpu_put(self, vcpu: Vcpu) -> None:
         if vcpu.blocking:
             return
+        if not self.host.l0.doorbell_strict:
+            return   # RFC v3 patch 18 (avic_doorbell_strict=0): svm_vcpu_put skips both puts
         self.avic.vcpu_put(vcpu)
         if self.nested is not None:
             self.nested.design.vcpu_put(vcpu, blocking=False)   # __nested_avic_put()

@@ -61,3 +61,6 @@ class Design:
 
     def vcpu_put(self, vcpu: Vcpu, *, blocking: bool) -> None:
         """L0 puts an L1 vCPU."""
+
+    def nested_vmexit(self, vcpu: Vcpu) -> None:
+        """Nested #VMEXIT of ``vcpu`` (shadow: the table's usecount drops)."""

@@ -69,10 +69,10 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
         v.ctx01.npt = npt           # L1 runs on L0's nested page table (write tracking)
 
     # ---- L1's KVM -------------------------------------------------------------------------------
+    offers_x2avic = nested.design.offers_avic and design in ("dummy", "shadow-x2avic")
     l1_features = dataclasses.replace(
         features, avic=nested.design.offers_avic, avic_enumerated=nested.design.offers_avic,
-        x2avic=features.x2avic and nested.design.offers_avic and design == "dummy",
-        x2avic_ext=features.x2avic_ext and nested.design.offers_avic and design == "dummy")
+        x2avic=features.x2avic and offers_x2avic, x2avic_ext=features.x2avic_ext and offers_x2avic)
     l1host.silicon.features = l1_features
     kvm1 = Kvm(l1host, name="l2")
     kvm1.exit_level = "l1"
@@ -147,10 +147,11 @@ def build_nested_vmx(scn: Scenario, engine: Engine, costs: CostModel, rec: Recor
 
 def _l1_vcpus(scn: Scenario, kvm0: Kvm, l1mem: GuestMemory, silicon: Any = None) -> L1Host:
     """L0's vCPUs for the L1 VM, each running the L1 kernel (an L1Cpu) over L1's host view, and
-    that host view. L1's KVM parameters are [l0]'s but for apicv = [l1] apicv_for_l2 and
-    timeslice_us = [l1] timeslice_us."""
+    that host view. L1's KVM parameters are [l0]'s but for apicv = [l1] apicv_for_l2,
+    timeslice_us = [l1] timeslice_us and doorbell_strict (upstream KVM: always strict)."""
     vm1 = scn.l1
-    params = dataclasses.replace(scn.l0, apicv=vm1.apicv_for_l2, timeslice_us=vm1.timeslice_us, force_avic=False)
+    params = dataclasses.replace(scn.l0, apicv=vm1.apicv_for_l2, timeslice_us=vm1.timeslice_us, force_avic=False,
+                                 doorbell_strict=True)   # avic_doorbell_strict is L0's (RFC) kernel only
     l1host = L1Host(kvm0, l1mem, vm1, params)
     if silicon is not None:
         l1host.silicon = silicon(l1host)

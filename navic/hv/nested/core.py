@@ -180,6 +180,7 @@ class NestedSvm:
         l2.ctx.exit_insn = st.ctx02.exit_insn
         st.ctx02.exit_insn = None
         st.active = False
+        self.design.nested_vmexit(vcpu)
         vcpu.ctx = vcpu.ctx01
         vcpu.nested_inhibit = False
         kvm.inhibits.clear_vcpu("NESTED", vcpu.name)

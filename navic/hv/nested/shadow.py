@@ -14,7 +14,22 @@ L0 emulates it and updates the shadow entry (or invalidates the table when a bac
 changes; a flood of writes to a table nobody uses also invalidates it). An L2 IPI that finds a
 shadow IR = 0 exits AVIC_INCOMPLETE_IPI ID 1 to L0, which hides it and wakes the L1 vCPU when only
 L0 had descheduled it (guest IR = 1), and reflects ID 1 (or ID 3 for dummy-page entries) with the
-index otherwise. With ``doorbell_strict = false`` only blocking clears shadow IR (patch 18).
+index otherwise (ID 3 from L2 cannot happen — unmapped backing pages use the dummy page — and is
+handled in L0 with a WARN, patch 16). With ``doorbell_strict = false`` only blocking clears shadow
+IR (patch 18; svm_vcpu_put then skips ``__avic_vcpu_put`` and ``__nested_avic_put`` both).
+
+``[l0] shadow_variant``: ``"navic"`` (default) is the RFC with two bugs of the posted text fixed;
+``"rfc-v3"`` reproduces the posted patches exactly (docs/model.md, "Shadow design vs the posted
+RFC v3"):
+
+* patch 13 takes ``physid_nentries = avic_physical_id & AVIC_PHYSICAL_ID_TABLE_SIZE_MASK`` (0xFF):
+  that is MAX_INDEX, so entries 0..MAX_INDEX-1 are synced and the entry AT MAX_INDEX stays 0
+  (invalid). A 2022 L1 programmed MAX_INDEX = 255 and never noticed; a modern L1 programs the
+  highest APIC ID, so its last vCPU is unreachable by hardware (ID 2, or silently skipped in a
+  broadcast). navic syncs MAX_INDEX + 1 entries.
+* patch 16 decodes an xAPIC cluster destination as ``cluster = dest & 0x3C``, members
+  ``dest & 0x3`` (and gives up for dest >= 0x40), and indexes L1's logical table as ``u64 *``
+  (entries are 32-bit). navic uses the APM decode (4 * dest[7:4] + bit, bits 0-3; u32 entries).
 """
 
 from __future__ import annotations
@@ -33,6 +48,9 @@ if TYPE_CHECKING:
     from navic.hw.vmcb import Vmcb
 
 FLOOD_FACTOR = 1000   # AVIC_PHYSID_FLOOD_COUNT = 1000 x nentries
+SHADOW_VARIANTS = ("navic", "rfc-v3")
+AVIC_PHYSICAL_ID_TABLE_SIZE_MASK = 0xFF   # asm/svm.h when the RFC was posted (v5.18)
+APIC_DFR_CLUSTER = 0x0FFFFFFF
 
 
 @dataclass
@@ -43,19 +61,23 @@ class ShadowTable:
     hpa: int                       # the shadow table page(s) the hardware reads
     nentries: int = 0
     gentries: list[int] = field(default_factory=list)   # cached guest entries
-    usecount: int = 0
-    flood_count: int = 0
+    usecount: int = 0              # L1 vCPUs in L2 on this table (++ nested VMRUN, -- #VMEXIT)
+    flood_count: int = 0           # tracked writes while usecount == 0
+    frames: int = 1                # L1 frames write-protected (gfn, gfn + 1, ...)
 
 
 class ShadowDesign(Design):
     name = "shadow"
     offers_avic = True
+    table_pages = 1   # avic_physid_shadow_table_alloc(): alloc_page() — 512 u64 slots, xAVIC uses 0..255
 
     def __init__(self, core: NestedSvm) -> None:
         super().__init__(core)
         self.tables: dict[int, ShadowTable] = {}
+        self.tracked: dict[int, ShadowTable] = {}   # write-protected L1 frame -> its table
         self.dummy_page = self.host.mem.alloc(1)
         self.strict = self.host.l0.doorbell_strict
+        self.rfc_v3 = getattr(self.host.l0, "shadow_variant", "navic") == "rfc-v3"
         core.l1mem.on_tracked_write = self._l1_store
 
     # -- the shadow table ------------------------------------------------------------------------
@@ -63,10 +85,13 @@ class ShadowDesign(Design):
         gfn = gpa >> PAGE_SHIFT
         t = self.tables.get(gfn)
         if t is None:
-            t = ShadowTable(gfn, self.host.mem.alloc(8))
+            t = ShadowTable(gfn, self.host.mem.alloc(self.table_pages), frames=0)
             self.tables[gfn] = t
-            self.core.l1mem.npt.write_protect(gfn)   # kvm_slot_page_track_add_page(WRITE)
             self.kvm.rec.count("shadow_tables")
+        while t.frames * 512 < nentries:             # kvm_slot_page_track_add_page(WRITE)
+            self.core.l1mem.npt.write_protect(gfn + t.frames)
+            self.tracked[gfn + t.frames] = t
+            t.frames += 1
         if nentries > t.nentries:                    # avic_physid_shadow_table_sync()
             for i in range(t.nentries, nentries):
                 t.gentries.append(0)
@@ -102,7 +127,8 @@ class ShadowDesign(Design):
         """Erase and rebuild (KVM_REQ_APIC_PAGE_RELOAD + re-sync on next use; done at once here)."""
         self.kvm.rec.count("shadow_invalidations")
         n = t.nentries
-        t.nentries = 0
+        t.nentries = 0                              # avic_physid_shadow_table_erase()
+        t.flood_count = 0
         t.gentries.clear()
         self._table(t.gfn << PAGE_SHIFT, n)
 
@@ -112,20 +138,34 @@ class ShadowDesign(Design):
             super().prepare_vmcb02(vcpu, vmcb12, vmcb02)
             return
         l1mem = self.core.l1mem
-        t = self._table(vmcb12.physical_table_hpa, vmcb12.max_index + 1)
-        prev = getattr(vcpu, "shadow_table", None)
-        if prev is not None and prev is not t:
-            prev.usecount = max(0, prev.usecount - 1)
-        if prev is not t:
-            t.usecount += 1
+        max_index, nentries = self._table_size(vmcb12)
+        t = self._table(vmcb12.physical_table_hpa, nentries)
         vcpu.shadow_table = t
+        t.usecount += 1            # nested_vmcb02_prepare_avic(): atomic_inc(&t->usecount)
+        vcpu.shadow_in_use = t
         vmcb02.avic_enable = 1
         vmcb02.x2avic_enable = 0   # the RFC did not implement x2AVIC for L2
         vmcb02.avic_vapic_bar = vmcb12.avic_vapic_bar & V.VMCB_AVIC_APIC_BAR_MASK
         vmcb02.backing_page_hpa = l1mem.hpa(vmcb12.backing_page_hpa)
         vmcb02.logical_table_hpa = l1mem.hpa(vmcb12.logical_table_hpa)
         vmcb02.physical_table_hpa = t.hpa
-        vmcb02.max_index = vmcb12.max_index
+        vmcb02.max_index = max_index
+
+    def _table_size(self, vmcb12: Vmcb) -> tuple[int, int]:
+        """(vmcb02 MAX_INDEX, entries to shadow). The posted patch 13 uses ``avic_physical_id &
+        AVIC_PHYSICAL_ID_TABLE_SIZE_MASK`` for both, so the entry at MAX_INDEX is never synced;
+        navic shadows 0..MAX_INDEX."""
+        if self.rfc_v3:
+            n = vmcb12.max_index & AVIC_PHYSICAL_ID_TABLE_SIZE_MASK
+            return n, n
+        return vmcb12.max_index, vmcb12.max_index + 1
+
+    def nested_vmexit(self, vcpu: Vcpu) -> None:
+        """nested_svm_vmexit(): ``atomic_dec(&t->usecount)`` when the VMRUN used nested AVIC."""
+        t = getattr(vcpu, "shadow_in_use", None)
+        if t is not None:
+            t.usecount -= 1
+            vcpu.shadow_in_use = None
 
     # -- write tracking -----------------------------------------------------------------------------
     def _l1_store(self, gpa: int, size: int, value: int) -> None:
@@ -150,11 +190,12 @@ class ShadowDesign(Design):
         """Emulate the store, then avic_physid_shadow_table_track_write()."""
         l1mem = self.core.l1mem
         self.host.mem.write(l1mem.hpa(gpa), size, value)
-        t = self.tables.get(gpa >> PAGE_SHIFT)
+        t = self.tracked.get(gpa >> PAGE_SHIFT)
         if t is None:
             return
-        first = (gpa & 0xFFF) // 8
-        last = ((gpa & 0xFFF) + size - 1) // 8
+        off = gpa - (t.gfn << PAGE_SHIFT)
+        first = off // 8
+        last = (off + size - 1) // 8
         if first >= t.nentries:
             return   # beyond the synced part (hot-plug appends)
         if first != last:
@@ -162,13 +203,16 @@ class ShadowDesign(Design):
             return
         old = t.gentries[first]
         new = l1mem.read64(gpa & ~7)
-        if not old & A.PHYS_VALID or (old ^ new) & A.PHYS_BACKING_MASK:
+        if not old & A.PHYS_VALID or _backing(old) != _backing(new):
             self.invalidate(t)   # an invalid-at-sync entry or a backing pointer changed
             return
-        t.flood_count += 1
-        if t.usecount == 0 and t.flood_count > FLOOD_FACTOR * max(1, t.nentries):
-            self.invalidate(t)
-            return
+        if t.usecount == 0:      # write flooding to a table nobody uses (patch 11)
+            t.flood_count += 1
+            if t.flood_count > FLOOD_FACTOR * t.nentries:
+                self.invalidate(t)
+                return
+        else:
+            t.flood_count = 0
         t.gentries[first] = new
         self.host.mem.write64(t.hpa + 8 * first, self._translate(new))
 
@@ -197,8 +241,9 @@ class ShadowDesign(Design):
             return (REFLECT, code, info1, info2)
         fid = info2 >> 32
         if fid == A.AVIC_IPI_FAILURE_INVALID_BACKING_PAGE:
+            # Patch 16: WARN_ON_ONCE(1); break — L0 handles it, L1 never sees it.
             self.kvm.rec.count("shadow_id3_warn")
-            return (REFLECT, code, info1, info2)
+            return (HANDLED, code, info1, info2)
         if fid != A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING:
             return (REFLECT, code, info1, info2)
         yield self.kvm.costs.NESTED_IPI_EMULATE
@@ -206,7 +251,7 @@ class ShadowDesign(Design):
         st = vcpu.nested
         vmcb12 = st.vmcb12
         icr_lo, icr_hi = info1 & 0xFFFFFFFF, info1 >> 32
-        dests = self._destinations(vmcb12, st.l2.vcpu_id, icr_lo, icr_hi, t)
+        dests = self._destinations(vcpu, vmcb12, st.l2.vcpu_id, icr_lo, icr_hi, t)
         first: tuple[int, bool] | None = None
         for rep, pid in dests:
             g = t.gentries[pid] if pid < t.nentries else 0
@@ -215,7 +260,7 @@ class ShadowDesign(Design):
             if g & A.PHYS_IS_RUNNING:
                 # L1 says it runs: only L0 descheduled its L1 vCPU → wake it, hide the exit.
                 x = self._l1_vcpu(g & A.PHYS_HOST_ID_MASK)
-                if x is not None:
+                if x is not None and x is not vcpu:
                     self.kvm.rec.count("shadow_hidden_id1_wakeups")
                     self.kvm.kvm_vcpu_wake_up(x)
             elif first is None:
@@ -227,25 +272,49 @@ class ShadowDesign(Design):
         new_id = A.AVIC_IPI_FAILURE_INVALID_BACKING_PAGE if dummy else A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING
         return (REFLECT, code, info1, (new_id << 32) | rep)
 
-    def _destinations(self, vmcb12: Vmcb, self_id: int, lo: int, hi: int, t: ShadowTable) -> list[tuple[int, int]]:
-        """(reported index, physical index) for each destination, from L1's (guest) tables."""
+    def _destinations(self, vcpu: Vcpu, vmcb12: Vmcb, self_id: int, lo: int, hi: int,
+                      t: ShadowTable) -> list[tuple[int, int]]:
+        """avic_kick_target_vcpus_nested(): (reported index, physical index) for each destination,
+        from L1's (guest) tables."""
         sh = (lo >> 18) & 3
         logical = (lo >> 11) & 1
         dest = hi >> 24
-        l1mem = self.core.l1mem
         if sh == 1:
             return []
         if sh in (2, 3) or dest == 0xFF:
-            return [(i, i) for i in range(t.nentries) if not (sh == 3 and i == self_id)]
+            # The posted patch walks every valid entry for ALLBUT too (self included).
+            skip = self_id if sh == 3 and not self.rfc_v3 else -1
+            return [(i, i) for i in range(t.nentries) if i != skip]
         if logical:
-            dfr = l1mem.read32(vmcb12.backing_page_hpa + 0xE0)
-            out = []
-            for li in A.logical_dest_indices(dest, A.dfr_is_flat(dfr)):
-                le = l1mem.read32(vmcb12.logical_table_hpa + 4 * li)
-                if le & A.LOG_VALID:
-                    out.append((li, le & A.LOG_GUEST_PHYS_ID_MASK))
-            return out
+            return self._logical_destinations(vmcb12, dest)
         return [(dest, dest)]
+
+    def _logical_destinations(self, vmcb12: Vmcb, dest: int) -> list[tuple[int, int]]:
+        """avic_kick_target_vcpus_nested_logical(): (logical index, L2 physical ID) for each valid
+        logical entry ``dest`` addresses, read from L1's logical table."""
+        l1mem = self.core.l1mem
+        dfr = l1mem.read32(vmcb12.backing_page_hpa + 0xE0)
+        out = []
+        if self.rfc_v3:
+            # As posted: cluster = dest & 0x3C, members dest & 0x3, no cluster >= 0x40, and the
+            # table read as u64 entries (logical_id_table[logical_index] on a u64 *).
+            cluster = 0
+            if dfr == APIC_DFR_CLUSTER:
+                if dest >= 0x40:
+                    return []
+                cluster, dest = dest & 0x3C, dest & 0x3
+            for bit in range(8):
+                if dest >> bit & 1:
+                    li = cluster | bit
+                    le = l1mem.read64(vmcb12.logical_table_hpa + 8 * li)
+                    if le & A.LOG_VALID:
+                        out.append((li, le & A.LOG_GUEST_PHYS_ID_MASK))
+            return out
+        for li in A.logical_dest_indices(dest, A.dfr_is_flat(dfr)):
+            le = l1mem.read32(vmcb12.logical_table_hpa + 4 * li)
+            if le & A.LOG_VALID:
+                out.append((li, le & A.LOG_GUEST_PHYS_ID_MASK))
+        return out
 
     def on_doorbell_write(self, vcpu: Vcpu, value: int) -> Gen:
         if value >> 12:
@@ -255,3 +324,8 @@ class ShadowDesign(Design):
         yield 0
         self.core.emulate_doorbell(vcpu, value & 0xFFF)
         return None
+
+
+def _backing(g: int) -> int | None:
+    """physid_entry_get_backing_table(): the backing GPA, or None (INVALID_BACKING_PAGE) if V = 0."""
+    return g & A.PHYS_BACKING_MASK if g & A.PHYS_VALID else None
