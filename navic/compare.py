@@ -46,6 +46,12 @@ CONFIGS: dict[str, ConfigSpec] = {c.name: c for c in (
     ConfigSpec("l1-ipiv-spr", "spr", 1, doc="L1 with APICv + IPI virtualisation on Sapphire Rapids"),
     *(ConfigSpec(f"l2-{d}-{cpu}", cpu, 2, design=d, doc=f"L2, nested design '{d}' on {cpu}")
       for cpu in ("zen4", "zen2") for d in ("none", "shadow", "dummy")),
+    *(ConfigSpec(f"l2-{d}-zen5", "zen5", 2, design=d,
+                 doc=f"L2, nested design '{d}' on zen5 (its X2AVIC_EXT is an assumption)")
+      for d in ("shadow", "dummy")),
+    *(ConfigSpec(f"l2-shadow-x2avic-{cpu}", cpu, 2, design="shadow-x2avic",
+                 doc=f"L2, shadow tables extended to x2AVIC (512/4096 entries) on {cpu}")
+      for cpu in ("zen4", "zen5")),
     ConfigSpec("l2-none-spr", "spr", 2, design="none", doc="L2 on SPR, no nested APICv"),
     ConfigSpec("l2-dummy-spr", "spr", 2, design="dummy", doc="L2 on SPR, dummy PID-pointer table"),
 )}
@@ -243,10 +249,10 @@ def summary_text(rows: list[dict[str, Any]]) -> str:
             parts.append(f"Intel IPIv: {ipiv['exits_per_ipi']['l0']:g} exits, {ipiv['latency_ns']['p50']:.0f} ns.")
         l2 = [r for r in rows if r["workload"] == wl and r["level"] == 2 and r["latency_ns"]["p50"]]
         z4 = {r["design"]: r for r in l2 if r["cpu_model"] == "zen4"}
-        if len(z4) == 3:
+        if all(d in z4 for d in ("shadow", "dummy", "none")):
             parts.append("In L2 on zen4: " + "; ".join(
                 f"{d} {z4[d]['exits_per_ipi']['l0_l2']:g} L0-only + {z4[d]['exits_per_ipi']['l1']:g} L1 exits, "
-                f"{z4[d]['latency_ns']['p50']:.0f} ns" for d in ("shadow", "dummy", "none")) + ".")
+                f"{z4[d]['latency_ns']['p50']:.0f} ns" for d in z4) + ".")
         if l2:
             best = min(l2, key=lambda r: r["latency_ns"]["p50"])
             worst = max(l2, key=lambda r: r["latency_ns"]["p50"])
