@@ -313,7 +313,7 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--design", type=click.Choice(["none", "shadow", "dummy"]), default=None,
+@click.option("--design", type=click.Choice(["none", "shadow", "dummy", "shadow-x2avic"]), default=None,
               help="Nested design (overrides [l0] nested_apicv; passed through into the scenario).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=20_000, show_default=True,
               help="Engine steps per run (each run is cut there).")

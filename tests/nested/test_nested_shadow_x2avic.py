@@ -125,3 +125,27 @@ def test_broadcast_in_x2avic_mode():
     assert t.result["violations"] == [] and t.log["bad"] == []
     assert all(t.got(f"l2.{i}", 0x40) == 1 for i in (1, 2, 3))
     assert INCOMPLETE_IPI not in t.exits("l1")
+
+
+def test_compare_configs_and_explore_know_the_design():
+    """`navic compare` has l2-shadow-x2avic-zen4/-zen5 (and zen5 rows for shadow and dummy);
+    `navic explore --design shadow-x2avic` is accepted; a bad variant is a one-line error."""
+    from click.testing import CliRunner
+
+    from navic.check.explore import apply_design
+    from navic.cli import main
+    from navic.compare import CONFIGS, Case, scenario_dict
+    from navic.scenario import ScenarioError, loads_scenario, parse_scenario
+
+    case = Case("ipi-pingpong", {"iterations": 2}, apic="x2apic")
+    for name, cpu, design in (("l2-shadow-x2avic-zen4", "zen4", "shadow-x2avic"),
+                              ("l2-shadow-x2avic-zen5", "zen5", "shadow-x2avic"),
+                              ("l2-shadow-zen5", "zen5", "shadow"), ("l2-dummy-zen5", "zen5", "dummy")):
+        scn = parse_scenario(scenario_dict(case, CONFIGS[name]), name)
+        assert (scn.host.cpu, scn.l0.nested_apicv) == (cpu, design)
+    scn = loads_scenario(pingpong("shadow", n=1), "t.toml")
+    assert apply_design(scn, "shadow-x2avic").l0.nested_apicv == "shadow-x2avic"
+    r = CliRunner().invoke(main, ["explore", "--help"])
+    assert "shadow-x2avic" in r.output
+    with pytest.raises(ScenarioError, match=r"l0\.shadow_variant: expected one of"):
+        loads_scenario(pingpong("shadow", n=1, l0='shadow_variant = "v4"'), "t.toml")
