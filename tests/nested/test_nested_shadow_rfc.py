@@ -190,3 +190,28 @@ def test_rfc_v3_reads_the_logical_table_as_u64_entries():
     assert design._logical_destinations(vmcb12, 0x02) == [(1, 1)]
     design.rfc_v3 = True
     assert design._logical_destinations(vmcb12, 0x02) == [(1, 0)]   # entry 2's guest physical ID
+
+
+def _finish(gen):
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+def test_rfc_v3_reports_the_last_logical_index_after_the_first_not_running_one():
+    """Patch 16's logical loop sets ``*index = logical_index`` on every iteration once a
+    not-running target was found, so the index L1 sees is the last logical entry addressed; navic
+    (and hardware, APM 15.29.6.1) reports the first not-running one."""
+    design, vmcb12 = _logical_setup(0xFFFFFFFF, {0: 1, 1: 0, 2: 0})
+    t_vcpu = next(v for v in design.kvm.vcpus if getattr(v, "shadow_table", None) is not None)
+    st = t_vcpu.shadow_table
+    st.gentries[1] = A.phys_entry(0x1000, running=False)                        # L1: not running
+    st.gentries[0] = A.phys_entry(0x2000, host_id=t_vcpu.vcpu_id, running=True)  # runs here
+    lo, hi = (1 << 11) | 0x40, 0b11 << 24
+    info2 = A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING << 32
+    args = (t_vcpu, V.SVM_EXIT_AVIC_INCOMPLETE_IPI, (hi << 32) | lo, info2)
+    assert _finish(design.on_avic_exit(*args))[3] == info2 | 0          # logical entry 0 -> L2 ID 1
+    design.rfc_v3 = True                    # u64 reads: index 0 -> entry 0 (ID 1), index 1 -> entry 2 (ID 0)
+    assert _finish(design.on_avic_exit(*args))[3] == info2 | 1

@@ -18,7 +18,7 @@ index otherwise (ID 3 from L2 cannot happen — unmapped backing pages use the d
 handled in L0 with a WARN, patch 16). With ``doorbell_strict = false`` only blocking clears shadow
 IR (patch 18; svm_vcpu_put then skips ``__avic_vcpu_put`` and ``__nested_avic_put`` both).
 
-``[l0] shadow_variant``: ``"navic"`` (default) is the RFC with two bugs of the posted text fixed;
+``[l0] shadow_variant``: ``"navic"`` (default) is the RFC with bugs of the posted text fixed;
 ``"rfc-v3"`` reproduces the posted patches exactly (docs/model.md, "Shadow design vs the posted
 RFC v3"):
 
@@ -29,7 +29,8 @@ RFC v3"):
   broadcast). navic syncs MAX_INDEX + 1 entries.
 * patch 16 decodes an xAPIC cluster destination as ``cluster = dest & 0x3C``, members
   ``dest & 0x3`` (and gives up for dest >= 0x40), and indexes L1's logical table as ``u64 *``
-  (entries are 32-bit). navic uses the APM decode (4 * dest[7:4] + bit, bits 0-3; u32 entries).
+  (entries are 32-bit), reporting the last logical index addressed. navic uses the APM decode
+  (4 * dest[7:4] + bit, bits 0-3; u32 entries) and reports the first not-running index.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     from navic.hw.vmcb import Vmcb
 
 FLOOD_FACTOR = 1000   # AVIC_PHYSID_FLOOD_COUNT = 1000 x nentries
-SHADOW_VARIANTS = ("navic", "rfc-v3")
 AVIC_PHYSICAL_ID_TABLE_SIZE_MASK = 0xFF   # asm/svm.h when the RFC was posted (v5.18)
 APIC_DFR_CLUSTER = 0x0FFFFFFF
 
@@ -77,7 +77,7 @@ class ShadowDesign(Design):
         self.tracked: dict[int, ShadowTable] = {}   # write-protected L1 frame -> its table
         self.dummy_page = self.host.mem.alloc(1)
         self.strict = self.host.l0.doorbell_strict
-        self.rfc_v3 = getattr(self.host.l0, "shadow_variant", "navic") == "rfc-v3"
+        self.rfc_v3 = self.host.l0.shadow_variant == "rfc-v3"   # [l0] shadow_variant
         core.l1mem.on_tracked_write = self._l1_store
 
     # -- the shadow table ------------------------------------------------------------------------
@@ -269,6 +269,10 @@ class ShadowDesign(Design):
         if first is None:
             return (HANDLED, code, info1, info2)
         rep, dummy = first
+        if self.rfc_v3 and _xapic_logical(icr_lo, icr_hi) and not st.vmcb02.x2avic_enable:
+            # As posted, "if (physical_index != -1) *index = logical_index;" runs on every later
+            # iteration too: the index reported is the last valid logical entry addressed.
+            rep = dests[-1][0]
         new_id = A.AVIC_IPI_FAILURE_INVALID_BACKING_PAGE if dummy else A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING
         return (REFLECT, code, info1, (new_id << 32) | rep)
 
@@ -329,3 +333,8 @@ class ShadowDesign(Design):
 def _backing(g: int) -> int | None:
     """physid_entry_get_backing_table(): the backing GPA, or None (INVALID_BACKING_PAGE) if V = 0."""
     return g & A.PHYS_BACKING_MASK if g & A.PHYS_VALID else None
+
+
+def _xapic_logical(lo: int, hi: int) -> bool:
+    """An xAPIC logical, no-shorthand, non-broadcast ICR."""
+    return bool((lo >> 11) & 1) and not (lo >> 18) & 3 and (hi >> 24) != 0xFF
