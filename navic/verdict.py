@@ -466,7 +466,9 @@ def write_plots(v: Verdict, outdir: Path) -> list[Path]:
         for i, row in enumerate(grid):
             for j, x in enumerate(row):
                 if x == x:
-                    ax.text(j, i, f"{x:.0f}", ha="center", va="center", fontsize=7, color="white")
+                    light = im.norm(math.log10(x)) < 0.5   # viridis_r is light at the low end
+                    ax.text(j, i, f"{x:.0f}", ha="center", va="center", fontsize=7,
+                            color="black" if light else "white")
         fig.colorbar(im, ax=ax, label="log10 p50 latency (ns)")
         ax.set_title("L2 IPI p50 latency (ns) per design and workload")
         fig.tight_layout()
