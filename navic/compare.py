@@ -302,6 +302,9 @@ def markdown_report(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], c
                 lines.append("| " + " | ".join(_fmt(f(r)) for _, f in TABLE_COLUMNS) + " |")
         lines += ["", f"![latency CDF]({_slug(wl)}-latency-cdf.png)",
                   f"![exits per IPI]({_slug(wl)}-exits.png)", ""]
+    from navic.verdict import cost_complexity_section
+
+    lines += cost_complexity_section(rows)
     if skipped:
         lines += ["## Not run", "", "| workload | config | why |", "|---|---|---|"]
         lines += [f"| {s['workload']} | {s['config']} | {s['skipped']} |" for s in skipped]
