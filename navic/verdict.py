@@ -49,6 +49,7 @@ DESIGN_MODULES: dict[str, tuple[str, ...]] = {
     "none": (),
     "shadow": ("hv/nested/shadow.py",),
     "dummy": ("hv/nested/dummy.py", "hv/nested/ipi_emulation.py"),
+    "shadow-x2avic": ("hv/nested/shadow.py", "hv/nested/shadow_x2avic.py"),   # RFC v3 + its x2AVIC extension
 }
 
 #: Modules a design shares with nested VMX (IPIv): the part of the design the thread wanted shared.
@@ -66,7 +67,8 @@ CATEGORIES: dict[str, str] = {
 }
 
 #: Explore scenarios (examples/) every design is checked on, and the erratum-1235 one (zen2).
-SAFETY_SCENARIOS = ("explore-nested-pingpong.toml", "explore-nested-broadcast.toml", "explore-nested-churn.toml")
+SAFETY_SCENARIOS = ("explore-nested-pingpong.toml", "explore-nested-pingpong-x2apic.toml",
+                    "explore-nested-broadcast.toml", "explore-nested-churn.toml")
 ERRATUM_SCENARIO = "explore-erratum1235-shadow.toml"
 
 
@@ -236,9 +238,11 @@ def _geomean(xs: list[float]) -> float | None:
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
 
 
-def wins(rows: list[dict[str, Any]], unsafe: set[str]) -> list[dict[str, Any]]:
-    """Per (workload, CPU): the safe design with the lowest p50, the one with fewest exits per IPI,
-    and each design's share of the best latency gain over the status quo (``none``)."""
+def wins(rows: list[dict[str, Any]], unsafe: set[str], lines: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Per (workload, CPU): the safe design with the lowest p50, the one with fewest exits per IPI
+    (ties go to the design with fewer model ``lines``), and each design's share of the best latency
+    gain over the status quo (``none``)."""
+    size = lines or {}
     out = []
     keys = dict.fromkeys((r["workload"], r["cpu_model"]) for r in rows if r["level"] == 2)
     for wl, cpu in keys:
@@ -247,8 +251,8 @@ def wins(rows: list[dict[str, Any]], unsafe: set[str]) -> list[dict[str, Any]]:
         safe = {d: r for d, r in l2.items() if d not in unsafe}
         if not safe:
             continue
-        fastest = min(safe, key=lambda d: (_p50(safe[d]), _exits(safe[d])))
-        fewest = min(safe, key=lambda d: (_exits(safe[d]), _p50(safe[d])))
+        fastest = min(safe, key=lambda d: (_p50(safe[d]), _exits(safe[d]), size.get(d, 0)))
+        fewest = min(safe, key=lambda d: (_exits(safe[d]), _p50(safe[d]), size.get(d, 0)))
         share = {}
         none = l2.get("none")
         best = _p50(safe[fastest])
@@ -278,7 +282,7 @@ def recommendation(rows: list[dict[str, Any]], safety_rows: list[dict[str, Any]]
     ranked = sorted((d for d in designs if d not in unsafe and score[d]), key=lambda d: (score[d], cx.get(d, {}).get("navic_lines", 0)))
     if not ranked:
         return said + ["No design is safe within the bound: no recommendation."]
-    wl_rows = wins(rows, unsafe)
+    wl_rows = wins(rows, unsafe, {d: c["navic_lines"] for d, c in cx.items()})
     # The thread's question: how much of shadow's gain does dummy get, for how much code?
     pairs = [w for w in wl_rows if w["cpu"] == cpu and w["benefit_share"]]
     if "shadow" in score and "dummy" in score and pairs:
@@ -361,7 +365,7 @@ class Verdict:
             "rows": C.public_rows(self.rows),
             "safety": self.safety,
             "complexity": self.complexity,
-            "wins": wins(self.rows, unsafe),
+            "wins": wins(self.rows, unsafe, {d: c["navic_lines"] for d, c in self.complexity.items()}),
             "recommendation": recommendation(self.rows, self.safety, self.complexity, self.opts),
             "assumptions": assumptions(self.opts),
             "skipped": self.skipped,
