@@ -32,6 +32,11 @@ f         ``dummy-all-invalid`` — the ``dummy`` design fills its physical ID t
           *invalid* entries: a broadcast/shorthand IPI skips invalid entries without an exit
           (APM; digest §3.3), so every L2 target is skipped silently (lost / stuck).
 ========  ==============================================================================
+
+Mutants ``g``–``n`` are the *regression corpus*: each one is the pre-fix behaviour of a real
+upstream KVM fix (``commit`` and ``subject`` name it; ``source`` says where the commit was read),
+with a scenario under ``examples/corpus/`` that exercises it. ``navic mutants`` lists them all;
+docs/verification.md "Regression corpus" has the table of how each is found.
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ class Mutant:
     target: str          # "module:Class.method"
     expect: str          # the violation kind it should produce
     make: Callable[[Any], Any]   # original method -> replacement
+    commit: str = ""     # upstream fix (12+ hex digits) whose pre-fix behaviour this is
+    subject: str = ""    # that commit's subject line
+    source: str = ""     # where the commit (id, subject, diff or message) was read
+    scenario: str = ""   # the scenario that exercises it (path from the repository root)
+    design: str | None = None   # the nested design to explore it under, if any
 
 
 # --- (a) L0 block path reads vIRR before clearing IsRunning ------------------------------------
@@ -168,6 +178,122 @@ def _make_dummy_all_invalid(orig: Any) -> Any:
     return __init__
 
 
+# =================================================================================================
+# Regression corpus: the pre-fix behaviour of real upstream KVM fixes.
+# =================================================================================================
+
+# --- (g) AVIC_INCOMPLETE_IPI ID 2 (invalid target) ignored ---------------------------------------
+def _make_invalid_target_dropped(orig: Any) -> Any:
+    """``_handlers`` is SvmVendor's exit dispatch table: replace the AVIC_INCOMPLETE_IPI entry."""
+    from navic.hw import avic as A
+    from navic.hw import vmcb as V
+
+    handle = orig[V.SVM_EXIT_AVIC_INCOMPLETE_IPI]
+
+    def _exit_incomplete_ipi(self: Any, vcpu: Any) -> Gen:
+        if vcpu.vmcb.exit_info_2 >> 32 == A.AVIC_IPI_FAILURE_INVALID_TARGET:
+            # BUG (before 5aede752a839): `case AVIC_IPI_FAILURE_INVALID_TARGET: break;` — the
+            # hardware exits *before* delivering to the valid targets, so they never get it.
+            self.kvm.rec.count("avic_incomplete_ipi_id2")
+            yield self.kvm.costs.AVIC_INCOMPLETE_IPI
+            return "continue"
+        return (yield from handle(self, vcpu))
+
+    return dict(orig) | {V.SVM_EXIT_AVIC_INCOMPLETE_IPI: _exit_incomplete_ipi}
+
+
+# --- (h) avic_kick_target_vcpus_fast: x2APIC logical bitmap taken from ICRH[31:16] -----------------
+def _make_x2apic_logical_kick_bitmap(orig: Any) -> Any:
+    def kick_target_vcpus(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+        if icr.shorthand == 0 and icr.dest_mode == 1 and src.apic.mode == "x2apic" \
+                and icr.dest != 0xFFFFFFFF:
+            # BUG (603ccef42ce9 .. da3fb46d226a): `bitmap = dest & 0xFFFF0000` is the cluster, not
+            # the member bits; for cluster 0 it is 0 and the fast path returns 0 ("nobody to send
+            # the logical interrupt to"): no target is kicked.
+            bitmap = icr.dest & 0xFFFF0000
+            if not bitmap:
+                return 0
+        return (yield from orig(self, src, icr, index))
+
+    return kick_target_vcpus
+
+
+# --- (i), (j) avic_kick_target_vcpus_fast before 603ccef42ce9: only the reported index is kicked ---
+def _kick_only_index(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+    """The fast path before 603ccef42ce9: the vCPU named by the exit's index (physical: the APIC
+    ID; xAPIC logical: the guest physical ID in that logical-table entry), kicked if it matches
+    the destination — and nothing else, whatever the destination covers."""
+    kvm = self.kvm
+    if icr.dest_mode == 0:
+        apic_id = index
+    else:
+        from navic.hw import avic as A
+
+        entry = self.mem.read32(self.logical_table_hpa + 4 * index)
+        apic_id = entry & A.LOG_GUEST_PHYS_ID_MASK
+    target = kvm.vcpu_by_id.get(apic_id)
+    if target is None:
+        return -1
+    from navic.apic import dest as apic_dest
+
+    if not apic_dest.match_dest(target.apic, src.apic, icr):
+        return -1
+    yield 0
+    kvm.vendor.complete_interrupt_delivery(target, from_vcpu=src)
+    return 1
+
+
+def _make_kick_broadcast_first_only(orig: Any) -> Any:
+    def kick_target_vcpus(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+        if icr.shorthand == 0 and icr.dest_mode == 0 and icr.dest in (0xFF, 0xFFFFFFFF):
+            # BUG (before 603ccef42ce9, issue 1): a physical broadcast without shorthand takes the
+            # fast path, which kicks only the first not-running target the exit reports.
+            n = yield from _kick_only_index(self, src, icr, index)
+            if n >= 0:
+                return n
+        return (yield from orig(self, src, icr, index))
+
+    return kick_target_vcpus
+
+
+def _make_kick_logical_first_only(orig: Any) -> Any:
+    def kick_target_vcpus(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+        if icr.shorthand == 0 and icr.dest_mode == 1 and src.apic.mode == "xapic":
+            # BUG (before 603ccef42ce9, issue 2): a logical multicast takes the fast path, which
+            # kicks only the vCPU of the logical-table entry the exit reports (the first one).
+            n = yield from _kick_only_index(self, src, icr, index)
+            if n >= 0:
+                return n
+        return (yield from orig(self, src, icr, index))
+
+    return kick_target_vcpus
+
+
+# --- (k) IPI virtualisation left on on erratum-1235 parts ------------------------------------------
+def _make_erratum1235_ipiv_on(orig: Any) -> Any:
+    def __init__(self: Any, kvm: Any, host: Any, silicon: Any, features: Any) -> None:
+        orig(self, kvm, host, silicon, features)
+        # BUG (before 8de4a1c8164e): avic_hardware_setup() does not force enable_ipiv off on
+        # family 17h, so IsRunning = 1 reaches the hardware table and erratum 1235 bites.
+        if host.l0.ipiv == "auto":
+            self.enable_ipiv = True
+            self.avic.enable_ipiv = True
+
+    return __init__
+
+
+# --- (l) PIR -> IRR only while APICv is active -----------------------------------------------------
+def _make_pir_sync_apicv_only(orig: Any) -> Any:
+    def sync_pir_to_irr(self: Any, vcpu: Any) -> int:
+        if not vcpu.apicv_active:
+            # BUG (before 37c4dbf337c5): `if (kvm_vcpu_apicv_active(vcpu)) sync_pir_to_irr()`:
+            # a posted interrupt left in the PIR when APICv went off stays there.
+            return int(vcpu.apic.highest_irr())
+        return int(orig(self, vcpu))
+
+    return sync_pir_to_irr
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
@@ -187,6 +313,63 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("f", "dummy-all-invalid",
            "dummy design: an all-invalid dummy table; broadcasts skip every L2 target silently",
            "navic.hv.nested.dummy:DummyDesign.__init__", "lost", _make_dummy_all_invalid),
+    # -- the regression corpus ----------------------------------------------------------------
+    Mutant("g", "invalid-target-dropped",
+           "AVIC_INCOMPLETE_IPI ID 2 (invalid target) is ignored: a logical multicast naming one "
+           "unused logical ID is lost for its valid targets too",
+           "navic.hv.svm:SvmVendor._handlers", "lost", _make_invalid_target_dropped,
+           commit="5aede752a839904059c2b5d68be0dc4501c6c15f",
+           subject="KVM: SVM: Process ICR on AVIC IPI delivery failure due to invalid target",
+           source="stable@vger.kernel.org FAILED-patch mail for 5.4.y quoting the commit in Linus's "
+                  "tree (message and diff), code index",
+           scenario="examples/corpus/avic-invalid-target.toml"),
+    Mutant("h", "x2apic-logical-kick-bitmap",
+           "avic_kick_target_vcpus_fast takes the x2APIC logical bitmap from ICRH[31:16]: a "
+           "cluster-0 logical IPI to a blocked vCPU kicks nobody",
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "stuck", _make_x2apic_logical_kick_bitmap,
+           commit="da3fb46d226a",
+           subject="KVM: SVM: Fix x2APIC Logical ID calculation for avic_kick_target_vcpus_fast",
+           source="kvm@vger.kernel.org: [PATCH v5 13/33] (diff `bitmap = dest & 0xFFFF0000` -> "
+                  "`dest & 0xFFFF`, Fixes: 603ccef42ce9) and Sean's reply naming the commit "
+                  "da3fb46d226a in Paolo's tree; kvm.git shortlog (da3fb46d226a3e..., code index)",
+           scenario="examples/corpus/x2avic-logical-kick.toml"),
+    Mutant("i", "kick-broadcast-first-only",
+           "before the fast-path fix, a physical broadcast (dest 0xFF, no shorthand) after an ID-1 "
+           "exit kicks only the target the exit's index names",
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "stuck", _make_kick_broadcast_first_only,
+           commit="603ccef42ce9f07840cf4c0448f3261413460b07",
+           subject="KVM: x86: SVM: fix avic_kick_target_vcpus_fast",
+           source="kvm@vger.kernel.org [PATCH 4/7] (Maxim Levitsky, 2022-06-06: \"There are two issues "
+                  "... 1. ... physical destination of 0xFF ... must be a broadcast\") and kvm.git "
+                  "post-receive log with the full id (code index)",
+           scenario="examples/corpus/avic-broadcast-kick.toml"),
+    Mutant("j", "kick-logical-first-only",
+           "before the fast-path fix, an xAPIC logical multicast after an ID-1 exit kicks only the "
+           "vCPU of the logical-table entry the exit's index names",
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "stuck", _make_kick_logical_first_only,
+           commit="603ccef42ce9f07840cf4c0448f3261413460b07",
+           subject="KVM: x86: SVM: fix avic_kick_target_vcpus_fast",
+           source="as for i (issue 2 of the same commit: \"a logical IPI request to more than one "
+                  "target. Index field only provides index ... of first such target\")",
+           scenario="examples/corpus/avic-logical-multicast-kick.toml"),
+    Mutant("k", "erratum1235-ipiv-on",
+           "enable_ipiv is not forced off on erratum-1235 parts: IsRunning = 1 reaches the table "
+           "and a stale IsRunning read leaves a blocked target with the IPI pending",
+           "navic.hv.svm:SvmVendor.__init__", "stuck", _make_erratum1235_ipiv_on,
+           commit="8de4a1c8164e5b2e40d1df764840a31de983f40b",
+           subject="KVM: SVM: Disable (x2)AVIC IPI virtualization if CPU has erratum #1235",
+           source="kvm-x86 'applied' mail ([18/62], github.com/kvm-x86/linux/commit/8de4a1c8164e) and "
+                  "a shortlog with the full id (code index); digest §8",
+           scenario="examples/corpus/erratum1235-ipiv-auto.toml"),
+    Mutant("l", "pir-sync-apicv-only",
+           "PIR -> IRR only while APICv is active: an interrupt posted just before APICv is "
+           "inhibited stays in the PIR",
+           "navic.hv.vmx:VmxVendor.sync_pir_to_irr", "lost", _make_pir_sync_apicv_only,
+           commit="37c4dbf337c5c2cdb24365ffae6ed70ac1e74d7a",
+           subject="KVM: x86: check PIR even for vCPUs with disabled APICv",
+           source="kvm@vger.kernel.org / stable: [PATCH] by Paolo Bonzini, 2021-11-17 (message and "
+                  "diff of x86.c) and a shortlog with the full id (code index)",
+           scenario="examples/corpus/vmx-pir-inhibit.toml"),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 
