@@ -282,18 +282,6 @@ def _make_erratum1235_ipiv_on(orig: Any) -> Any:
     return __init__
 
 
-# --- (l) PIR -> IRR only while APICv is active -----------------------------------------------------
-def _make_pir_sync_apicv_only(orig: Any) -> Any:
-    def sync_pir_to_irr(self: Any, vcpu: Any) -> int:
-        if not vcpu.apicv_active:
-            # BUG (before 37c4dbf337c5): `if (kvm_vcpu_apicv_active(vcpu)) sync_pir_to_irr()`:
-            # a posted interrupt left in the PIR when APICv went off stays there.
-            return int(vcpu.apic.highest_irr())
-        return int(orig(self, vcpu))
-
-    return sync_pir_to_irr
-
-
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
@@ -361,15 +349,6 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            source="kvm-x86 'applied' mail ([18/62], github.com/kvm-x86/linux/commit/8de4a1c8164e) and "
                   "a shortlog with the full id (code index); digest §8",
            scenario="examples/corpus/erratum1235-ipiv-auto.toml"),
-    Mutant("l", "pir-sync-apicv-only",
-           "PIR -> IRR only while APICv is active: an interrupt posted just before APICv is "
-           "inhibited stays in the PIR",
-           "navic.hv.vmx:VmxVendor.sync_pir_to_irr", "lost", _make_pir_sync_apicv_only,
-           commit="37c4dbf337c5c2cdb24365ffae6ed70ac1e74d7a",
-           subject="KVM: x86: check PIR even for vCPUs with disabled APICv",
-           source="kvm@vger.kernel.org / stable: [PATCH] by Paolo Bonzini, 2021-11-17 (message and "
-                  "diff of x86.c) and a shortlog with the full id (code index)",
-           scenario="examples/corpus/vmx-pir-inhibit.toml"),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 
