@@ -33,9 +33,11 @@ f         ``dummy-all-invalid`` — the ``dummy`` design fills its physical ID t
           (APM; digest §3.3), so every L2 target is skipped silently (lost / stuck).
 ========  ==============================================================================
 
-Mutants ``g``–``n`` are the *regression corpus*: each one is the pre-fix behaviour of a real
-upstream KVM fix (``commit`` and ``subject`` name it; ``source`` says where the commit was read),
-with a scenario under ``examples/corpus/`` that exercises it. ``navic mutants`` lists them all;
+Mutants ``g``–``l`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
+a real upstream KVM fix (``commit`` and ``subject`` name it; for ``b``, whose fix is a revert
+whose id was not found, ``introduced`` names the commit that brought the bug in; ``source`` says
+where the commit was read), with a scenario that exercises it (``examples/corpus/`` or an
+existing example) and the bound within which the explorer finds it. ``navic mutants`` lists them all;
 docs/verification.md "Regression corpus" has the table of how each is found.
 """
 
@@ -62,6 +64,8 @@ class Mutant:
     source: str = ""     # where the commit (id, subject, diff or message) was read
     scenario: str = ""   # the scenario that exercises it (path from the repository root)
     design: str | None = None   # the nested design to explore it under, if any
+    introduced: str = ""   # upstream commit that introduced the bug (when the fix's id is unknown)
+    bound: int = 1         # the preemption bound within which the explorer finds it
 
 
 # --- (a) L0 block path reads vIRR before clearing IsRunning ------------------------------------
@@ -282,13 +286,38 @@ def _make_erratum1235_ipiv_on(orig: Any) -> Any:
     return __init__
 
 
+# --- (l) ID 1: wake the targets, nothing else ------------------------------------------------------
+def _make_id1_wake_only(orig: Any) -> Any:
+    def kick_target_vcpus(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+        # BUG (before 66fa226c131f): avic_kick_target_vcpus() only kvm_vcpu_wake_up()s each match;
+        # a target whose AVIC is off (here: an L1 vCPU running L2) gets no KVM_REQ_EVENT and no
+        # kick, so the IRR bit the hardware set is not noticed while it stays in the guest.
+        from navic.apic import dest as apic_dest
+
+        n = 0
+        for v in self.kvm.vcpus:
+            if apic_dest.match_dest(v.apic, src.apic, icr):
+                yield 0
+                self.kvm.kvm_vcpu_wake_up(v)
+                n += 1
+        return n
+
+    return kick_target_vcpus
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
            "navic.hv.kvm:Kvm.kvm_vcpu_block", "stuck", _make_block_reads_virr_first),
     Mutant("b", "id1-sets-irr-again",
            "AVIC_INCOMPLETE_IPI ID-1 handler sets IRR again (emulates the IPI): duplicate delivery",
-           "navic.hv.avic:AvicVm.kick_target_vcpus", "duplicated", _make_id1_sets_irr_again),
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "duplicated", _make_id1_sets_irr_again,
+           introduced="bb218fbcfaaa3b115d4cd7a43c0ca164f3a96e57",
+           subject="svm: Fix AVIC incomplete IPI emulation",
+           source="kvm@vger.kernel.org: [PATCH] Revert \"svm: Fix AVIC incomplete IPI emulation\" "
+                  "(Suravee Suthikulpanit: \"This reverts commit bb218fbcfaaa... could potentially "
+                  "cause an extra IPI\"), mailing-list digest in the code index; digest [HIST-BB218]",
+           scenario="examples/explore-pingpong-zen4.toml", bound=4),
     Mutant("c", "dummy-no-doorbell",
            "dummy design: L0's emulated L2 IPI forgets the doorbell/wake of a target L1 says is running",
            "navic.hv.nested.dummy:DummyDesign.__init__", "lost", _make_dummy_no_doorbell),
@@ -349,6 +378,16 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            source="kvm-x86 'applied' mail ([18/62], github.com/kvm-x86/linux/commit/8de4a1c8164e) and "
                   "a shortlog with the full id (code index); digest §8",
            scenario="examples/corpus/erratum1235-ipiv-auto.toml"),
+    Mutant("l", "id1-wake-only",
+           "AVIC_INCOMPLETE_IPI ID 1 only wakes the targets: one whose AVIC is off (an L1 vCPU "
+           "running L2) is neither kicked nor given KVM_REQ_EVENT",
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "lost", _make_id1_wake_only,
+           commit="66fa226c131fb89287f8f7d004a46e39a859fbf6",
+           subject="KVM: SVM: fix race between interrupt delivery and AVIC inhibition",
+           source="kvm@vger.kernel.org [PATCH RESEND 10/30] (Maxim Levitsky, 2022-02-07; message and "
+                  "diff: avic_kick_target_vcpus() went from kvm_vcpu_wake_up() to "
+                  "svm_complete_interrupt_delivery()) and kvm.git post-receive log with the full id",
+           scenario="examples/explore-nested-spin.toml", design="none"),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 

@@ -20,7 +20,8 @@ def rows() -> list[dict[str, object]]:
 
     return [{"name": m.name, "alias": m.alias, "expect": m.expect, "target": m.target,
              "description": m.description, "commit": m.commit or None, "subject": m.subject or None,
-             "source": m.source or None, "scenario": m.scenario or None, "design": m.design}
+             "source": m.source or None, "scenario": m.scenario or None, "design": m.design,
+             "introduced": m.introduced or None, "bound": m.bound}
             for m in MUTANTS.values()]
 
 
@@ -37,7 +38,12 @@ def mutants_cmd(as_json: bool) -> None:
     for col in ("name", "alias", "expect", "upstream fix", "bug", "scenario"):
         table.add_column(col, overflow="fold")
     for r in data:
-        fix = f"{str(r['commit'])[:12]} {r['subject']}" if r["commit"] else "-"
+        if r["commit"]:
+            fix = f"{str(r['commit'])[:12]} {r['subject']}"
+        elif r["introduced"]:
+            fix = f"bug introduced by {str(r['introduced'])[:12]} {r['subject']} (fixed by its revert)"
+        else:
+            fix = "-"
         table.add_row(str(r["name"]), str(r["alias"]), str(r["expect"]), fix, str(r["description"]),
                       str(r["scenario"] or "-"))
     Console(width=200).print(table)
