@@ -31,6 +31,22 @@ e         ``vmrun-no-l2-eval`` — nested VMRUN with AVIC on in vmcb02 does not 
 f         ``dummy-all-invalid`` — the ``dummy`` design fills its physical ID table with
           *invalid* entries: a broadcast/shorthand IPI skips invalid entries without an exit
           (APM; digest §3.3), so every L2 target is skipped silently (lost / stuck).
+g         ``invalid-target-dropped`` — AVIC_INCOMPLETE_IPI ID 2 (invalid target) is ignored
+          (before 5aede752a839): the hardware exits before delivering to anyone, so a logical
+          multicast that names one unused logical ID is lost for its valid targets (lost).
+h         ``x2apic-logical-kick-bitmap`` — avic_kick_target_vcpus_fast takes the x2APIC logical
+          bitmap from ICRH[31:16] (603ccef42ce9 .. da3fb46d226a): for cluster 0 the bitmap is 0
+          and nobody is kicked; a blocked target keeps the IRR bit the hardware set (stuck).
+i         ``kick-broadcast-first-only`` — the kick fast path before 603ccef42ce9 (issue 1): a
+          physical broadcast without shorthand kicks only the target the exit's index names.
+j         ``kick-logical-first-only`` — the same fast path (issue 2): an xAPIC logical multicast
+          kicks only the vCPU of the logical-table entry the exit's index names.
+k         ``erratum1235-ipiv-on`` — enable_ipiv is not forced off on erratum-1235 parts (before
+          8de4a1c8164e): IsRunning = 1 reaches the table and the erratum's stale read leaves a
+          blocked target with the IPI pending (stuck).
+l         ``id1-wake-only`` — avic_kick_target_vcpus() only wakes the targets (before
+          66fa226c131f): an L1 vCPU running L2 (its AVIC off) is not kicked out to take the
+          interrupt L1's KVM sent it (lost).
 ========  ==============================================================================
 
 Mutants ``g``–``l`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
