@@ -31,7 +31,30 @@ e         ``vmrun-no-l2-eval`` — nested VMRUN with AVIC on in vmcb02 does not 
 f         ``dummy-all-invalid`` — the ``dummy`` design fills its physical ID table with
           *invalid* entries: a broadcast/shorthand IPI skips invalid entries without an exit
           (APM; digest §3.3), so every L2 target is skipped silently (lost / stuck).
+g         ``invalid-target-dropped`` — AVIC_INCOMPLETE_IPI ID 2 (invalid target) is ignored
+          (before 5aede752a839): the hardware exits before delivering to anyone, so a logical
+          multicast that names one unused logical ID is lost for its valid targets (lost).
+h         ``x2apic-logical-kick-bitmap`` — avic_kick_target_vcpus_fast takes the x2APIC logical
+          bitmap from ICRH[31:16] (603ccef42ce9 .. da3fb46d226a): for cluster 0 the bitmap is 0
+          and nobody is kicked; a blocked target keeps the IRR bit the hardware set (stuck).
+i         ``kick-broadcast-first-only`` — the kick fast path before 603ccef42ce9 (issue 1): a
+          physical broadcast without shorthand kicks only the target the exit's index names.
+j         ``kick-logical-first-only`` — the same fast path (issue 2): an xAPIC logical multicast
+          kicks only the vCPU of the logical-table entry the exit's index names.
+k         ``erratum1235-ipiv-on`` — enable_ipiv is not forced off on erratum-1235 parts (before
+          8de4a1c8164e): IsRunning = 1 reaches the table and the erratum's stale read leaves a
+          blocked target with the IPI pending (stuck).
+l         ``id1-wake-only`` — avic_kick_target_vcpus() only wakes the targets (before
+          66fa226c131f): an L1 vCPU running L2 (its AVIC off) is not kicked out to take the
+          interrupt L1's KVM sent it (lost).
 ========  ==============================================================================
+
+Mutants ``g``–``l`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
+a real upstream KVM fix (``commit`` and ``subject`` name it; for ``b``, whose fix is a revert
+whose id was not found, ``introduced`` names the commit that brought the bug in; ``source`` says
+where the commit was read), with a scenario that exercises it (``examples/corpus/`` or an
+existing example) and the bound within which the explorer finds it. ``navic mutants`` lists them all;
+docs/verification.md "Regression corpus" has the table of how each is found.
 """
 
 from __future__ import annotations
@@ -52,6 +75,13 @@ class Mutant:
     target: str          # "module:Class.method"
     expect: str          # the violation kind it should produce
     make: Callable[[Any], Any]   # original method -> replacement
+    commit: str = ""     # upstream fix (12+ hex digits) whose pre-fix behaviour this is
+    subject: str = ""    # that commit's subject line
+    source: str = ""     # where the commit (id, subject, diff or message) was read
+    scenario: str = ""   # the scenario that exercises it (path from the repository root)
+    design: str | None = None   # the nested design to explore it under, if any
+    introduced: str = ""   # upstream commit that introduced the bug (when the fix's id is unknown)
+    bound: int = 1         # the preemption bound within which the explorer finds it
 
 
 # --- (a) L0 block path reads vIRR before clearing IsRunning ------------------------------------
@@ -168,13 +198,142 @@ def _make_dummy_all_invalid(orig: Any) -> Any:
     return __init__
 
 
+# =================================================================================================
+# Regression corpus: the pre-fix behaviour of real upstream KVM fixes.
+# =================================================================================================
+
+# --- (g) AVIC_INCOMPLETE_IPI ID 2 (invalid target) ignored ---------------------------------------
+def _make_invalid_target_dropped(orig: Any) -> Any:
+    """``_handlers`` is SvmVendor's exit dispatch table: replace the AVIC_INCOMPLETE_IPI entry."""
+    from navic.hw import avic as A
+    from navic.hw import vmcb as V
+
+    handle = orig[V.SVM_EXIT_AVIC_INCOMPLETE_IPI]
+
+    def _exit_incomplete_ipi(self: Any, vcpu: Any) -> Gen:
+        if vcpu.vmcb.exit_info_2 >> 32 == A.AVIC_IPI_FAILURE_INVALID_TARGET:
+            # BUG (before 5aede752a839): `case AVIC_IPI_FAILURE_INVALID_TARGET: break;` — the
+            # hardware exits *before* delivering to the valid targets, so they never get it.
+            self.kvm.rec.count("avic_incomplete_ipi_id2")
+            yield self.kvm.costs.AVIC_INCOMPLETE_IPI
+            return "continue"
+        return (yield from handle(self, vcpu))
+
+    return dict(orig) | {V.SVM_EXIT_AVIC_INCOMPLETE_IPI: _exit_incomplete_ipi}
+
+
+# --- (h) avic_kick_target_vcpus_fast: x2APIC logical bitmap taken from ICRH[31:16] -----------------
+def _make_x2apic_logical_kick_bitmap(orig: Any) -> Any:
+    def kick_target_vcpus(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+        if icr.shorthand == 0 and icr.dest_mode == 1 and src.apic.mode == "x2apic" \
+                and icr.dest != 0xFFFFFFFF:
+            # BUG (603ccef42ce9 .. da3fb46d226a): `bitmap = dest & 0xFFFF0000` is the cluster, not
+            # the member bits; for cluster 0 it is 0 and the fast path returns 0 ("nobody to send
+            # the logical interrupt to"): no target is kicked.
+            bitmap = icr.dest & 0xFFFF0000
+            if not bitmap:
+                return 0
+        return (yield from orig(self, src, icr, index))
+
+    return kick_target_vcpus
+
+
+# --- (i), (j) avic_kick_target_vcpus_fast before 603ccef42ce9: only the reported index is kicked ---
+def _kick_only_index(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+    """The fast path before 603ccef42ce9: the vCPU named by the exit's index (physical: the APIC
+    ID; xAPIC logical: the guest physical ID in that logical-table entry), kicked if it matches
+    the destination — and nothing else, whatever the destination covers."""
+    kvm = self.kvm
+    if icr.dest_mode == 0:
+        apic_id = index
+    else:
+        from navic.hw import avic as A
+
+        entry = self.mem.read32(self.logical_table_hpa + 4 * index)
+        apic_id = entry & A.LOG_GUEST_PHYS_ID_MASK
+    target = kvm.vcpu_by_id.get(apic_id)
+    if target is None:
+        return -1
+    from navic.apic import dest as apic_dest
+
+    if not apic_dest.match_dest(target.apic, src.apic, icr):
+        return -1
+    yield 0
+    kvm.vendor.complete_interrupt_delivery(target, from_vcpu=src)
+    return 1
+
+
+def _make_kick_broadcast_first_only(orig: Any) -> Any:
+    def kick_target_vcpus(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+        if icr.shorthand == 0 and icr.dest_mode == 0 and icr.dest in (0xFF, 0xFFFFFFFF):
+            # BUG (before 603ccef42ce9, issue 1): a physical broadcast without shorthand takes the
+            # fast path, which kicks only the first not-running target the exit reports.
+            n = yield from _kick_only_index(self, src, icr, index)
+            if n >= 0:
+                return n
+        return (yield from orig(self, src, icr, index))
+
+    return kick_target_vcpus
+
+
+def _make_kick_logical_first_only(orig: Any) -> Any:
+    def kick_target_vcpus(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+        if icr.shorthand == 0 and icr.dest_mode == 1 and src.apic.mode == "xapic":
+            # BUG (before 603ccef42ce9, issue 2): a logical multicast takes the fast path, which
+            # kicks only the vCPU of the logical-table entry the exit reports (the first one).
+            n = yield from _kick_only_index(self, src, icr, index)
+            if n >= 0:
+                return n
+        return (yield from orig(self, src, icr, index))
+
+    return kick_target_vcpus
+
+
+# --- (k) IPI virtualisation left on on erratum-1235 parts ------------------------------------------
+def _make_erratum1235_ipiv_on(orig: Any) -> Any:
+    def __init__(self: Any, kvm: Any, host: Any, silicon: Any, features: Any) -> None:
+        orig(self, kvm, host, silicon, features)
+        # BUG (before 8de4a1c8164e): avic_hardware_setup() does not force enable_ipiv off on
+        # family 17h, so IsRunning = 1 reaches the hardware table and erratum 1235 bites.
+        if host.l0.ipiv == "auto":
+            self.enable_ipiv = True
+            self.avic.enable_ipiv = True
+
+    return __init__
+
+
+# --- (l) ID 1: wake the targets, nothing else ------------------------------------------------------
+def _make_id1_wake_only(orig: Any) -> Any:
+    def kick_target_vcpus(self: Any, src: Any, icr: Any, index: int) -> Generator[Any, Any, int]:
+        # BUG (before 66fa226c131f): avic_kick_target_vcpus() only kvm_vcpu_wake_up()s each match;
+        # a target whose AVIC is off (here: an L1 vCPU running L2) gets no KVM_REQ_EVENT and no
+        # kick, so the IRR bit the hardware set is not noticed while it stays in the guest.
+        from navic.apic import dest as apic_dest
+
+        n = 0
+        for v in self.kvm.vcpus:
+            if apic_dest.match_dest(v.apic, src.apic, icr):
+                yield 0
+                self.kvm.kvm_vcpu_wake_up(v)
+                n += 1
+        return n
+
+    return kick_target_vcpus
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
            "navic.hv.kvm:Kvm.kvm_vcpu_block", "stuck", _make_block_reads_virr_first),
     Mutant("b", "id1-sets-irr-again",
            "AVIC_INCOMPLETE_IPI ID-1 handler sets IRR again (emulates the IPI): duplicate delivery",
-           "navic.hv.avic:AvicVm.kick_target_vcpus", "duplicated", _make_id1_sets_irr_again),
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "duplicated", _make_id1_sets_irr_again,
+           introduced="bb218fbcfaaa3b115d4cd7a43c0ca164f3a96e57",
+           subject="svm: Fix AVIC incomplete IPI emulation",
+           source="kvm@vger.kernel.org: [PATCH] Revert \"svm: Fix AVIC incomplete IPI emulation\" "
+                  "(Suravee Suthikulpanit: \"This reverts commit bb218fbcfaaa... could potentially "
+                  "cause an extra IPI\"), mailing-list digest in the code index; digest [HIST-BB218]",
+           scenario="examples/explore-pingpong-zen4.toml", bound=4),
     Mutant("c", "dummy-no-doorbell",
            "dummy design: L0's emulated L2 IPI forgets the doorbell/wake of a target L1 says is running",
            "navic.hv.nested.dummy:DummyDesign.__init__", "lost", _make_dummy_no_doorbell),
@@ -187,6 +346,64 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("f", "dummy-all-invalid",
            "dummy design: an all-invalid dummy table; broadcasts skip every L2 target silently",
            "navic.hv.nested.dummy:DummyDesign.__init__", "lost", _make_dummy_all_invalid),
+    # -- the regression corpus ----------------------------------------------------------------
+    Mutant("g", "invalid-target-dropped",
+           "AVIC_INCOMPLETE_IPI ID 2 (invalid target) is ignored: a logical multicast naming one "
+           "unused logical ID is lost for its valid targets too",
+           "navic.hv.svm:SvmVendor._handlers", "lost", _make_invalid_target_dropped,
+           commit="5aede752a839904059c2b5d68be0dc4501c6c15f",
+           subject="KVM: SVM: Process ICR on AVIC IPI delivery failure due to invalid target",
+           source="stable@vger.kernel.org FAILED-patch mail for 5.4.y quoting the commit in Linus's "
+                  "tree (message and diff), code index",
+           scenario="examples/corpus/avic-invalid-target.toml"),
+    Mutant("h", "x2apic-logical-kick-bitmap",
+           "avic_kick_target_vcpus_fast takes the x2APIC logical bitmap from ICRH[31:16]: a "
+           "cluster-0 logical IPI to a blocked vCPU kicks nobody",
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "stuck", _make_x2apic_logical_kick_bitmap,
+           commit="da3fb46d226a",
+           subject="KVM: SVM: Fix x2APIC Logical ID calculation for avic_kick_target_vcpus_fast",
+           source="kvm@vger.kernel.org: [PATCH v5 13/33] (diff `bitmap = dest & 0xFFFF0000` -> "
+                  "`dest & 0xFFFF`, Fixes: 603ccef42ce9) and Sean's reply naming the commit "
+                  "da3fb46d226a in Paolo's tree; kvm.git shortlog (da3fb46d226a3e..., code index)",
+           scenario="examples/corpus/x2avic-logical-kick.toml"),
+    Mutant("i", "kick-broadcast-first-only",
+           "before the fast-path fix, a physical broadcast (dest 0xFF, no shorthand) after an ID-1 "
+           "exit kicks only the target the exit's index names",
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "stuck", _make_kick_broadcast_first_only,
+           commit="603ccef42ce9f07840cf4c0448f3261413460b07",
+           subject="KVM: x86: SVM: fix avic_kick_target_vcpus_fast",
+           source="kvm@vger.kernel.org [PATCH 4/7] (Maxim Levitsky, 2022-06-06: \"There are two issues "
+                  "... 1. ... physical destination of 0xFF ... must be a broadcast\") and kvm.git "
+                  "post-receive log with the full id (code index)",
+           scenario="examples/corpus/avic-broadcast-kick.toml"),
+    Mutant("j", "kick-logical-first-only",
+           "before the fast-path fix, an xAPIC logical multicast after an ID-1 exit kicks only the "
+           "vCPU of the logical-table entry the exit's index names",
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "stuck", _make_kick_logical_first_only,
+           commit="603ccef42ce9f07840cf4c0448f3261413460b07",
+           subject="KVM: x86: SVM: fix avic_kick_target_vcpus_fast",
+           source="as for i (issue 2 of the same commit: \"a logical IPI request to more than one "
+                  "target. Index field only provides index ... of first such target\")",
+           scenario="examples/corpus/avic-logical-multicast-kick.toml"),
+    Mutant("k", "erratum1235-ipiv-on",
+           "enable_ipiv is not forced off on erratum-1235 parts: IsRunning = 1 reaches the table "
+           "and a stale IsRunning read leaves a blocked target with the IPI pending",
+           "navic.hv.svm:SvmVendor.__init__", "stuck", _make_erratum1235_ipiv_on,
+           commit="8de4a1c8164e5b2e40d1df764840a31de983f40b",
+           subject="KVM: SVM: Disable (x2)AVIC IPI virtualization if CPU has erratum #1235",
+           source="kvm-x86 'applied' mail ([18/62], github.com/kvm-x86/linux/commit/8de4a1c8164e) and "
+                  "a shortlog with the full id (code index); digest §8",
+           scenario="examples/corpus/erratum1235-ipiv-auto.toml"),
+    Mutant("l", "id1-wake-only",
+           "AVIC_INCOMPLETE_IPI ID 1 only wakes the targets: one whose AVIC is off (an L1 vCPU "
+           "running L2) is neither kicked nor given KVM_REQ_EVENT",
+           "navic.hv.avic:AvicVm.kick_target_vcpus", "lost", _make_id1_wake_only,
+           commit="66fa226c131fb89287f8f7d004a46e39a859fbf6",
+           subject="KVM: SVM: fix race between interrupt delivery and AVIC inhibition",
+           source="kvm@vger.kernel.org [PATCH RESEND 10/30] (Maxim Levitsky, 2022-02-07; message and "
+                  "diff: avic_kick_target_vcpus() went from kvm_vcpu_wake_up() to "
+                  "svm_complete_interrupt_delivery()) and kvm.git post-receive log with the full id",
+           scenario="examples/explore-nested-spin.toml", design="none"),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 
