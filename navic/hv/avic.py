@@ -129,13 +129,15 @@ class AvicVm:
         self.kvm.vendor.recalc_logical_aliasing()
 
     def handle_dfr_update(self, vcpu: Vcpu) -> None:
+        """avic_handle_dfr_update(): invalidate the entry the old (LDR, DFR) pair selected and note
+        the new DFR — nothing more. ``ldr_reg`` keeps the old LDR, so the entry stays invalid until
+        the guest writes an LDR that differs from it (avic_handle_ldr_update returns early on an
+        unchanged LDR); until then logical IPIs to it exit (ID 2) and are emulated."""
         dfr = vcpu.apic.read_reg(APIC_DFR)
         if dfr == vcpu.dfr_reg:
             return
         self.invalidate_logical(vcpu)
         vcpu.dfr_reg = dfr
-        vcpu.ldr_reg = 0
-        self.handle_ldr_update(vcpu)
 
     # -- AVIC_INCOMPLETE_IPI, ID 1: avic_kick_target_vcpus ------------------------------------
     def kick_target_vcpus(self, src: Vcpu, icr: Icr, index: int) -> Generator[Any, Any, int]:

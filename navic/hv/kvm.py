@@ -197,15 +197,19 @@ class Kvm:
             self.kvm_vcpu_kick_no_wakeup(v)
 
     def recalc_apic_map(self) -> None:
-        """kvm_recalculate_apic_map(): physical IDs must be 1:1 with vCPUs for APICv."""
+        """kvm_recalculate_apic_map(): physical IDs must be 1:1 with vCPUs for APICv, and an xAPIC
+        ID that differs from the vCPU ID (``xapic_id_mismatch``) raises APIC_ID_MODIFIED — which is
+        cleared again once every xAPIC ID matches ("KVM: x86: Allow APICv APIC ID inhibit to be
+        cleared", 2023; see docs/model.md "APIC ID inhibit")."""
         ids = [v.apic.apic_id for v in self.vcpus]
         if len(set(ids)) != len(ids):
             self.set_apicv_inhibit("PHYSICAL_ID_ALIASED")
         else:
             self.clear_apicv_inhibit("PHYSICAL_ID_ALIASED")
-        for v in self.vcpus:
-            if v.apic.mode == "xapic" and v.apic.apic_id != (v.vcpu_id & 0xFF):
-                self.set_apicv_inhibit("APIC_ID_MODIFIED")
+        if any(v.apic.mode == "xapic" and v.apic.apic_id != (v.vcpu_id & 0xFF) for v in self.vcpus):
+            self.set_apicv_inhibit("APIC_ID_MODIFIED")
+        else:
+            self.clear_apicv_inhibit("APIC_ID_MODIFIED")
         self.vendor.recalc_logical_aliasing()
 
     # -- vCPU thread: vcpu_run() -----------------------------------------------------------

@@ -17,8 +17,12 @@ from navic.apic.registers import (
     APIC_ICR2,
     APIC_ID,
     APIC_LDR,
+    APIC_RRR,
+    APIC_TMCCT,
     MSR_IA32_APICBASE,
     MSR_IA32_TSC_DEADLINE,
+    X2APIC_MSR_BASE,
+    X2APIC_READABLE,
 )
 from navic.hv.avic import AvicVm
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
@@ -34,8 +38,11 @@ if TYPE_CHECKING:
 Gen = Generator[Any, Any, Any]
 
 X2APIC_MSRS = range(0x800, 0x900)
-# x2AVIC: writes KVM lets through (TPR, EOI, ICR, SELF_IPI); reads of every readable register.
+# x2AVIC (avic_set_x2apic_msr_interception): writes KVM lets through (TPR, EOI, ICR, SELF_IPI); reads
+# of the registers in kvm_x2apic_disable_read_intercept_reg_mask() — every readable register except
+# TMCCT, whose current count only KVM's timer emulation knows (the backing page holds no live count).
 X2AVIC_PASSTHROUGH_WRITES = frozenset({0x808, 0x80B, 0x830, 0x83F})
+X2AVIC_PASSTHROUGH_READS = frozenset(X2APIC_MSR_BASE + (off >> 4) for off in X2APIC_READABLE if off != APIC_TMCCT)
 LVTT_MSR = 0x832
 
 
@@ -48,7 +55,8 @@ def _msr_intercepts(*, doorbell: bool, x2avic: bool) -> tuple[frozenset[int], fr
 
     APIC_BASE and TSC_DEADLINE always exit, LVTT writes too; ``doorbell``: nested doorbell
     emulation (writes to the AVIC doorbell MSR exit); ``x2avic``: x2AVIC active for an x2APIC
-    guest, only the writes it does not accelerate exit; otherwise (APICv off, or hybrid AVIC:
+    guest, only the writes it does not accelerate exit, and reads of TMCCT and of non-readable
+    registers (:data:`X2AVIC_PASSTHROUGH_READS`); otherwise (APICv off, or hybrid AVIC:
     AVIC without x2AVIC) every x2APIC MSR exits."""
     key = (doorbell, x2avic)
     pol = _MSR_POLICIES.get(key)
@@ -58,6 +66,7 @@ def _msr_intercepts(*, doorbell: bool, x2avic: bool) -> tuple[frozenset[int], fr
         if doorbell:
             wr.add(A.MSR_AMD64_SVM_AVIC_DOORBELL)
         if x2avic:
+            rd |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_READS
             wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
         else:
             rd |= set(X2APIC_MSRS)
@@ -395,8 +404,7 @@ class SvmVendor:
 
     def _after_apic_write(self, vcpu: Vcpu, off: int, old_id: int) -> None:
         if off == APIC_ID and vcpu.apic.read_reg(APIC_ID) != old_id:
-            self.kvm.set_apicv_inhibit("APIC_ID_MODIFIED")
-            self.kvm.recalc_apic_map()
+            self.kvm.recalc_apic_map()   # raises or clears APIC_ID_MODIFIED
         elif off in (APIC_LDR, APIC_DFR):
             self.kvm.recalc_apic_map()
 
@@ -414,19 +422,19 @@ class SvmVendor:
         a = vcpu.apic
         if A.kvm_is_trap_offset(off, self.features.ext_lvt_avic_access_chg) and vcpu.ctx.exit_insn is None:
             yield kvm.costs.AVIC_NOACCEL_TRAP
+            if off == APIC_RRR:
+                return "continue"   # avic_unaccel_trap_write(): "Ignore writes to Read Remote Data"
             if off == APIC_LDR:
                 self.avic.handle_ldr_update(vcpu)
             elif off == APIC_DFR:
                 self.avic.handle_dfr_update(vcpu)
-            old_id = vcpu.vcpu_id if off == APIC_ID else 0
             value = a.regs[off >> 2]
             if off == APIC_ICR:
                 a.write_reg(APIC_ICR2, a.regs[APIC_ICR2 >> 2])
             # kvm_apic_write_nodecode(): replay the value already in the page.
             a.write_reg(off, value)
-            if off == APIC_ID and (a.read_reg(APIC_ID) >> 24) != (old_id & 0xFF):
-                kvm.set_apicv_inhibit("APIC_ID_MODIFIED")
-                kvm.recalc_apic_map()
+            if off == APIC_ID:
+                kvm.recalc_apic_map()   # raises or clears APIC_ID_MODIFIED
             elif off in (APIC_LDR, APIC_DFR):
                 kvm.recalc_apic_map()
             return "continue"

@@ -439,8 +439,7 @@ class VmxVendor:
 
     def _after_apic_write(self, vcpu: Vcpu, off: int, old_id: int) -> None:
         if off == APIC_ID and vcpu.apic.read_reg(APIC_ID) != old_id:
-            self.kvm.set_apicv_inhibit("APIC_ID_MODIFIED")
-            self.kvm.recalc_apic_map()
+            self.kvm.recalc_apic_map()   # raises or clears APIC_ID_MODIFIED
         elif off in (APIC_LDR, APIC_DFR):
             self.kvm.recalc_apic_map()
 
