@@ -31,6 +31,7 @@ class L0Config:
     force_avic: bool = False
     ipiv: str | bool = "auto"
     halt_poll_ns: int = 200_000
+    halt_poll_ns_shrink: int = 2
     timeslice_us: int = 3_000
     errata: str | tuple[str, ...] = "auto"
     nested_apicv: str = "none"

@@ -481,6 +481,8 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
         Key("force_avic", Bool(), doc="kvm_amd force_avic; default false"),
         Key("ipiv", Choice(("auto", True, False)), doc='kvm_intel enable_ipiv: "auto", true, false'),
         Key("halt_poll_ns", Int(0, 10**10), doc="halt_poll_ns; default 200000"),
+        Key("halt_poll_ns_shrink", Int(0, 1000),
+            doc="kvm halt_poll_ns_shrink: divisor of a shrinking poll window, 0 resets it; default 2"),
         Key("timeslice_us", Int(1, 10**9), doc="L0 scheduler slice; default 3000"),
         Key("errata", Errata(), doc='"auto" or a list of erratum numbers as strings'),
         Key("nested_apicv", Choice(NESTED_APICV), doc='"none", "shadow" or "dummy"; default "none"'),

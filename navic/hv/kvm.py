@@ -45,6 +45,10 @@ KIND_BY_MODE = {DM_FIXED: "fixed", DM_LOWEST: "lowest", DM_SMI: "smi", DM_NMI: "
 
 Gen = Generator[Any, Any, Any]
 
+# kvm_main.c halt_poll_ns_grow_start (10 µs): the first grown poll window, and the floor below which
+# a shrunk window drops to 0.
+HALT_POLL_NS_GROW_START = 10_000
+
 
 def drain(gen: Gen) -> Any:
     """Run a step generator to completion at once (for callback contexts such as timer or
@@ -368,11 +372,20 @@ class Kvm:
             if halt_ns <= vcpu.halt_poll_ns:
                 pass
             elif vcpu.halt_poll_ns and halt_ns > limit:
-                vcpu.halt_poll_ns = 0
+                self.shrink_halt_poll_ns(vcpu)
             elif vcpu.halt_poll_ns < limit and halt_ns < limit:
-                vcpu.halt_poll_ns = min(limit, max(10_000, vcpu.halt_poll_ns * 2))
+                vcpu.halt_poll_ns = min(limit, max(HALT_POLL_NS_GROW_START, vcpu.halt_poll_ns * 2))
         else:
             vcpu.halt_poll_ns = 0
+
+    def shrink_halt_poll_ns(self, vcpu: Vcpu) -> None:
+        """kvm_main.c shrink_halt_poll_ns(): divide by ``halt_poll_ns_shrink`` (0: reset to 0) and
+        drop to 0 below ``halt_poll_ns_grow_start`` (Sergey Senozhatsky, 2021, lore
+        20210902031100.252080-1). The module default is 2 in current kvm_main.c ("Default halves
+        per-vcpu halt_poll_ns"); older kernels had 0 ("Default resets per-vcpu halt_poll_ns")."""
+        shrink = self.host.l0.halt_poll_ns_shrink
+        val = vcpu.halt_poll_ns // shrink if shrink else 0
+        vcpu.halt_poll_ns = 0 if val < HALT_POLL_NS_GROW_START else val
 
     def kvm_vcpu_block(self, vcpu: Vcpu) -> Gen:
         self.vendor.vcpu_blocking(vcpu)   # avic_vcpu_blocking(): IsRunning <- 0

@@ -93,3 +93,32 @@ def test_rrr_write_trap_is_not_replayed(monkeypatch):
     t = traced(scenario(progs, apic="xapic", vcpus=1))
     assert t.noaccels("l1.0") == [(0xC0, True, 0)]
     assert 0xC0 not in replayed
+
+
+# -- item 4: shrink_halt_poll_ns divides by halt_poll_ns_shrink ------------------------------------
+def _halt_poll_run(l0: str):
+    """l1.1 halts for five IPIs: four after gaps of 30, 50, 90, 170 µs (each halt is longer than the
+    window and shorter than halt_poll_ns = 200 µs: it grows 10 → 20 → 40 → 80 µs), then one after a
+    400 µs gap (longer than halt_poll_ns: shrink)."""
+    ops = []
+    for v, us in enumerate((30, 50, 90, 170)):
+        ops += [f'{{ op = "compute", cycles = {us * 3000} }}', f'{{ op = "ipi", to = 1, vector = {0x40 + v:#x} }}']
+    ops += ['{ op = "compute", cycles = 1200000 }', '{ op = "ipi", to = 1, vector = 0x44 }']
+    progs = [prog(0, [STI, *ops]),
+             prog(1, [STI] + [f'{{ op = "wait", vector = {0x40 + v:#x}, how = "hlt" }}' for v in range(5)]
+                  + ['{ op = "compute", cycles = 3000000 }'])]
+    t = traced(scenario(progs, cpu="zen4", apic="x2apic", l0=l0, max_time_us=2000))
+    clean(t)
+    assert len(t.got()) == 5
+    return t.kvm.vcpus[1].halt_poll_ns
+
+
+def test_halt_poll_window_halves_after_a_long_halt():
+    """KVM default halt_poll_ns_shrink = 2: 80 µs → 40 µs (navic used to reset it to 0)."""
+    assert _halt_poll_run("") == 40_000
+
+
+def test_halt_poll_shrink_zero_resets_and_small_windows_drop_to_zero():
+    assert _halt_poll_run("halt_poll_ns_shrink = 0") == 0
+    assert _halt_poll_run("halt_poll_ns_shrink = 9") == 0     # 80 µs / 9 < halt_poll_ns_grow_start
+    assert _halt_poll_run("halt_poll_ns_shrink = 4") == 20_000
