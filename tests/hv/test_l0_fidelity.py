@@ -122,3 +122,36 @@ def test_halt_poll_shrink_zero_resets_and_small_windows_drop_to_zero():
     assert _halt_poll_run("halt_poll_ns_shrink = 0") == 0
     assert _halt_poll_run("halt_poll_ns_shrink = 9") == 0     # 80 µs / 9 < halt_poll_ns_grow_start
     assert _halt_poll_run("halt_poll_ns_shrink = 4") == 20_000
+
+
+# -- item 9: nested #VMEXIT re-activates the L1 vCPU's AVIC at once ----------------------------------
+def _nested_pingpong() -> str:
+    l2 = ('[[program]]\ncpu = "l2.0"\nops = [ { op = "sti" }, { op = "repeat", times = 5, ops = [ '
+          '{ op = "ipi", to = 1, vector = 0x40 }, { op = "wait", vector = 0x41, how = "hlt" } ] } ]\n'
+          '[[program]]\ncpu = "l2.1"\nops = [ { op = "sti" }, { op = "wait", vector = 0x40, count = 5, how = "hlt" } ]\n'
+          '[program.handlers]\n0x40 = [ { op = "ipi", to = 0, vector = 0x41 }, { op = "eoi" } ]\n')
+    return ('name = "t"\nmax_time_us = 5000\n[host]\ncpu = "zen4"\npcpus = 4\n[l0]\nnested_apicv = "shadow"\n'
+            '[l1]\nvcpus = 2\napic = "x2apic"\n[l2]\nvcpus = 2\napic = "xapic"\n' + l2)
+
+
+def test_nested_vmexit_reactivates_avic_before_returning(monkeypatch):
+    """nested_svm_vmexit() calls __kvm_vcpu_update_apicv() itself: when it returns, the L1 vCPU's
+    AVIC is active and its real physical-table entry has IsRunning = 1 (it used to wait for
+    KVM_REQ_APICV_UPDATE at the next entry)."""
+    from navic.hv.nested.core import NestedSvm
+
+    seen: list[tuple[bool, bool]] = []
+    orig = NestedSvm.nested_svm_vmexit
+
+    def wrapped(self, vcpu, code, info1, info2):
+        r = yield from orig(self, vcpu, code, info1, info2)
+        av = self.kvm.vendor.avic
+        entry = self.kvm.mem.read64(av.physical_entry_hpa(vcpu.vcpu_id))
+        seen.append((vcpu.apicv_active, bool(entry & A.PHYS_IS_RUNNING)))
+        return r
+
+    monkeypatch.setattr(NestedSvm, "nested_svm_vmexit", wrapped)
+    t = traced(_nested_pingpong())
+    assert t.result["violations"] == [] and t.result["errors"] == []
+    assert sum(d["cpu"].startswith("l2.") for d in t.result["deliveries"]) == 10
+    assert seen and all(s == (True, True) for s in seen)
