@@ -32,6 +32,7 @@ class L0Config:
     ipiv: str | bool = "auto"
     halt_poll_ns: int = 200_000
     halt_poll_ns_shrink: int = 2
+    posted_timer: bool = False
     timeslice_us: int = 3_000
     errata: str | tuple[str, ...] = "auto"
     nested_apicv: str = "none"

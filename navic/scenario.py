@@ -484,6 +484,8 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
         Key("halt_poll_ns_shrink", Int(0, 1000),
             doc="kvm halt_poll_ns_shrink: divisor of a shrinking poll window, 0 resets it; default 2"),
         Key("timeslice_us", Int(1, 10**9), doc="L0 scheduler slice; default 3000"),
+        Key("posted_timer", Bool(),
+            doc="SVM: post the APIC timer interrupt to a running vCPU (kvm_use_posted_timer_interrupt); default false"),
         Key("errata", Errata(), doc='"auto" or a list of erratum numbers as strings'),
         Key("nested_apicv", Choice(NESTED_APICV), doc='"none", "shadow" or "dummy"; default "none"'),
         Key("doorbell_strict", Bool(), doc="default true"),

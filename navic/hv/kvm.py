@@ -38,6 +38,7 @@ MODE_NAMES = {OUTSIDE_GUEST_MODE: "outside", IN_GUEST_MODE: "in_guest", EXITING_
 # Requests (KVM_REQ_*).
 REQ_EVENT = "event"
 REQ_APICV_UPDATE = "apicv_update"
+REQ_UNBLOCK = "unblock"
 
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_SIPI, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
 KIND_BY_MODE = {DM_FIXED: "fixed", DM_LOWEST: "lowest", DM_SMI: "smi", DM_NMI: "nmi",
@@ -116,6 +117,7 @@ class Vcpu:
         self.poll: Signal = kvm.engine.signal(f"{name}.poll")
         self.halt_poll_ns = 0
         self.apicv_active = False
+        self.timer_pending: int | None = None   # lapic_timer.pending: expiry time of a timer not yet injected
         self.pending_ipis: list[Icr] = []
         self.exit_insn: Any = None        # instruction a fault-style exit left for emulation
         self.nmi_injected = False
@@ -255,6 +257,8 @@ class Kvm:
         Returns None when the vCPU is IN_GUEST_MODE and must run (the caller, :meth:`vcpu_thread`,
         then runs ``vendor.run`` and :meth:`vcpu_exit`), else why it did not enter."""
         pcpu = self.host.pcpus[vcpu.cpu]   # vcpu.pcpu (it holds a CPU here) without the property call
+        if vcpu.timer_pending is not None:
+            self.kvm_inject_pending_timer_irqs(vcpu)
         if REQ_APICV_UPDATE in vcpu.requests:
             vcpu.requests.discard(REQ_APICV_UPDATE)
             self.vendor.refresh_apicv_exec_ctrl(vcpu)
@@ -338,6 +342,8 @@ class Kvm:
             return a.init_pending or a.sipi_vector is not None
         if REQ_EVENT in vcpu.requests and not vcpu.apicv_active:
             return True
+        if vcpu.timer_pending is not None:
+            return True   # kvm_vcpu_check_block(): kvm_cpu_has_pending_timer()
         sync = getattr(self.vendor, "sync_pir_to_irr", None)
         if sync is not None:
             sync(vcpu)   # kvm_apic_has_interrupt() -> sync_pir_to_irr (VMX: posted interrupts -> vIRR)
@@ -514,8 +520,41 @@ class Kvm:
         except GPFault as e:
             return Fault("#GP", str(e))
 
+    def defer_apic_timer(self, vcpu: Vcpu) -> None:
+        """apic_timer_expired(from_timer_fn = true) without a posted timer interrupt: bump
+        ``lapic_timer.pending``, KVM_REQ_UNBLOCK and kvm_vcpu_kick() — a vCPU in guest mode exits, a
+        blocked one wakes; the interrupt is injected by :meth:`kvm_inject_pending_timer_irqs` on the
+        way back into the guest."""
+        if vcpu.timer_pending is not None:
+            return   # "if (atomic_read(&apic->lapic_timer.pending)) return;"
+        vcpu.timer_pending = self.engine.now
+        vcpu.requests.add(REQ_UNBLOCK)
+        if self.trace.on:
+            self.trace.emit("navic_apic_timer_pending", pcpu=vcpu.cpu, level=self.exit_level.upper(),
+                            vcpu=vcpu.name, mode=MODE_NAMES[vcpu.mode])
+        self.kvm_vcpu_kick(vcpu)
+
+    def kvm_inject_pending_timer_irqs(self, vcpu: Vcpu) -> None:
+        """vcpu_run(): kvm_cpu_has_pending_timer() -> kvm_inject_pending_timer_irqs(): the LVT timer
+        fires into the APIC now, from the vCPU thread (svm_deliver_interrupt() finds the vCPU
+        outside guest mode: no doorbell; the next VMRUN evaluates the IRR). A timer the guest re-armed
+        or stopped meanwhile is stale and delivers nothing (__start_apic_timer() clears ``pending``).
+        Latency counts from the expiry."""
+        t_expired = vcpu.timer_pending
+        vcpu.timer_pending = None
+        vcpu.requests.discard(REQ_UNBLOCK)
+        a = vcpu.apic
+        vec = a.read_reg(0x320) & 0xFF
+        masked = a.read_reg(0x320) & (1 << 16)
+        had = a.test_irr(vec)
+        a.timer_expired()
+        if not masked and a.test_irr(vec) and not had:
+            self.rec.accepted(vcpu.name, vec, "timer", None, t_expired)
+
     def _apic_timer_expired(self, vcpu: Vcpu) -> None:
-        """apic_timer_expired() in hrtimer context: the LVT timer fires into the vCPU's APIC."""
+        """apic_timer_expired() in hrtimer context, delivering at once: the LVT timer fires into the
+        vCPU's APIC and the vendor notifies it (VMX: KVM_REQ_EVENT + kick; SVM with a posted timer
+        interrupt: a doorbell, see :meth:`navic.hv.svm.SvmVendor.apic_timer_expired`)."""
         a = vcpu.apic
         vec = a.read_reg(0x320) & 0xFF
         masked = a.read_reg(0x320) & (1 << 16)

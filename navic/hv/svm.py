@@ -95,6 +95,8 @@ class SvmVendor:
             self.enable_ipiv = bool(l0.ipiv)
         self.avic = AvicVm(kvm, features, enable_ipiv=self.enable_ipiv)
         self.nested: Any = None   # navic.hv.nested.core.NestedSvm when L1 may run L2
+        self.posted_timer = bool(l0.posted_timer)
+        kvm.apic_timer_fn = self.apic_timer_expired
 
     @staticmethod
     def _errata(l0: Any, features: Any) -> frozenset[str]:
@@ -250,6 +252,17 @@ class SvmVendor:
             self.kvm.clear_apicv_inhibit("LOGICAL_ID_ALIASED")
 
     # -- delivery ---------------------------------------------------------------------------
+    def apic_timer_expired(self, vcpu: Vcpu) -> None:
+        """lapic.c apic_timer_expired(apic, from_timer_fn = true) (the hrtimer callback). The timer
+        interrupt is posted (IRR + doorbell, no exit) only if kvm_use_posted_timer_interrupt():
+        kvm_can_post_timer_interrupt() — ``pi_inject_timer`` with HLT/MWAIT in the guest, off by
+        default ([l0] posted_timer) — and APICv active and the vCPU IN_GUEST_MODE. Otherwise (KVM's
+        default) ``pending`` + kick: an exit, and injection on the next entry (Kvm.defer_apic_timer)."""
+        if self.posted_timer and vcpu.apicv_active and vcpu.mode == IN_GUEST_MODE:
+            self.kvm._apic_timer_expired(vcpu)
+        else:
+            self.kvm.defer_apic_timer(vcpu)
+
     def complete_interrupt_delivery(self, vcpu: Vcpu, *, from_vcpu: Vcpu | None) -> None:
         """svm_complete_interrupt_delivery(): doorbell if in guest mode, else wake up; with APICv
         inactive, KVM_REQ_EVENT + kick so the entry path injects it."""

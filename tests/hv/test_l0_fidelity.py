@@ -155,3 +155,41 @@ def test_nested_vmexit_reactivates_avic_before_returning(monkeypatch):
     assert t.result["violations"] == [] and t.result["errors"] == []
     assert sum(d["cpu"].startswith("l2.") for d in t.result["deliveries"]) == 10
     assert seen and all(s == (True, True) for s in seen)
+
+
+# -- item 2: APIC timer expiry on SVM: pending + kick by default, posted only on request ---------------
+def _timer_spin(l0: str = ""):
+    """l1.0 arms a TSC-deadline timer (vector 0xE1, at TSC 300000) and spin-waits for it in the guest."""
+    progs = [prog(0, [STI, '{ op = "write", reg = "LVT_TIMER", value = 0x400E1 }',
+                      '{ op = "wrmsr", msr = 0x6E0, value = 300000 }',
+                      '{ op = "wait", vector = 0xE1, how = "spin" }'])]
+    t = traced(scenario(progs, cpu="zen4", apic="x2apic", vcpus=1, l0=l0, max_time_us=400),
+               monkeypatch=None)
+    clean(t)
+    (d,) = t.result["deliveries"]
+    assert (d["vector"], d["kind"]) == (0xE1, "timer")
+    return t, d
+
+
+def test_timer_expiry_on_svm_kicks_and_injects_at_the_next_entry():
+    """apic_timer_expired(): kvm_use_posted_timer_interrupt() is false by default (pi_inject_timer
+    needs HLT/MWAIT in the guest), so the hrtimer bumps ``pending`` and kicks: the spinning vCPU exits
+    (reschedule IPI -> #VMEXIT(INTR)) and the interrupt is injected on re-entry — no doorbell."""
+    t, d = _timer_spin()
+    assert t.counter("kicks") == 1
+    assert t.l0_exits().get("interrupt", 0) == 1
+    assert t.counter("doorbells_sent") == 0
+    pend = t.ev("navic_apic_timer_pending")
+    assert len(pend) == 1 and pend[0].fields["mode"] == "in_guest"
+    entries = [e.t for e in t.ev("kvm_entry") if e.t > pend[0].t]
+    assert entries and d["t"] >= entries[0]      # delivered only after KVM re-entered the guest
+
+
+def test_posted_timer_rings_the_doorbell_without_an_exit():
+    """[l0] posted_timer = true: kvm_use_posted_timer_interrupt() — the hrtimer sets IRR and rings the
+    doorbell of the running vCPU: no exit."""
+    t, _ = _timer_spin("posted_timer = true")
+    assert t.counter("kicks") == 0
+    assert t.l0_exits().get("interrupt", 0) == 0
+    assert t.ev("navic_apic_timer_pending") == []
+    assert t.counter("doorbells_sent") == 1
