@@ -46,6 +46,14 @@ KIND_BY_MODE = {DM_FIXED: "fixed", DM_LOWEST: "lowest", DM_SMI: "smi", DM_NMI: "
 
 Gen = Generator[Any, Any, Any]
 
+MSR_X2APIC_ICR = 0x830
+
+
+def icr_fastpath_ok(value: int) -> bool:
+    """handle_fastpath_set_x2apic_icr_irqoff(): fixed, physical, no shorthand, not broadcast."""
+    lo = value & 0xFFFFFFFF
+    return not (lo >> 18) & 3 and not (lo >> 11) & 1 and not (lo >> 8) & 7 and (value >> 32) != 0xFFFFFFFF
+
 # kvm_main.c halt_poll_ns_grow_start (10 µs): the first grown poll window, and the floor below which
 # a shrunk window drops to 0.
 HALT_POLL_NS_GROW_START = 10_000
@@ -498,6 +506,21 @@ class Kvm:
         vcpu.guest.retire(None)
         vcpu.ctx.exit_insn = None
         return "halt"
+
+    def exit_fastpath(self, vcpu: Vcpu, insn: Any, *, hlt: bool) -> bool:
+        """{svm,vmx}_exit_handlers_fastpath() for an exit of this KVM's own guest (exits from L2
+        never take it): HLT (handle_fastpath_hlt) and WRMSR (handle_fastpath_wrmsr) of the x2APIC ICR
+        when the IPI can be sent at once (handle_fastpath_set_x2apic_icr_irqoff: x2APIC mode, fixed,
+        physical, no shorthand, not broadcast) or of IA32_TSC_DEADLINE (handle_fastpath_set_tscdeadline,
+        unconditional — on AMD too — since "KVM: x86: Unconditionally handle MSR_IA32_TSC_DEADLINE in
+        fastpath exits", 2025). The exit is then handled without the full dispatch (EXIT_FASTPATH)."""
+        if hlt:
+            return True
+        if type(insn) is not isa.Wrmsr:
+            return False
+        if insn.msr == MSR_IA32_TSC_DEADLINE:
+            return True
+        return insn.msr == MSR_X2APIC_ICR and vcpu.apic.mode == "x2apic" and icr_fastpath_ok(insn.value)
 
     def kvm_apic_msr(self, vcpu: Vcpu, insn: Any) -> Any:
         """An intercepted APIC MSR access (lapic.c kvm_x2apic_msr_read/write, x86.c

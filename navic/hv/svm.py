@@ -336,7 +336,9 @@ class SvmVendor:
         if kvm.trace.on:
             kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level=kvm.exit_level.upper(), vcpu=vcpu.ctx.name,
                            reason=name, info1=vmcb.exit_info_1, info2=vmcb.exit_info_2)
-        yield kvm.costs.EXIT_DISPATCH
+        # svm_exit_handlers_fastpath() (needs next_rip: every modelled part has NRIPS).
+        fast = kvm.exit_fastpath(vcpu, vcpu.ctx.exit_insn, hlt=code == V.SVM_EXIT_HLT)
+        yield kvm.costs.EXIT_FASTPATH if fast else kvm.costs.EXIT_DISPATCH
         handler = self._handlers.get(code)
         if handler is None:
             raise RuntimeError(f"{vcpu.name}: unhandled #VMEXIT {name} ({code:#x})")

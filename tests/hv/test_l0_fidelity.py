@@ -4,6 +4,7 @@ used to model differently, naming the upstream function it follows (see docs/mod
 
 from __future__ import annotations
 
+import pytest
 from _kvm_util import prog, scenario, traced
 
 from navic.hw import avic as A
@@ -193,3 +194,36 @@ def test_posted_timer_rings_the_doorbell_without_an_exit():
     assert t.l0_exits().get("interrupt", 0) == 0
     assert t.ev("navic_apic_timer_pending") == []
     assert t.counter("doorbells_sent") == 1
+
+
+# -- item 3: the SVM exit fastpath (svm_exit_handlers_fastpath) --------------------------------------
+def _exit_to_next(t, reason: str, vcpu: str, then: str) -> list[int]:
+    """For each ``reason`` exit of ``vcpu``: cycles from kvm_exit to the vCPU's next ``then`` event."""
+    out = []
+    for e in t.exits(reason, vcpu):
+        nxt = min(x.t for x in t.ev(then, vcpu) if x.t >= e.t)
+        out.append(nxt - e.t)
+    return out
+
+
+@pytest.mark.parametrize("cpu,msr_exit", [("zen4", "msr"), ("spr", "msr_write")])
+def test_fastpath_tsc_deadline_icr_and_hlt_skip_the_full_dispatch(cpu, msr_exit):
+    """x2APIC, APICv off (every x2APIC MSR exits): a TSC_DEADLINE WRMSR and a fixed physical ICR
+    WRMSR take EXIT_FASTPATH; a logical-destination ICR WRMSR (not fastpath-eligible) takes
+    EXIT_DISPATCH; the HLT exit takes EXIT_FASTPATH (handle_fastpath_hlt) before blocking — on SVM
+    (svm_exit_handlers_fastpath, new) as on VMX (vmx_exit_handlers_fastpath: ICR only before)."""
+    progs = [prog(0, [STI, '{ op = "wrmsr", msr = 0x6E0, value = 1000000000 }',
+                      '{ op = "ipi", to = 1, vector = 0x40 }',
+                      '{ op = "compute", cycles = 20000 }',
+                      '{ op = "ipi", dest = 0x2, dest_mode = "logical", vector = 0x41 }']),
+             prog(1, [STI, '{ op = "wait", vector = 0x40, how = "spin" }',
+                      '{ op = "wait", vector = 0x41, how = "spin" }'])]
+    t = traced(scenario(progs, cpu=cpu, apic="x2apic", l0="apicv = false\nhalt_poll_ns = 0"))
+    clean(t)
+    c = t.kvm.costs
+    tsc, icr_phys, icr_logical = _exit_to_next(t, msr_exit, "l1.0", "kvm_entry")
+    assert tsc == c.EXIT_FASTPATH + c.MSR_EMULATE
+    assert icr_logical - icr_phys == c.EXIT_DISPATCH - c.EXIT_FASTPATH
+    (hlt,) = _exit_to_next(t, "hlt", "l1.0", "kvm_vcpu_block")
+    assert hlt == c.EXIT_FASTPATH
+
