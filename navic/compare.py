@@ -42,9 +42,12 @@ CONFIGS: dict[str, ConfigSpec] = {c.name: c for c in (
     ConfigSpec("bare", "zen4", 1, virt="none", doc="bare metal: the baseline"),
     ConfigSpec("l1-noapicv", "zen4", 1, l0={"apicv": False}, doc="L1, APIC virtualisation off (emulated APIC)"),
     ConfigSpec("l1-avic-zen4", "zen4", 1, doc="L1 with AVIC/x2AVIC on Zen 4"),
-    ConfigSpec("l1-avic-zen2", "zen2", 1, doc="L1 with AVIC on Zen 2: enable_ipiv forced off (erratum 1235)"),
+    ConfigSpec("l1-avic-zen2", "zen2", 1, l0={"avic": True},
+               doc="L1 with AVIC on Zen 2 (kvm_amd avic=1: the default \"auto\" is off before Zen 4); "
+                   "enable_ipiv forced off (erratum 1235)"),
     ConfigSpec("l1-ipiv-spr", "spr", 1, doc="L1 with APICv + IPI virtualisation on Sapphire Rapids"),
-    *(ConfigSpec(f"l2-{d}-{cpu}", cpu, 2, design=d, doc=f"L2, nested design '{d}' on {cpu}")
+    *(ConfigSpec(f"l2-{d}-{cpu}", cpu, 2, design=d, l0={"avic": True} if cpu == "zen2" else {},
+                 doc=f"L2, nested design '{d}' on {cpu}")
       for cpu in ("zen4", "zen2") for d in ("none", "shadow", "dummy")),
     ConfigSpec("l2-none-spr", "spr", 2, design="none", doc="L2 on SPR, no nested APICv"),
     ConfigSpec("l2-dummy-spr", "spr", 2, design="dummy", doc="L2 on SPR, dummy PID-pointer table"),

@@ -28,6 +28,7 @@ class L0Config:
     """KVM's module parameters and policies at L0 (used once `virt = "kvm"`)."""
 
     apicv: bool = True
+    avic: str | bool = "auto"
     force_avic: bool = False
     ipiv: str | bool = "auto"
     halt_poll_ns: int = 200_000

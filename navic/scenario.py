@@ -478,6 +478,8 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
     ),
     "l0": (
         Key("apicv", Bool(), doc="kvm enable_apicv / avic; default true"),
+        Key("avic", Choice(("auto", True, False)),
+            doc='kvm_amd avic: "auto" (default: on for Zen4+ with x2AVIC only), true, false'),
         Key("force_avic", Bool(), doc="kvm_amd force_avic; default false"),
         Key("ipiv", Choice(("auto", True, False)), doc='kvm_intel enable_ipiv: "auto", true, false'),
         Key("halt_poll_ns", Int(0, 10**10), doc="halt_poll_ns; default 200000"),

@@ -20,6 +20,30 @@ if TYPE_CHECKING:
 
 AVIC_LOGICAL_TABLE_ENTRIES = 1024
 
+# The kernel that last let enable_ipiv = 1 stand on AMD family 17h/18h: avic_hardware_setup() forces it
+# off there since 8de4a1c8164e (after d921665e01ba); navic's ``ipiv = true`` on such a part models an
+# older kernel.
+PRE_IPIV_FORCE_OFF = "pre-8de4a1c8164e kernel"
+
+
+def avic_want_avic_enabled(avic: str | bool, force_avic: bool, features: Any) -> bool:
+    """avic.c avic_want_avic_enabled() (kvm-x86/linux at 1a27afa0511e): ``avic = "auto"`` (the
+    default) enables AVIC only where X2AVIC is enumerated on Zen4 (X86_FEATURE_ZEN4) or family >= 0x1A;
+    Zen1–3 need ``avic = 1``; without AVIC in CPUID (Zen3) ``force_avic`` must be set as well."""
+    if not features.avic:
+        return False
+    if avic == "auto":
+        avic = features.x2avic and (features.name == "zen4" or features.family >= 0x1A)
+    if not avic:
+        return False
+    return bool(features.avic_enumerated or force_avic)
+
+
+def ipiv_forced_off(features: Any) -> bool:
+    """avic_hardware_setup(): "Disable IPI virtualization for AMD Family 17h (Zen1 and Zen2) and Hygon
+    Family 18h ... due to erratum 1235" — after the module parameters are read, whatever they say."""
+    return features.family in (0x17, 0x18)
+
 
 class AvicVm:
     """``struct kvm_svm``'s AVIC part: tables in host memory and the module parameters."""

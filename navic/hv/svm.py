@@ -24,7 +24,7 @@ from navic.apic.registers import (
     X2APIC_MSR_BASE,
     X2APIC_READABLE,
 )
-from navic.hv.avic import AvicVm
+from navic.hv.avic import PRE_IPIV_FORCE_OFF, AvicVm, avic_want_avic_enabled, ipiv_forced_off
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
 from navic.hw import avic as A
 from navic.hw import isa
@@ -86,13 +86,20 @@ class SvmVendor:
         l0 = host.l0
         errata = self._errata(l0, features)
         self.errata = errata
-        # enable_apicv: AVIC must be enumerated (zen3: only with force_avic).
-        self.enable_apicv = bool(l0.apicv and features.avic and (features.avic_enumerated or l0.force_avic))
-        # enable_ipiv: "auto" is forced off on erratum-1235 parts (avic_hardware_setup).
-        if l0.ipiv == "auto":
-            self.enable_ipiv = "1235" not in errata
+        # enable_apicv = avic_hardware_setup(): avic "auto" is on only for Zen4+ with X2AVIC; AVIC must
+        # be enumerated (zen3: only with force_avic). [l0] apicv = false turns it off as well.
+        self.enable_apicv = bool(l0.apicv) and avic_want_avic_enabled(l0.avic, l0.force_avic, features)
+        # enable_ipiv (default on) is forced off on family 17h/18h after the module parameters are read;
+        # an explicit ipiv = true there models a kernel before that (PRE_IPIV_FORCE_OFF).
+        self.notes: list[str] = []
+        if ipiv_forced_off(features):
+            self.enable_ipiv = l0.ipiv is True
+            if self.enable_ipiv and self.enable_apicv:
+                self.notes.append(f"l0.ipiv = true on {features.name} (family {features.family:#x}): KVM forces "
+                                  f"enable_ipiv off there (avic_hardware_setup); this run models a "
+                                  f"{PRE_IPIV_FORCE_OFF}")
         else:
-            self.enable_ipiv = bool(l0.ipiv)
+            self.enable_ipiv = l0.ipiv is not False
         self.avic = AvicVm(kvm, features, enable_ipiv=self.enable_ipiv)
         self.nested: Any = None   # navic.hv.nested.core.NestedSvm when L1 may run L2
         self.posted_timer = bool(l0.posted_timer)

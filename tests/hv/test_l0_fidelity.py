@@ -227,3 +227,45 @@ def test_fastpath_tsc_deadline_icr_and_hlt_skip_the_full_dispatch(cpu, msr_exit)
     (hlt,) = _exit_to_next(t, "hlt", "l1.0", "kvm_vcpu_block")
     assert hlt == c.EXIT_FASTPATH
 
+
+
+# -- item 6: kvm_amd avic "auto" / enable_ipiv forced off on family 17h --------------------------------
+def _vendor(cpu: str, l0: str):
+    text = ('name = "t"\nmax_time_us = 50\n[host]\ncpu = "%s"\npcpus = 2\n[l0]\n%s\n[l1]\nvcpus = 2\napic = "xapic"\n'
+            % (cpu, l0))
+    from navic.runner import simulate
+    from navic.scenario import loads_scenario
+
+    r = simulate(loads_scenario(text, "t.toml"))
+    return r.kvm.vendor, r.result()
+
+
+@pytest.mark.parametrize("cpu,l0,on", [
+    ("zen2", "", False), ("zen3", "", False), ("zen4", "", True), ("zen5", "", True),
+    ("zen2", "avic = true", True), ("zen3", "avic = true", False), ("zen3", "force_avic = true", False),
+    ("zen3", "avic = true\nforce_avic = true", True), ("zen4", "avic = false", False),
+    ("zen4", "apicv = false", False), ("zen2", "avic = true\napicv = false", False),
+])
+def test_avic_module_parameter_auto_is_zen4_and_later(cpu, l0, on):
+    """avic_want_avic_enabled(): "auto" = X2AVIC on Zen4 or family >= 0x1A; zen1-3 need avic=1, and zen3
+    (AVIC not in CPUID) force_avic too."""
+    vendor, res = _vendor(cpu, l0)
+    assert vendor.enable_apicv is on
+    assert all(v.apicv_active is on for v in vendor.kvm.vcpus)
+    assert ("DISABLED" in res["inhibits"]) is (not on)
+
+
+@pytest.mark.parametrize("cpu,l0,ipiv", [
+    ("zen2", "avic = true", False),
+    ("zen2", 'avic = true\nerrata = []', False),          # family 17h, not the erratum list, decides
+    ("zen4", 'errata = ["1235"]', True), ("zen2", "avic = true\nipiv = true", True),
+    ("zen4", "ipiv = false", False), ("zen3", "avic = true\nforce_avic = true", True),
+])
+def test_enable_ipiv_is_forced_off_on_family_17h(cpu, l0, ipiv):
+    vendor, res = _vendor(cpu, l0)
+    assert vendor.enable_ipiv is ipiv
+    notes = [w["detail"] for w in res["warnings"] if w["kind"] == "config"]
+    if ipiv and cpu == "zen2":
+        assert len(notes) == 1 and "pre-8de4a1c8164e kernel" in notes[0]
+    else:
+        assert notes == []
