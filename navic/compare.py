@@ -55,6 +55,14 @@ CONFIGS: dict[str, ConfigSpec] = {c.name: c for c in (
 
 DEFAULT_CONFIGS = tuple(CONFIGS)
 
+# Where the CPU models go beyond the sources (docs/model.md "KVM fidelity (issue 13)"), printed in
+# every report.
+MODEL_ASSUMPTIONS = (
+    "zen5 enumerates X2AVIC_EXT (CPUID Fn8000_000A_ECX[6]: x2AVIC physical IDs up to 4095): an "
+    "assumption. KVM supports it (\"Add AVIC support for 4k vCPUs in x2AVIC mode\"), but no source "
+    "found says which CPUs enumerate it; zen5 rows with more than 512 vCPUs depend on it.",
+)
+
 
 @dataclass(frozen=True)
 class Case:
@@ -299,6 +307,7 @@ def markdown_report(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], c
                 lines.append("| " + " | ".join(_fmt(f(r)) for _, f in TABLE_COLUMNS) + " |")
         lines += ["", f"![latency CDF]({_slug(wl)}-latency-cdf.png)",
                   f"![exits per IPI]({_slug(wl)}-exits.png)", ""]
+    lines += ["## Model assumptions", "", *(f"* {a}" for a in MODEL_ASSUMPTIONS), ""]
     if skipped:
         lines += ["## Not run", "", "| workload | config | why |", "|---|---|---|"]
         lines += [f"| {s['workload']} | {s['config']} | {s['skipped']} |" for s in skipped]

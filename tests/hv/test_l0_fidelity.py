@@ -269,3 +269,14 @@ def test_enable_ipiv_is_forced_off_on_family_17h(cpu, l0, ipiv):
         assert len(notes) == 1 and "pre-8de4a1c8164e kernel" in notes[0]
     else:
         assert notes == []
+
+
+# -- item 11: zen5's X2AVIC_EXT is an assumption, and the compare report says so ---------------------
+def test_compare_report_marks_zen5_x2avic_ext_as_an_assumption():
+    from navic.compare import markdown_report
+    from navic.hw.features import features_for
+
+    assert features_for("zen5").x2avic_ext      # still modelled, ...
+    text = markdown_report([], [], "navic compare")
+    sec = text[text.index("## Model assumptions"):]
+    assert "X2AVIC_EXT" in sec and "assumption" in sec   # ... but labelled
