@@ -340,8 +340,9 @@ def render(results: list[Result]) -> str:
         *notes(results),
         "",
         "Per CPU profile (informational; the same `ipi` microbenchmark, cycles per iteration; *accel* = "
-        "`ipiv = true`: IPIv on spr, AVIC IPI acceleration on AMD (kvm_amd `avic = 1`), forced on zen2 despite "
-        "erratum 1235 (a pre-8de4a1c8164e kernel: KVM's `auto` turns it off there, current KVM always does). zen3 does not enumerate AVIC, so its IPIs are emulated; zen2 "
+        "`ipiv = true`: IPIv on spr, AVIC IPI acceleration on AMD (kvm_amd `avic = 1`), forced on zen2 "
+        "despite erratum 1235 (a pre-8de4a1c8164e kernel: current KVM always turns it off there). zen3 "
+        "does not enumerate AVIC, so its IPIs are emulated; zen2 "
         "has no x2AVIC, so an x2APIC guest runs AVIC in hybrid mode (ICR and EOI writes exit). The "
         "simple exit is RDMSR(APIC_BASE).):",
         "",

@@ -563,7 +563,7 @@ class Kvm:
         outside guest mode: no doorbell; the next VMRUN evaluates the IRR). A timer the guest re-armed
         or stopped meanwhile is stale and delivers nothing (__start_apic_timer() clears ``pending``).
         Latency counts from the expiry."""
-        t_expired = vcpu.timer_pending
+        t_expired = vcpu.timer_pending if vcpu.timer_pending is not None else self.engine.now
         vcpu.timer_pending = None
         vcpu.requests.discard(REQ_UNBLOCK)
         a = vcpu.apic

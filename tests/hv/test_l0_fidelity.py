@@ -127,9 +127,11 @@ def test_halt_poll_shrink_zero_resets_and_small_windows_drop_to_zero():
 
 # -- item 9: nested #VMEXIT re-activates the L1 vCPU's AVIC at once ----------------------------------
 def _nested_pingpong() -> str:
-    l2 = ('[[program]]\ncpu = "l2.0"\nops = [ { op = "sti" }, { op = "repeat", times = 5, ops = [ '
+    l2 = ('[[program]]\ncpu = "l2.0"\nops = [ { op = "sti" }, '
+          '{ op = "repeat", times = 5, ops = [ '
           '{ op = "ipi", to = 1, vector = 0x40 }, { op = "wait", vector = 0x41, how = "hlt" } ] } ]\n'
-          '[[program]]\ncpu = "l2.1"\nops = [ { op = "sti" }, { op = "wait", vector = 0x40, count = 5, how = "hlt" } ]\n'
+          '[[program]]\ncpu = "l2.1"\n'
+          'ops = [ { op = "sti" }, { op = "wait", vector = 0x40, count = 5, how = "hlt" } ]\n'
           '[program.handlers]\n0x40 = [ { op = "ipi", to = 0, vector = 0x41 }, { op = "eoi" } ]\n')
     return ('name = "t"\nmax_time_us = 5000\n[host]\ncpu = "zen4"\npcpus = 4\n[l0]\nnested_apicv = "shadow"\n'
             '[l1]\nvcpus = 2\napic = "x2apic"\n[l2]\nvcpus = 2\napic = "xapic"\n' + l2)
@@ -231,8 +233,8 @@ def test_fastpath_tsc_deadline_icr_and_hlt_skip_the_full_dispatch(cpu, msr_exit)
 
 # -- item 6: kvm_amd avic "auto" / enable_ipiv forced off on family 17h --------------------------------
 def _vendor(cpu: str, l0: str):
-    text = ('name = "t"\nmax_time_us = 50\n[host]\ncpu = "%s"\npcpus = 2\n[l0]\n%s\n[l1]\nvcpus = 2\napic = "xapic"\n'
-            % (cpu, l0))
+    text = (f'name = "t"\nmax_time_us = 50\n[host]\ncpu = "{cpu}"\npcpus = 2\n[l0]\n{l0}\n'
+            '[l1]\nvcpus = 2\napic = "xapic"\n')
     from navic.runner import simulate
     from navic.scenario import loads_scenario
 
