@@ -477,7 +477,7 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
         Key("virt", Choice(VIRT_MODES), doc='"none" (bare metal) or "kvm"; default "kvm"'),
     ),
     "l0": (
-        Key("apicv", Bool(), doc="kvm enable_apicv / avic; default true"),
+        Key("apicv", Bool(), doc="kvm_intel enable_apicv (AMD: false turns AVIC off); default true"),
         Key("avic", Choice(("auto", True, False)),
             doc='kvm_amd avic: "auto" (default: on for Zen4+ with x2AVIC only), true, false'),
         Key("force_avic", Bool(), doc="kvm_amd force_avic; default false"),
