@@ -100,6 +100,10 @@ class SvmVendor:
                                   f"{PRE_IPIV_FORCE_OFF}")
         else:
             self.enable_ipiv = l0.ipiv is not False
+        if l0.ipiv is True and l0.apicv and not self.enable_apicv and features.avic:
+            force = "" if features.avic_enumerated else " and l0.force_avic = true"
+            self.notes.append(f"l0.ipiv = true has no effect: AVIC is off on {features.name} "
+                              f"(kvm_amd avic = {l0.avic!r}); set l0.avic = true{force}")
         self.avic = AvicVm(kvm, features, enable_ipiv=self.enable_ipiv)
         self.nested: Any = None   # navic.hv.nested.core.NestedSvm when L1 may run L2
         self.posted_timer = bool(l0.posted_timer)

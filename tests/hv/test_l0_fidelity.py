@@ -282,3 +282,10 @@ def test_compare_report_marks_zen5_x2avic_ext_as_an_assumption():
     text = markdown_report([], [], "navic compare")
     sec = text[text.index("## Model assumptions"):]
     assert "X2AVIC_EXT" in sec and "assumption" in sec   # ... but labelled
+
+
+def test_ipiv_true_with_avic_left_at_auto_on_zen2_says_it_has_no_effect():
+    vendor, res = _vendor("zen2", "ipiv = true")
+    assert not vendor.enable_apicv
+    (w,) = res["warnings"]
+    assert w["kind"] == "config" and "set l0.avic = true" in w["detail"]
