@@ -80,7 +80,7 @@ def ipi_roundtrip(cpu: str, apic: str, accel: bool, *, logical: bool = False, vi
     logical ID instead (not eligible for KVM's x2APIC ICR fastpath)."""
     dest = '{ op = "ipi", dest = 2, dest_mode = "logical", vector = 0x40 }' if logical else \
         '{ op = "ipi", to = 1, vector = 0x40 }'
-    l0 = f"apicv = true\nipiv = {_bool(accel)}" if virt == "kvm" else ""
+    l0 = f"apicv = true\navic = true\nipiv = {_bool(accel)}" if virt == "kvm" else ""   # avic: kvm_amd avic=1
     text = _header(cpu, virt=virt, l0=l0, apic=apic) + (
         '[[program]]\ncpu = "l1.0"\n'
         f'ops = [ {{ op = "sti" }}, {{ op = "repeat", times = {N}, ops = [ {dest}, '
@@ -340,8 +340,9 @@ def render(results: list[Result]) -> str:
         *notes(results),
         "",
         "Per CPU profile (informational; the same `ipi` microbenchmark, cycles per iteration; *accel* = "
-        "`ipiv = true`: IPIv on spr, AVIC IPI acceleration on AMD, forced on zen2 despite erratum 1235 "
-        "(KVM's `auto` turns it off there). zen3 does not enumerate AVIC, so its IPIs are emulated; zen2 "
+        "`ipiv = true`: IPIv on spr, AVIC IPI acceleration on AMD (kvm_amd `avic = 1`), forced on zen2 "
+        "despite erratum 1235 (a pre-8de4a1c8164e kernel: current KVM always turns it off there). zen3 "
+        "does not enumerate AVIC, so its IPIs are emulated; zen2 "
         "has no x2AVIC, so an x2APIC guest runs AVIC in hybrid mode (ICR and EOI writes exit). The "
         "simple exit is RDMSR(APIC_BASE).):",
         "",

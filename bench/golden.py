@@ -49,7 +49,7 @@ WORKLOADS = {
 LEVELS = {
     "bare": dict(virt="none", cpu="zen4", pcpus=4, l0="", l2="", l1v=4),
     "l1-zen4": dict(virt="kvm", cpu="zen4", pcpus=4, l0="", l2="", l1v=4),
-    "l1-zen2": dict(virt="kvm", cpu="zen2", pcpus=4, l0="", l2="", l1v=4),
+    "l1-zen2": dict(virt="kvm", cpu="zen2", pcpus=4, l0="[l0]\navic = true", l2="", l1v=4),
     "l1-spr": dict(virt="kvm", cpu="spr", pcpus=4, l0="", l2="", l1v=4),
     "l1-over": dict(virt="kvm", cpu="zen4", pcpus=2, l0="", l2="", l1v=4),
     "l2-none": dict(virt="kvm", cpu="zen4", pcpus=4, l0='[l0]\nnested_apicv = "none"',

@@ -42,9 +42,12 @@ CONFIGS: dict[str, ConfigSpec] = {c.name: c for c in (
     ConfigSpec("bare", "zen4", 1, virt="none", doc="bare metal: the baseline"),
     ConfigSpec("l1-noapicv", "zen4", 1, l0={"apicv": False}, doc="L1, APIC virtualisation off (emulated APIC)"),
     ConfigSpec("l1-avic-zen4", "zen4", 1, doc="L1 with AVIC/x2AVIC on Zen 4"),
-    ConfigSpec("l1-avic-zen2", "zen2", 1, doc="L1 with AVIC on Zen 2: enable_ipiv forced off (erratum 1235)"),
+    ConfigSpec("l1-avic-zen2", "zen2", 1, l0={"avic": True},
+               doc="L1 with AVIC on Zen 2 (kvm_amd avic=1: the default \"auto\" is off before Zen 4); "
+                   "enable_ipiv forced off (erratum 1235)"),
     ConfigSpec("l1-ipiv-spr", "spr", 1, doc="L1 with APICv + IPI virtualisation on Sapphire Rapids"),
-    *(ConfigSpec(f"l2-{d}-{cpu}", cpu, 2, design=d, doc=f"L2, nested design '{d}' on {cpu}")
+    *(ConfigSpec(f"l2-{d}-{cpu}", cpu, 2, design=d, l0={"avic": True} if cpu == "zen2" else {},
+                 doc=f"L2, nested design '{d}' on {cpu}")
       for cpu in ("zen4", "zen2") for d in ("none", "shadow", "dummy")),
     *(ConfigSpec(f"l2-{d}-zen5", "zen5", 2, design=d,
                  doc=f"L2, nested design '{d}' on zen5 (its X2AVIC_EXT is an assumption)")
@@ -57,6 +60,14 @@ CONFIGS: dict[str, ConfigSpec] = {c.name: c for c in (
 )}
 
 DEFAULT_CONFIGS = tuple(CONFIGS)
+
+# Where the CPU models go beyond the sources (docs/model.md "KVM fidelity (issue 13)"), printed in
+# every report.
+MODEL_ASSUMPTIONS = (
+    "zen5 enumerates X2AVIC_EXT (CPUID Fn8000_000A_ECX[6]: x2AVIC physical IDs up to 4095): an "
+    "assumption. KVM supports it (\"Add AVIC support for 4k vCPUs in x2AVIC mode\"), but no source "
+    "found says which CPUs enumerate it; zen5 rows with more than 512 vCPUs depend on it.",
+)
 
 
 @dataclass(frozen=True)
@@ -305,6 +316,7 @@ def markdown_report(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], c
     from navic.verdict import cost_complexity_section
 
     lines += cost_complexity_section(rows)
+    lines += ["## Model assumptions", "", *(f"* {a}" for a in MODEL_ASSUMPTIONS), ""]
     if skipped:
         lines += ["## Not run", "", "| workload | config | why |", "|---|---|---|"]
         lines += [f"| {s['workload']} | {s['config']} | {s['skipped']} |" for s in skipped]

@@ -28,9 +28,12 @@ class L0Config:
     """KVM's module parameters and policies at L0 (used once `virt = "kvm"`)."""
 
     apicv: bool = True
+    avic: str | bool = "auto"
     force_avic: bool = False
     ipiv: str | bool = "auto"
     halt_poll_ns: int = 200_000
+    halt_poll_ns_shrink: int = 2
+    posted_timer: bool = False
     timeslice_us: int = 3_000
     errata: str | tuple[str, ...] = "auto"
     nested_apicv: str = "none"

@@ -191,7 +191,8 @@ def _simulate(scn: Scenario, chooser: Chooser | None, trace: bool,
     engine.run(until=until)
     quiescent = not engine._q and engine.now < until
     rec.violations.extend(oracle.end_of_run(run, quiescent=quiescent))
-    run.warnings = oracle.stalls(run, quiescent=quiescent)
+    notes = getattr(getattr(run.kvm, "vendor", None), "notes", ())   # e.g. a pre-8de4a1c8164e kernel
+    run.warnings = [{"kind": "config", "detail": n} for n in notes] + oracle.stalls(run, quiescent=quiescent)
     rec.violations.extend(sends.check())
     if isinstance(engine.chooser, ReplayChooser):
         run.replayed = engine.chooser.log  # type: ignore[attr-defined]

@@ -20,6 +20,30 @@ if TYPE_CHECKING:
 
 AVIC_LOGICAL_TABLE_ENTRIES = 1024
 
+# The kernel that last let enable_ipiv = 1 stand on AMD family 17h/18h: avic_hardware_setup() forces it
+# off there since 8de4a1c8164e (after d921665e01ba); navic's ``ipiv = true`` on such a part models an
+# older kernel.
+PRE_IPIV_FORCE_OFF = "pre-8de4a1c8164e kernel"
+
+
+def avic_want_avic_enabled(avic: str | bool, force_avic: bool, features: Any) -> bool:
+    """avic.c avic_want_avic_enabled() (kvm-x86/linux at 1a27afa0511e): ``avic = "auto"`` (the
+    default) enables AVIC only where X2AVIC is enumerated on Zen4 (X86_FEATURE_ZEN4) or family >= 0x1A;
+    Zen1–3 need ``avic = 1``; without AVIC in CPUID (Zen3) ``force_avic`` must be set as well."""
+    if not features.avic:
+        return False
+    if avic == "auto":
+        avic = features.x2avic and (features.name == "zen4" or features.family >= 0x1A)
+    if not avic:
+        return False
+    return bool(features.avic_enumerated or force_avic)
+
+
+def ipiv_forced_off(features: Any) -> bool:
+    """avic_hardware_setup(): "Disable IPI virtualization for AMD Family 17h (Zen1 and Zen2) and Hygon
+    Family 18h ... due to erratum 1235" — after the module parameters are read, whatever they say."""
+    return features.family in (0x17, 0x18)
+
 
 class AvicVm:
     """``struct kvm_svm``'s AVIC part: tables in host memory and the module parameters."""
@@ -129,13 +153,15 @@ class AvicVm:
         self.kvm.vendor.recalc_logical_aliasing()
 
     def handle_dfr_update(self, vcpu: Vcpu) -> None:
+        """avic_handle_dfr_update(): invalidate the entry the old (LDR, DFR) pair selected and note
+        the new DFR — nothing more. ``ldr_reg`` keeps the old LDR, so the entry stays invalid until
+        the guest writes an LDR that differs from it (avic_handle_ldr_update returns early on an
+        unchanged LDR); until then logical IPIs to it exit (ID 2) and are emulated."""
         dfr = vcpu.apic.read_reg(APIC_DFR)
         if dfr == vcpu.dfr_reg:
             return
         self.invalidate_logical(vcpu)
         vcpu.dfr_reg = dfr
-        vcpu.ldr_reg = 0
-        self.handle_ldr_update(vcpu)
 
     # -- AVIC_INCOMPLETE_IPI, ID 1: avic_kick_target_vcpus ------------------------------------
     def kick_target_vcpus(self, src: Vcpu, icr: Icr, index: int) -> Generator[Any, Any, int]:

@@ -15,7 +15,9 @@ REASONS = (
     "APIC_BASE_MODIFIED", "NESTED", "IRQWIN", "PIT_REINJ", "SEV", "LOGICAL_ID_ALIASED",
     "PHYSICAL_ID_TOO_BIG",
 )
-STICKY = frozenset({"APIC_ID_MODIFIED", "APIC_BASE_MODIFIED"})
+# APIC_BASE_MODIFIED is never cleared by KVM. APIC_ID_MODIFIED is not sticky: kvm_recalculate_apic_map()
+# sets or clears it on every recalculation ("KVM: x86: Allow APICv APIC ID inhibit to be cleared", 2023).
+STICKY = frozenset({"APIC_BASE_MODIFIED"})
 
 
 class Inhibits:

@@ -38,12 +38,25 @@ MODE_NAMES = {OUTSIDE_GUEST_MODE: "outside", IN_GUEST_MODE: "in_guest", EXITING_
 # Requests (KVM_REQ_*).
 REQ_EVENT = "event"
 REQ_APICV_UPDATE = "apicv_update"
+REQ_UNBLOCK = "unblock"
 
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_SIPI, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
 KIND_BY_MODE = {DM_FIXED: "fixed", DM_LOWEST: "lowest", DM_SMI: "smi", DM_NMI: "nmi",
                 DM_INIT: "init", DM_SIPI: "sipi", DM_EXTINT: "extint"}
 
 Gen = Generator[Any, Any, Any]
+
+MSR_X2APIC_ICR = 0x830
+
+
+def icr_fastpath_ok(value: int) -> bool:
+    """handle_fastpath_set_x2apic_icr_irqoff(): fixed, physical, no shorthand, not broadcast."""
+    lo = value & 0xFFFFFFFF
+    return not (lo >> 18) & 3 and not (lo >> 11) & 1 and not (lo >> 8) & 7 and (value >> 32) != 0xFFFFFFFF
+
+# kvm_main.c halt_poll_ns_grow_start (10 µs): the first grown poll window, and the floor below which
+# a shrunk window drops to 0.
+HALT_POLL_NS_GROW_START = 10_000
 
 
 def drain(gen: Gen) -> Any:
@@ -112,6 +125,7 @@ class Vcpu:
         self.poll: Signal = kvm.engine.signal(f"{name}.poll")
         self.halt_poll_ns = 0
         self.apicv_active = False
+        self.timer_pending: int | None = None   # lapic_timer.pending: expiry time of a timer not yet injected
         self.pending_ipis: list[Icr] = []
         self.exit_insn: Any = None        # instruction a fault-style exit left for emulation
         self.nmi_injected = False
@@ -197,15 +211,19 @@ class Kvm:
             self.kvm_vcpu_kick_no_wakeup(v)
 
     def recalc_apic_map(self) -> None:
-        """kvm_recalculate_apic_map(): physical IDs must be 1:1 with vCPUs for APICv."""
+        """kvm_recalculate_apic_map(): physical IDs must be 1:1 with vCPUs for APICv, and an xAPIC
+        ID that differs from the vCPU ID (``xapic_id_mismatch``) raises APIC_ID_MODIFIED — which is
+        cleared again once every xAPIC ID matches ("KVM: x86: Allow APICv APIC ID inhibit to be
+        cleared", 2023; see docs/model.md "APIC ID inhibit")."""
         ids = [v.apic.apic_id for v in self.vcpus]
         if len(set(ids)) != len(ids):
             self.set_apicv_inhibit("PHYSICAL_ID_ALIASED")
         else:
             self.clear_apicv_inhibit("PHYSICAL_ID_ALIASED")
-        for v in self.vcpus:
-            if v.apic.mode == "xapic" and v.apic.apic_id != (v.vcpu_id & 0xFF):
-                self.set_apicv_inhibit("APIC_ID_MODIFIED")
+        if any(v.apic.mode == "xapic" and v.apic.apic_id != (v.vcpu_id & 0xFF) for v in self.vcpus):
+            self.set_apicv_inhibit("APIC_ID_MODIFIED")
+        else:
+            self.clear_apicv_inhibit("APIC_ID_MODIFIED")
         self.vendor.recalc_logical_aliasing()
 
     # -- vCPU thread: vcpu_run() -----------------------------------------------------------
@@ -247,6 +265,8 @@ class Kvm:
         Returns None when the vCPU is IN_GUEST_MODE and must run (the caller, :meth:`vcpu_thread`,
         then runs ``vendor.run`` and :meth:`vcpu_exit`), else why it did not enter."""
         pcpu = self.host.pcpus[vcpu.cpu]   # vcpu.pcpu (it holds a CPU here) without the property call
+        if vcpu.timer_pending is not None:
+            self.kvm_inject_pending_timer_irqs(vcpu)
         if REQ_APICV_UPDATE in vcpu.requests:
             vcpu.requests.discard(REQ_APICV_UPDATE)
             self.vendor.refresh_apicv_exec_ctrl(vcpu)
@@ -330,6 +350,8 @@ class Kvm:
             return a.init_pending or a.sipi_vector is not None
         if REQ_EVENT in vcpu.requests and not vcpu.apicv_active:
             return True
+        if vcpu.timer_pending is not None:
+            return True   # kvm_vcpu_check_block(): kvm_cpu_has_pending_timer()
         sync = getattr(self.vendor, "sync_pir_to_irr", None)
         if sync is not None:
             sync(vcpu)   # kvm_apic_has_interrupt() -> sync_pir_to_irr (VMX: posted interrupts -> vIRR)
@@ -364,11 +386,20 @@ class Kvm:
             if halt_ns <= vcpu.halt_poll_ns:
                 pass
             elif vcpu.halt_poll_ns and halt_ns > limit:
-                vcpu.halt_poll_ns = 0
+                self.shrink_halt_poll_ns(vcpu)
             elif vcpu.halt_poll_ns < limit and halt_ns < limit:
-                vcpu.halt_poll_ns = min(limit, max(10_000, vcpu.halt_poll_ns * 2))
+                vcpu.halt_poll_ns = min(limit, max(HALT_POLL_NS_GROW_START, vcpu.halt_poll_ns * 2))
         else:
             vcpu.halt_poll_ns = 0
+
+    def shrink_halt_poll_ns(self, vcpu: Vcpu) -> None:
+        """kvm_main.c shrink_halt_poll_ns(): divide by ``halt_poll_ns_shrink`` (0: reset to 0) and
+        drop to 0 below ``halt_poll_ns_grow_start`` (Sergey Senozhatsky, 2021, lore
+        20210902031100.252080-1). The module default is 2 in current kvm_main.c ("Default halves
+        per-vcpu halt_poll_ns"); older kernels had 0 ("Default resets per-vcpu halt_poll_ns")."""
+        shrink = self.host.l0.halt_poll_ns_shrink
+        val = vcpu.halt_poll_ns // shrink if shrink else 0
+        vcpu.halt_poll_ns = 0 if val < HALT_POLL_NS_GROW_START else val
 
     def kvm_vcpu_block(self, vcpu: Vcpu) -> Gen:
         self.vendor.vcpu_blocking(vcpu)   # avic_vcpu_blocking(): IsRunning <- 0
@@ -476,6 +507,21 @@ class Kvm:
         vcpu.ctx.exit_insn = None
         return "halt"
 
+    def exit_fastpath(self, vcpu: Vcpu, insn: Any, *, hlt: bool) -> bool:
+        """{svm,vmx}_exit_handlers_fastpath() for an exit of this KVM's own guest (exits from L2
+        never take it): HLT (handle_fastpath_hlt) and WRMSR (handle_fastpath_wrmsr) of the x2APIC ICR
+        when the IPI can be sent at once (handle_fastpath_set_x2apic_icr_irqoff: x2APIC mode, fixed,
+        physical, no shorthand, not broadcast) or of IA32_TSC_DEADLINE (handle_fastpath_set_tscdeadline,
+        unconditional — on AMD too — since "KVM: x86: Unconditionally handle MSR_IA32_TSC_DEADLINE in
+        fastpath exits", 2025). The exit is then handled without the full dispatch (EXIT_FASTPATH)."""
+        if hlt:
+            return True
+        if type(insn) is not isa.Wrmsr:
+            return False
+        if insn.msr == MSR_IA32_TSC_DEADLINE:
+            return True
+        return insn.msr == MSR_X2APIC_ICR and vcpu.apic.mode == "x2apic" and icr_fastpath_ok(insn.value)
+
     def kvm_apic_msr(self, vcpu: Vcpu, insn: Any) -> Any:
         """An intercepted APIC MSR access (lapic.c kvm_x2apic_msr_read/write, x86.c
         kvm_set_apic_base): returns the value read, None, or the #GP to inject."""
@@ -497,8 +543,41 @@ class Kvm:
         except GPFault as e:
             return Fault("#GP", str(e))
 
+    def defer_apic_timer(self, vcpu: Vcpu) -> None:
+        """apic_timer_expired(from_timer_fn = true) without a posted timer interrupt: bump
+        ``lapic_timer.pending``, KVM_REQ_UNBLOCK and kvm_vcpu_kick() — a vCPU in guest mode exits, a
+        blocked one wakes; the interrupt is injected by :meth:`kvm_inject_pending_timer_irqs` on the
+        way back into the guest."""
+        if vcpu.timer_pending is not None:
+            return   # "if (atomic_read(&apic->lapic_timer.pending)) return;"
+        vcpu.timer_pending = self.engine.now
+        vcpu.requests.add(REQ_UNBLOCK)
+        if self.trace.on:
+            self.trace.emit("navic_apic_timer_pending", pcpu=vcpu.cpu, level=self.exit_level.upper(),
+                            vcpu=vcpu.name, mode=MODE_NAMES[vcpu.mode])
+        self.kvm_vcpu_kick(vcpu)
+
+    def kvm_inject_pending_timer_irqs(self, vcpu: Vcpu) -> None:
+        """vcpu_run(): kvm_cpu_has_pending_timer() -> kvm_inject_pending_timer_irqs(): the LVT timer
+        fires into the APIC now, from the vCPU thread (svm_deliver_interrupt() finds the vCPU
+        outside guest mode: no doorbell; the next VMRUN evaluates the IRR). A timer the guest re-armed
+        or stopped meanwhile is stale and delivers nothing (__start_apic_timer() clears ``pending``).
+        Latency counts from the expiry."""
+        t_expired = vcpu.timer_pending if vcpu.timer_pending is not None else self.engine.now
+        vcpu.timer_pending = None
+        vcpu.requests.discard(REQ_UNBLOCK)
+        a = vcpu.apic
+        vec = a.read_reg(0x320) & 0xFF
+        masked = a.read_reg(0x320) & (1 << 16)
+        had = a.test_irr(vec)
+        a.timer_expired()
+        if not masked and a.test_irr(vec) and not had:
+            self.rec.accepted(vcpu.name, vec, "timer", None, t_expired)
+
     def _apic_timer_expired(self, vcpu: Vcpu) -> None:
-        """apic_timer_expired() in hrtimer context: the LVT timer fires into the vCPU's APIC."""
+        """apic_timer_expired() in hrtimer context, delivering at once: the LVT timer fires into the
+        vCPU's APIC and the vendor notifies it (VMX: KVM_REQ_EVENT + kick; SVM with a posted timer
+        interrupt: a doorbell, see :meth:`navic.hv.svm.SvmVendor.apic_timer_expired`)."""
         a = vcpu.apic
         vec = a.read_reg(0x320) & 0xFF
         masked = a.read_reg(0x320) & (1 << 16)

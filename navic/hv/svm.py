@@ -17,10 +17,14 @@ from navic.apic.registers import (
     APIC_ICR2,
     APIC_ID,
     APIC_LDR,
+    APIC_RRR,
+    APIC_TMCCT,
     MSR_IA32_APICBASE,
     MSR_IA32_TSC_DEADLINE,
+    X2APIC_MSR_BASE,
+    X2APIC_READABLE,
 )
-from navic.hv.avic import AvicVm
+from navic.hv.avic import PRE_IPIV_FORCE_OFF, AvicVm, avic_want_avic_enabled, ipiv_forced_off
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
 from navic.hw import avic as A
 from navic.hw import isa
@@ -34,8 +38,11 @@ if TYPE_CHECKING:
 Gen = Generator[Any, Any, Any]
 
 X2APIC_MSRS = range(0x800, 0x900)
-# x2AVIC: writes KVM lets through (TPR, EOI, ICR, SELF_IPI); reads of every readable register.
+# x2AVIC (avic_set_x2apic_msr_interception): writes KVM lets through (TPR, EOI, ICR, SELF_IPI); reads
+# of the registers in kvm_x2apic_disable_read_intercept_reg_mask() — every readable register except
+# TMCCT, whose current count only KVM's timer emulation knows (the backing page holds no live count).
 X2AVIC_PASSTHROUGH_WRITES = frozenset({0x808, 0x80B, 0x830, 0x83F})
+X2AVIC_PASSTHROUGH_READS = frozenset(X2APIC_MSR_BASE + (off >> 4) for off in X2APIC_READABLE if off != APIC_TMCCT)
 LVTT_MSR = 0x832
 
 
@@ -48,7 +55,8 @@ def _msr_intercepts(*, doorbell: bool, x2avic: bool) -> tuple[frozenset[int], fr
 
     APIC_BASE and TSC_DEADLINE always exit, LVTT writes too; ``doorbell``: nested doorbell
     emulation (writes to the AVIC doorbell MSR exit); ``x2avic``: x2AVIC active for an x2APIC
-    guest, only the writes it does not accelerate exit; otherwise (APICv off, or hybrid AVIC:
+    guest, only the writes it does not accelerate exit, and reads of TMCCT and of non-readable
+    registers (:data:`X2AVIC_PASSTHROUGH_READS`); otherwise (APICv off, or hybrid AVIC:
     AVIC without x2AVIC) every x2APIC MSR exits."""
     key = (doorbell, x2avic)
     pol = _MSR_POLICIES.get(key)
@@ -58,6 +66,7 @@ def _msr_intercepts(*, doorbell: bool, x2avic: bool) -> tuple[frozenset[int], fr
         if doorbell:
             wr.add(A.MSR_AMD64_SVM_AVIC_DOORBELL)
         if x2avic:
+            rd |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_READS
             wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
         else:
             rd |= set(X2APIC_MSRS)
@@ -77,15 +86,28 @@ class SvmVendor:
         l0 = host.l0
         errata = self._errata(l0, features)
         self.errata = errata
-        # enable_apicv: AVIC must be enumerated (zen3: only with force_avic).
-        self.enable_apicv = bool(l0.apicv and features.avic and (features.avic_enumerated or l0.force_avic))
-        # enable_ipiv: "auto" is forced off on erratum-1235 parts (avic_hardware_setup).
-        if l0.ipiv == "auto":
-            self.enable_ipiv = "1235" not in errata
+        # enable_apicv = avic_hardware_setup(): avic "auto" is on only for Zen4+ with X2AVIC; AVIC must
+        # be enumerated (zen3: only with force_avic). [l0] apicv = false turns it off as well.
+        self.enable_apicv = bool(l0.apicv) and avic_want_avic_enabled(l0.avic, l0.force_avic, features)
+        # enable_ipiv (default on) is forced off on family 17h/18h after the module parameters are read;
+        # an explicit ipiv = true there models a kernel before that (PRE_IPIV_FORCE_OFF).
+        self.notes: list[str] = []
+        if ipiv_forced_off(features):
+            self.enable_ipiv = l0.ipiv is True
+            if self.enable_ipiv and self.enable_apicv:
+                self.notes.append(f"l0.ipiv = true on {features.name} (family {features.family:#x}): KVM forces "
+                                  f"enable_ipiv off there (avic_hardware_setup); this run models a "
+                                  f"{PRE_IPIV_FORCE_OFF}")
         else:
-            self.enable_ipiv = bool(l0.ipiv)
+            self.enable_ipiv = l0.ipiv is not False
+        if l0.ipiv is True and l0.apicv and not self.enable_apicv and features.avic:
+            force = "" if features.avic_enumerated else " and l0.force_avic = true"
+            self.notes.append(f"l0.ipiv = true has no effect: AVIC is off on {features.name} "
+                              f"(kvm_amd avic = {l0.avic!r}); set l0.avic = true{force}")
         self.avic = AvicVm(kvm, features, enable_ipiv=self.enable_ipiv)
         self.nested: Any = None   # navic.hv.nested.core.NestedSvm when L1 may run L2
+        self.posted_timer = bool(l0.posted_timer)
+        kvm.apic_timer_fn = self.apic_timer_expired
 
     @staticmethod
     def _errata(l0: Any, features: Any) -> frozenset[str]:
@@ -243,6 +265,17 @@ class SvmVendor:
             self.kvm.clear_apicv_inhibit("LOGICAL_ID_ALIASED")
 
     # -- delivery ---------------------------------------------------------------------------
+    def apic_timer_expired(self, vcpu: Vcpu) -> None:
+        """lapic.c apic_timer_expired(apic, from_timer_fn = true) (the hrtimer callback). The timer
+        interrupt is posted (IRR + doorbell, no exit) only if kvm_use_posted_timer_interrupt():
+        kvm_can_post_timer_interrupt() — ``pi_inject_timer`` with HLT/MWAIT in the guest, off by
+        default ([l0] posted_timer) — and APICv active and the vCPU IN_GUEST_MODE. Otherwise (KVM's
+        default) ``pending`` + kick: an exit, and injection on the next entry (Kvm.defer_apic_timer)."""
+        if self.posted_timer and vcpu.apicv_active and vcpu.mode == IN_GUEST_MODE:
+            self.kvm._apic_timer_expired(vcpu)
+        else:
+            self.kvm.defer_apic_timer(vcpu)
+
     def complete_interrupt_delivery(self, vcpu: Vcpu, *, from_vcpu: Vcpu | None) -> None:
         """svm_complete_interrupt_delivery(): doorbell if in guest mode, else wake up; with APICv
         inactive, KVM_REQ_EVENT + kick so the entry path injects it."""
@@ -316,7 +349,9 @@ class SvmVendor:
         if kvm.trace.on:
             kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level=kvm.exit_level.upper(), vcpu=vcpu.ctx.name,
                            reason=name, info1=vmcb.exit_info_1, info2=vmcb.exit_info_2)
-        yield kvm.costs.EXIT_DISPATCH
+        # svm_exit_handlers_fastpath() (needs next_rip: every modelled part has NRIPS).
+        fast = kvm.exit_fastpath(vcpu, vcpu.ctx.exit_insn, hlt=code == V.SVM_EXIT_HLT)
+        yield kvm.costs.EXIT_FASTPATH if fast else kvm.costs.EXIT_DISPATCH
         handler = self._handlers.get(code)
         if handler is None:
             raise RuntimeError(f"{vcpu.name}: unhandled #VMEXIT {name} ({code:#x})")
@@ -397,8 +432,7 @@ class SvmVendor:
 
     def _after_apic_write(self, vcpu: Vcpu, off: int, old_id: int) -> None:
         if off == APIC_ID and vcpu.apic.read_reg(APIC_ID) != old_id:
-            self.kvm.set_apicv_inhibit("APIC_ID_MODIFIED")
-            self.kvm.recalc_apic_map()
+            self.kvm.recalc_apic_map()   # raises or clears APIC_ID_MODIFIED
         elif off in (APIC_LDR, APIC_DFR):
             self.kvm.recalc_apic_map()
 
@@ -416,19 +450,19 @@ class SvmVendor:
         a = vcpu.apic
         if A.kvm_is_trap_offset(off, self.features.ext_lvt_avic_access_chg) and vcpu.ctx.exit_insn is None:
             yield kvm.costs.AVIC_NOACCEL_TRAP
+            if off == APIC_RRR:
+                return "continue"   # avic_unaccel_trap_write(): "Ignore writes to Read Remote Data"
             if off == APIC_LDR:
                 self.avic.handle_ldr_update(vcpu)
             elif off == APIC_DFR:
                 self.avic.handle_dfr_update(vcpu)
-            old_id = vcpu.vcpu_id if off == APIC_ID else 0
             value = a.regs[off >> 2]
             if off == APIC_ICR:
                 a.write_reg(APIC_ICR2, a.regs[APIC_ICR2 >> 2])
             # kvm_apic_write_nodecode(): replay the value already in the page.
             a.write_reg(off, value)
-            if off == APIC_ID and (a.read_reg(APIC_ID) >> 24) != (old_id & 0xFF):
-                kvm.set_apicv_inhibit("APIC_ID_MODIFIED")
-                kvm.recalc_apic_map()
+            if off == APIC_ID:
+                kvm.recalc_apic_map()   # raises or clears APIC_ID_MODIFIED
             elif off in (APIC_LDR, APIC_DFR):
                 kvm.recalc_apic_map()
             return "continue"

@@ -374,7 +374,7 @@ class VmxVendor:
         return self._handle_exit(vcpu, reason)
 
     def _handle_exit(self, vcpu: Vcpu, reason: int) -> Gen:
-        """The x2APIC ICR fastpath, then dispatch on the basic exit reason."""
+        """vmx_exit_handlers_fastpath() (Kvm.exit_fastpath), then dispatch on the basic exit reason."""
         kvm = self.kvm
         ctx: VmcsContext = vcpu.ctx
         name = X.exit_reason_name(reason)
@@ -382,9 +382,7 @@ class VmxVendor:
         if kvm.trace.on:
             kvm.trace.emit("kvm_exit", pcpu=vcpu.cpu, level=kvm.exit_level.upper(), vcpu=vcpu.name,
                            reason=name, info1=ctx.exit_qualification, info2=0)
-        insn = ctx.exit_insn
-        fast = (reason == X.EXIT_REASON_MSR_WRITE and insn.msr == MSR_X2APIC_ICR
-                and _icr_fastpath_ok(insn.value))
+        fast = kvm.exit_fastpath(vcpu, ctx.exit_insn, hlt=reason == X.EXIT_REASON_HLT)
         yield kvm.costs.EXIT_FASTPATH if fast else kvm.costs.EXIT_DISPATCH
         handler = self._handlers.get(reason)
         if handler is None:
@@ -439,8 +437,7 @@ class VmxVendor:
 
     def _after_apic_write(self, vcpu: Vcpu, off: int, old_id: int) -> None:
         if off == APIC_ID and vcpu.apic.read_reg(APIC_ID) != old_id:
-            self.kvm.set_apicv_inhibit("APIC_ID_MODIFIED")
-            self.kvm.recalc_apic_map()
+            self.kvm.recalc_apic_map()   # raises or clears APIC_ID_MODIFIED
         elif off in (APIC_LDR, APIC_DFR):
             self.kvm.recalc_apic_map()
 
@@ -514,12 +511,6 @@ class VmxVendor:
         X.EXIT_REASON_EOI_INDUCED: _exit_eoi_induced,
         X.EXIT_REASON_TPR_BELOW_THRESHOLD: _exit_tpr_below_threshold,
     }
-
-
-def _icr_fastpath_ok(value: int) -> bool:
-    """handle_fastpath_set_x2apic_icr_irqoff(): fixed, physical, no shorthand, not broadcast."""
-    lo = value & 0xFFFFFFFF
-    return not (lo >> 18) & 3 and not (lo >> 11) & 1 and not (lo >> 8) & 7 and (value >> 32) != 0xFFFFFFFF
 
 
 def build_kvm_vmx(scn: Any, engine: Any, costs: Any, rec: Any, tr: Any, guest: Any) -> Kvm:

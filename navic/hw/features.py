@@ -5,8 +5,11 @@ zen1   Naples           0x17    yes   yes         no      -                     
 zen2   Rome             0x17    yes   yes         no      -                     1235; vector<16 dropped
 zen3   Milan            0x19    yes   NO          no      -                     KVM needs force_avic
 zen4   Genoa            0x19    yes   yes         yes     0x1FF (512 entries)
-zen5   Turin            0x1A    yes   yes         yes     0xFFF (x2AVIC_EXT)
+zen5   Turin            0x1A    yes   yes         yes     0xFFF (x2AVIC_EXT, assumed)
 spr    Sapphire Rapids  6       Intel: VMX, APICv, posted interrupts, IPIv
+
+zen5's X2AVIC_EXT is an assumption: KVM supports 4096 x2AVIC IDs when CPUID Fn8000_000A_ECX[6] is set,
+but no source found says which parts set it (docs/model.md "KVM fidelity (issue 13)").
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ def _run(doc: dict[str, Any]) -> None:
     run = runner.simulate(scn)
     res = run.result()
     assert res["violations"] == [], (doc, res["violations"])
-    assert all(w["kind"] == "stalled" for w in run.warnings), run.warnings
+    # "config" labels a deliberate model choice (zen2 with ipiv = true: a pre-8de4a1c8164e kernel).
+    assert all(w["kind"] in ("stalled", "config") for w in run.warnings), run.warnings
 
 
 def _doc(level: str, progs: list[dict[str, Any]], *, cpu: str, virt: str, l1: dict[str, Any],
@@ -141,6 +142,7 @@ def l1_kvm(draw: Any) -> dict[str, Any]:
     cpu = draw(st.sampled_from(["zen4", "zen2", "spr"]))
     l0: dict[str, Any] = {"halt_poll_ns": draw(st.sampled_from([0, 200000]))}
     if cpu == "zen2":
+        l0["avic"] = True   # kvm_amd avic "auto" is off before Zen4
         if draw(st.booleans()):
             # IPI virtualisation forced on; erratum 1235 (a real stuck IPI on Zen 2) not listed —
             # the erratum cases are the explorer's (tests/check/test_nested_explore.py).
@@ -158,6 +160,8 @@ def l2_nested(draw: Any) -> dict[str, Any]:
     cpu = draw(st.sampled_from(["zen4", "zen2"]))
     l0 = {"nested_apicv": draw(st.sampled_from(["none", "shadow", "dummy"])),
           "halt_poll_ns": draw(st.sampled_from([0, 200000]))}
+    if cpu == "zen2":
+        l0["avic"] = True   # kvm_amd avic "auto" is off before Zen4
     # L2: LDR writes (L1's KVM mirrors them into its logical table) and logical sends behind the
     # `add`/`await` barrier, as at L1.
     return _doc("l2", draw(programs(n2, apic2, logical=True)), cpu=cpu, virt="kvm", l1={"vcpus": n1, "apic": apic1},

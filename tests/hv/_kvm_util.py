@@ -24,9 +24,16 @@ def prog(cpu: int, ops: list[str] | str, handlers: dict[int, str] | None = None)
     return text
 
 
+AVIC_OPT_IN = ("zen1", "zen2", "zen3")   # kvm_amd avic "auto" leaves AVIC off there (avic_want_avic_enabled)
+
+
 def scenario(programs: list[str], *, cpu: str = "zen4", apic: str = "x2apic", vcpus: int = 2,
              pcpus: int = 4, virt: str = "kvm", l0: str = "", l1: str = "", max_time_us: float = 2000,
              seed: int = 1) -> str:
+    """A scenario; on zen1–3 these tests study AVIC, so kvm_amd is loaded with ``avic = true``
+    unless ``l0`` says otherwise."""
+    if cpu in AVIC_OPT_IN and "avic" not in l0.replace("force_avic", ""):
+        l0 = "avic = true\n" + l0
     return (f'name = "t"\nseed = {seed}\nmax_time_us = {max_time_us}\n'
             f'[host]\ncpu = "{cpu}"\npcpus = {pcpus}\nvirt = "{virt}"\n'
             f'[l0]\n{l0}\n[l1]\nvcpus = {vcpus}\napic = "{apic}"\n{l1}\n' + "".join(programs))

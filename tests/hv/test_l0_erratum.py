@@ -80,7 +80,9 @@ def test_erratum_needs_the_cpu_zen4_ipiv_on_is_fine(monkeypatch):
 # =====================================================================================================
 def _race(cpu: str, ipiv: str, delay: int) -> str:
     sender = ['{ op = "sti" }', f'{{ op = "compute", cycles = {delay} }}', '{ op = "ipi", to = 1, vector = 0x40 }']
-    receiver = ['{ op = "sti" }', '{ op = "wait", vector = 0x40, how = "hlt" }']
+    # The receiver computes a little first so that the earliest sends (delay 0) still find it running
+    # (IR = 1): its HLT exit takes the fastpath (handle_fastpath_hlt), which reaches the block sooner.
+    receiver = ['{ op = "sti" }', '{ op = "compute", cycles = 1000 }', '{ op = "wait", vector = 0x40, how = "hlt" }']
     return scenario([prog(0, sender), prog(1, receiver)], cpu=cpu, apic="xapic",
                     l0=f"ipiv = {ipiv}\nerratum_1235_p = 1.0\nhalt_poll_ns = 0\n", max_time_us=200)
 

@@ -150,8 +150,11 @@ def _l1_vcpus(scn: Scenario, kvm0: Kvm, l1mem: GuestMemory, silicon: Any = None)
     that host view. L1's KVM parameters are [l0]'s but for apicv = [l1] apicv_for_l2,
     timeslice_us = [l1] timeslice_us and doorbell_strict (upstream KVM: always strict)."""
     vm1 = scn.l1
-    params = dataclasses.replace(scn.l0, apicv=vm1.apicv_for_l2, timeslice_us=vm1.timeslice_us, force_avic=False,
-                                 doorbell_strict=True)   # avic_doorbell_strict is L0's (RFC) kernel only
+    # L1's kvm_amd is loaded with avic = 1 when it wants APIC virtualization for L2 (its "auto" would
+    # look for X2AVIC, which only the shadow-x2avic design offers). avic_doorbell_strict is L0's (RFC)
+    # kernel only: L1's KVM is always strict.
+    params = dataclasses.replace(scn.l0, apicv=vm1.apicv_for_l2, avic=vm1.apicv_for_l2,
+                                 timeslice_us=vm1.timeslice_us, force_avic=False, doorbell_strict=True)
     l1host = L1Host(kvm0, l1mem, vm1, params)
     if silicon is not None:
         l1host.silicon = silicon(l1host)

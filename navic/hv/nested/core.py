@@ -184,7 +184,11 @@ class NestedSvm:
         vcpu.ctx = vcpu.ctx01
         vcpu.nested_inhibit = False
         kvm.inhibits.clear_vcpu("NESTED", vcpu.name)
-        vcpu.requests.add(REQ_APICV_UPDATE)
+        # nested_svm_vmexit(): "Un-inhibit the AVIC right away" — __kvm_vcpu_update_apicv() now
+        # (when kvm_apicv_activated(), i.e. no VM-wide inhibit), not KVM_REQ_APICV_UPDATE at the next
+        # entry: IsRunning is 1 again before the rest of the #VMEXIT emulation runs.
+        if not kvm.inhibits:
+            kvm.vendor.refresh_apicv_exec_ctrl(vcpu)
         kvm.rec.count("nested_vmexit")
         if kvm.trace.on:
             kvm.trace.emit("kvm_nested_vmexit", pcpu=vcpu.cpu, level="L0", vcpu=l2.name,
