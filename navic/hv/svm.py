@@ -240,16 +240,25 @@ class SvmVendor:
             iommu.update_vcpu(vcpu, running=running, host_id=host_id, ga_log=ga_log)
 
     def recalc_logical_aliasing(self) -> None:
-        """kvm_recalculate_logical_map(): xAPIC logical IDs must map 1:1 for AVIC."""
+        """kvm_recalculate_logical_map() + kvm_recalculate_apic_map(): LOGICAL_ID_ALIASED is set when
+        the logical map is KVM_APIC_MODE_MAP_DISABLED — software-enabled APICs with an LDR in
+        different logical modes (xAPIC flat, xAPIC cluster, x2APIC: a mixed-mode guest), or xAPIC
+        logical IDs that do not map 1:1 to vCPUs. x2APIC LDRs are derived from the ID and never
+        alias. (Upstream: "KVM: x86: Inhibit APICv/AVIC if the optimized logical map is disabled".)"""
         seen: dict[int, int] = {}
         aliased = False
+        modes: set[str] = set()
         for v in self.kvm.vcpus:
-            if v.apic.mode != "xapic":
+            if v.apic.mode not in ("xapic", "x2apic") or not v.apic.sw_enabled:
+                continue
+            if v.apic.mode == "x2apic":
+                modes.add("x2apic")
                 continue
             ldr = v.apic.read_reg(APIC_LDR) >> 24
             if not ldr:
                 continue
             flat = v.apic.read_reg(APIC_DFR) == 0xFFFFFFFF
+            modes.add("flat" if flat else "cluster")
             bits = ldr if flat else ldr & 0xF
             if bin(bits).count("1") != 1:
                 aliased = True
@@ -259,7 +268,7 @@ class SvmVendor:
                 aliased = True
                 break
             seen[key] = v.idx
-        if aliased:
+        if aliased or len(modes) > 1:
             self.kvm.set_apicv_inhibit("LOGICAL_ID_ALIASED")
         else:
             self.kvm.clear_apicv_inhibit("LOGICAL_ID_ALIASED")

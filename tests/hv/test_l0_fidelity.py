@@ -289,3 +289,21 @@ def test_ipiv_true_with_avic_left_at_auto_on_zen2_says_it_has_no_effect():
     assert not vendor.enable_apicv
     (w,) = res["warnings"]
     assert w["kind"] == "config" and "set l0.avic = true" in w["detail"]
+
+
+# -- mixed xAPIC / x2APIC logical modes disable KVM's logical map: LOGICAL_ID_ALIASED --------------
+def test_mixed_xapic_x2apic_logical_modes_inhibit_avic(monkeypatch):
+    """kvm_recalculate_logical_map() sets logical_mode = KVM_APIC_MODE_MAP_DISABLED when enabled APICs
+    with an LDR use different logical modes (here xAPIC flat and x2APIC), and
+    kvm_recalculate_apic_map() then sets APICV_INHIBIT_REASON_LOGICAL_ID_ALIASED; it is cleared when
+    the guest is back to one mode."""
+    progs = [prog(0, [STI, '{ op = "write", reg = "LDR", value = 0x01000000 }',
+                      '{ op = "compute", cycles = 20000 }']),
+             prog(1, [STI, '{ op = "compute", cycles = 5000 }',
+                      '{ op = "wrmsr", msr = 0x1b, value = 0xfee00c00 }',     # EN | EXTD: to x2APIC
+                      '{ op = "compute", cycles = 5000 }'])]
+    t = traced(scenario(progs, cpu="zen4", apic="xapic"), monkeypatch=monkeypatch)
+    assert t.result["errors"] == []
+    (rng,) = t.result["inhibits"]["LOGICAL_ID_ALIASED"]
+    assert rng[0] > 0 and rng[1] is None          # raised when l1.1 entered x2APIC mode, never cleared
+    assert not any(v.apicv_active for v in t.kvm.vcpus)
