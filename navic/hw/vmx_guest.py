@@ -29,6 +29,11 @@ APIC virtualisation (SDM vol. 3C ch. 30 "APIC Virtualization and Virtual Interru
 * event injection (VM-entry interruption information) and interrupt-window exiting when APICv is off;
   TPR-below-threshold with the TPR shadow only; HLT exiting.
 
+A ``compute`` is a run of instructions with a boundary at every cycle: a host interrupt or a
+posted-interrupt notification arriving during it is recognised then (an external-interrupt exit,
+or posted-interrupt processing and, if it makes a virtual interrupt deliverable, its delivery),
+the rest running after IRET or the next VM entry (:func:`navic.hw.isa.run_compute`).
+
 Trap-like exits complete the instruction before exiting; fault-like exits leave it in
 ``ctx.exit_insn`` for the hypervisor to emulate and retire.
 """
@@ -143,6 +148,12 @@ class Vmx:
         reason = -1
         qual = 0
 
+        def recognisable() -> bool:
+            """What cuts a compute short: any host interrupt, the notification vector included —
+            external-interrupt exiting makes them recognisable whatever the guest's IF (SDM vol. 3C
+            §26.2, §30.6)."""
+            return pcpu.intr_pending or pcpu.pi_pending or ctx.pi_nested_pending
+
         info = ctx.entry_intr_info
         if info & INTR_INFO_VALID:
             ctx.entry_intr_info = 0
@@ -185,7 +196,9 @@ class Vmx:
             # ---- fetch and execute -----------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
-            if t is isa.MmioWrite or t is isa.MmioRead:
+            if t is isa.Compute:
+                yield from isa.run_compute(insn, g, pcpu.wake, recognisable)
+            elif t is isa.MmioWrite or t is isa.MmioRead:
                 off = insn.addr - APIC_ACCESS_PAGE
                 if ctx.virt_apic_accesses and 0 <= off < APIC_PAGE_SIZE and not g.x2apic:
                     r = yield from self._apic_page_access(pcpu, ctx, insn, off)
