@@ -120,12 +120,9 @@ class Svm:
         exit_code = -1
         info1 = info2 = 0
 
-        def recognisable() -> bool:
-            """What cuts a compute short: a host interrupt (#VMEXIT(INTR) at the next boundary,
-            APM vol. 2 §15.21), or a doorbell whose IRR evaluation finds a vector the guest
-            takes now (§15.29, digest §4.4/§4.5: a doorbell in guest mode is an evaluation point)."""
-            return pcpu.intr_pending or (pcpu.doorbell_pending and avic and g.IF
-                                         and vapic.has_interrupt() >= 0)  # type: ignore[union-attr]
+        # (a partial, not a closure: a closure would turn this frame's locals into cells, whose
+        # order in f_locals — and so the explorer's state hash — would depend on history)
+        recognisable = partial(_cuts_compute, pcpu, g, vapic)
 
         ei = vmcb.event_inj
         if ei & (1 << 31):
@@ -336,6 +333,15 @@ class Svm:
             return (V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS, *A.noaccel_exit_info(off, True, max(vec, 0)))
         return None  # allowed: a plain backing-page write
 
+
+
+def _cuts_compute(pcpu: HostCpu, g: GuestCpu, vapic: LocalApic | None) -> bool:
+    """What cuts a guest's compute short: a host interrupt (#VMEXIT(INTR) at the next instruction
+    boundary, APM vol. 2 §15.21), or with AVIC (``vapic``) a doorbell whose IRR evaluation finds a
+    vector the guest takes now (§15.29; digest §4.4/§4.5: a doorbell received in guest mode is an
+    evaluation point). V_IRQ does not change while the guest runs."""
+    return pcpu.intr_pending or (pcpu.doorbell_pending and vapic is not None and g.IF
+                                 and vapic.has_interrupt() >= 0)
 
 
 # Reserved bits of the x2APIC writes AVIC accelerates (the bits _x2apic_reserved checks).

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from navic.apic.lapic import LocalApic
@@ -79,6 +80,13 @@ VID_WRITES = frozenset((APIC_TPR, APIC_EOI, APIC_ICR))
 
 # Host-IPI kinds (navic.hv.host) by physical vector.
 HOST_IPI_KIND = {X.POSTED_INTR_VECTOR: "posted_intr", X.POSTED_INTR_WAKEUP_VECTOR: "pi_wakeup"}
+
+
+def _cuts_compute(pcpu: HostCpu, ctx: VmcsContext) -> bool:
+    """What cuts a guest's compute short: any host interrupt, the notification vector included —
+    with external-interrupt exiting they are recognised whatever the guest's IF (SDM vol. 3C
+    §26.2; §30.6 for the notification vector's posted-interrupt processing)."""
+    return pcpu.intr_pending or pcpu.pi_pending or ctx.pi_nested_pending
 
 
 @dataclass
@@ -148,11 +156,7 @@ class Vmx:
         reason = -1
         qual = 0
 
-        def recognisable() -> bool:
-            """What cuts a compute short: any host interrupt, the notification vector included —
-            external-interrupt exiting makes them recognisable whatever the guest's IF (SDM vol. 3C
-            §26.2, §30.6)."""
-            return pcpu.intr_pending or pcpu.pi_pending or ctx.pi_nested_pending
+        recognisable = partial(_cuts_compute, pcpu, ctx)   # (not a closure: see navic.hw.svm)
 
         info = ctx.entry_intr_info
         if info & INTR_INFO_VALID:
