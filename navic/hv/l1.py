@@ -18,9 +18,10 @@ What an L1 thread yields is translated into instructions: ``int n`` → ``Comput
 the atomic-step boundary; ``n`` cycles of L1 kernel code run with interrupts enabled, so they are
 interruptible like a guest program's ``compute``: an interrupt to the L1 vCPU, or a host event
 that exits to L0, cuts them short and the rest runs when the thread next runs — see
-:meth:`L1Cpu.suspend` and docs/model.md "Interrupts during compute"), a ``Signal`` → the thread blocks and the scheduler switches or idles
-(a wake-up from elsewhere is delivered as a reschedule IPI to that L1 vCPU, as Linux's ``ttwu``
-does), an instruction → executed by the silicon with its result sent back.
+:meth:`L1Cpu.suspend` and docs/model.md "Interrupts during compute"), a ``Signal`` → the thread
+blocks and the scheduler switches or idles (a wake-up from elsewhere is delivered as a reschedule
+IPI to that L1 vCPU, as Linux's ``ttwu`` does), an instruction → executed by the silicon with its
+result sent back.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Native execution steps a :class:`~navic.guest.kernel.GuestCpu` instruction by in
 against this CPU's own local APIC. At every instruction boundary it recognises, in priority
 order (SDM vol. 3 §6.9): INIT, NMI (unless blocked), then a maskable interrupt when IF = 1 and
 not in the one-instruction STI shadow. A ``compute`` is a run of instructions, so an event that
-becomes recognisable during it is taken then (:func:`navic.hw.isa.run_compute`). Virtualised execution (guest mode under SVM/VMX) lives
-in :mod:`navic.hw.svm` and :mod:`navic.hw.vmx`.
+becomes recognisable during it is taken then (:func:`navic.hw.isa.run_compute`). Virtualised
+execution (guest mode under SVM/VMX) lives in :mod:`navic.hw.svm` and :mod:`navic.hw.vmx`.
 """
 
 from __future__ import annotations

@@ -296,7 +296,8 @@ class Engine:
                     self.steps += 1
                     value = None
                     continue
-                raise SimulationError(f"process {target.name} yielded {y!r}; expected cycles (int), a Signal or a Cuttable")
+                raise SimulationError(f"process {target.name} yielded {y!r}; "
+                                      "expected cycles (int), a Signal or a Cuttable")
 
     def candidates(self, until: int | None = None) -> list[tuple[int, int, Any, Any]]:
         """The window of events one of which may run next (see the module docstring), earliest
