@@ -48,7 +48,7 @@ class Signal:
 
     def __init__(self, engine: Engine, name: str = "") -> None:
         self.engine = engine
-        self.waiters: list[Any] = []   # Processes, or objects with wake(value) (an L1 thread)
+        self.waiters: list[Any] = []   # Processes, or objects with wake(value) (an L1 thread, a Cuttable)
         self.name = name
 
     def fire(self, value: Any = None) -> int:
