@@ -217,3 +217,47 @@ def test_hackbench_computes_are_cut_and_every_cycle_still_runs(config: str, monk
     assert cuts.get("guest", 0) >= 5, cuts
     if config == "l2-none-spr":
         assert cuts.get("l1", 0) >= 1, cuts
+
+
+def test_a_cuttable_is_the_same_window_candidate_as_yield_n() -> None:
+    """Window mode (the explorer): a compute's end is one candidate of the process, at the same
+    time and with the same label as ``yield n``; an arrival before it is the same choice either
+    way — taking the arrival first is what cuts the compute."""
+    from navic.sim.chooser import Chooser
+    from navic.sim.engine import Cuttable
+
+    class Record(Chooser):
+        wants_window = True
+        horizon = 10_000
+        width = 4
+
+        def __init__(self, pick_last: bool) -> None:
+            self.windows: list[list[tuple[int, str]]] = []
+            self.pick_last = pick_last
+
+        def window(self, candidates: list[tuple[int, str]]) -> int:
+            self.windows.append(candidates)   # pick_last: run the compute's end before the ipi
+            return candidates.index((1000, "cpu")) if self.pick_last and (1000, "cpu") in candidates else 0
+
+    def windows(cuttable: bool, pick_last: bool) -> tuple[list, list]:
+        ch = Record(pick_last)
+        eng = Engine(chooser=ch)
+        sig = eng.signal("wake")
+        log: list = []
+
+        def cpu():
+            w = Cuttable(1000, sig, lambda: True) if cuttable else 1000
+            yield w
+            log.append((eng.now, w.rest if cuttable else 0))
+
+        eng.spawn(cpu(), "cpu")
+        eng.call_at(400, sig.fire, label="ipi")
+        eng.run()
+        return ch.windows, log
+
+    for pick_last in (False, True):
+        old, old_log = windows(False, pick_last)
+        new, new_log = windows(True, pick_last)
+        assert new == old and new[-1] == [(400, "ipi"), (1000, "cpu")]
+    # ipi first (time order): the compute is cut at 400 with 600 left; delayed past the end: not cut.
+    assert windows(True, False)[1] == [(400, 600)] and windows(True, True)[1] == [(1000, 0)]
