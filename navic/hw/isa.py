@@ -141,6 +141,19 @@ def run_compute(insn: Compute, g: Any, wake: Signal, cut: Callable[[], bool]) ->
         g.retire(None)
 
 
+def run_first_insn(insn: Compute, g: Any, insn_cycles: int) -> Generator[Any, Any, None]:
+    """A ``Compute`` fetched in the STI shadow while an event is pending: interrupts are
+    recognised after the instruction that follows STI (SDM vol. 2B "STI"; vol. 3 §6.8.1), so only
+    the compute's first instruction (``insn_cycles``) runs before the boundary that takes the
+    event; the rest is suspended as by :func:`run_compute`."""
+    if insn.atomic or insn.cycles <= insn_cycles:
+        g.retire(None)
+        yield insn.cycles
+        return
+    g.suspend(Compute(insn.cycles - insn_cycles))
+    yield insn_cycles
+
+
 def execute_plain(insn: Insn, g: Any, costs: Any) -> tuple[int, bool] | None:
     """Execute an instruction that behaves the same natively and in guest mode (STI, CLI, IRET,
     an uninterruptible compute) on guest state ``g``. Returns (cycles, sti_shadow), or None when

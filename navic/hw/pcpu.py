@@ -101,10 +101,14 @@ class PhysCpu:
                     yield INTR_ENTRY
                     g.enter_handler(v, "irq")
                     continue
-            shadow = False
             # ---- fetch and execute ------------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
+            if shadow and t is Compute and recognisable():
+                shadow = False   # the shadow ends after the compute's first instruction
+                yield from isa.run_first_insn(insn, g, INSN)
+                continue
+            shadow = False
             if t is Compute:
                 yield from run_compute(insn, g, self.wake, recognisable)
             elif t is MmioWrite or t is MmioRead:

@@ -158,11 +158,16 @@ class Svm:
                     yield INTR_ENTRY
                     g.enter_handler(vmcb.v_intr_vector, "irq")
                     continue
-            shadow = False
-
             # ---- fetch and execute -----------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
+            if shadow and t is Compute and g.IF and (
+                    (eval_pending and vapic.has_interrupt() >= 0)  # type: ignore[union-attr]
+                    or (not avic and vmcb.v_irq)):
+                shadow = False   # the shadow ends after the compute's first instruction
+                yield from isa.run_first_insn(insn, g, INSN)
+                continue
+            shadow = False
             if t is Compute:
                 yield from isa.run_compute(insn, g, pcpu.wake, recognisable)
             elif t is MmioWrite or t is MmioRead:

@@ -195,11 +195,15 @@ class Vmx:
                         yield costs.INTR_ENTRY
                         g.enter_handler(v, "irq")
                         continue
-            shadow = False
-
             # ---- fetch and execute -----------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
+            if shadow and t is isa.Compute and g.IF and (
+                    ctx.intr_window_exiting or (ctx.vid and self.pending_virtual(ctx) >= 0)):
+                shadow = False   # the shadow ends after the compute's first instruction
+                yield from isa.run_first_insn(insn, g, costs.INSN)
+                continue
+            shadow = False
             if t is isa.Compute:
                 yield from isa.run_compute(insn, g, pcpu.wake, recognisable)
             elif t is isa.MmioWrite or t is isa.MmioRead:

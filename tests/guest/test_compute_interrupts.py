@@ -261,3 +261,29 @@ def test_a_cuttable_is_the_same_window_candidate_as_yield_n() -> None:
         assert new == old and new[-1] == [(400, "ipi"), (1000, "cpu")]
     # ipi first (time order): the compute is cut at 400 with 600 left; delayed past the end: not cut.
     assert windows(True, False)[1] == [(400, 600)] and windows(True, True)[1] == [(1000, 0)]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_an_interrupt_pending_at_sti_is_taken_after_the_first_instruction_of_a_compute(config: str) -> None:
+    """STI's shadow covers one instruction (SDM vol. 2B STI): an interrupt already pending when
+    STI opens IF is taken after the first instruction of a following compute, not at its end."""
+    level, host, l0, nested = CONFIGS[config]
+    text = (f'name = "sti-compute"\nseed = 1\nmax_time_us = 2000\n[host]\n{host}\npcpus = 4\n'
+            f'[l0]\n{l0}\n[l1]\nvcpus = 2\napic = "x2apic"\n'
+            + ('[l2]\nvcpus = 2\napic = "x2apic"\n' if nested else "") + f'''
+[[program]]
+cpu = "{level}.0"
+ops = [ {{ op = "cli" }}, {{ op = "ipi", shorthand = "self", vector = 0x40 }},
+        {{ op = "compute", cycles = 20000 }}, {{ op = "sti" }}, {{ op = "compute", cycles = {LONG} }},
+        {{ op = "ipi", shorthand = "self", vector = 0x41 }} ]
+[program.handlers]
+0x40 = [ {{ op = "eoi" }} ]
+0x41 = [ {{ op = "eoi" }} ]
+''')
+    res = run_scenario(loads_scenario(text, "t.toml"))
+    assert res["violations"] == [] and res["errors"] == []
+    d40 = [d for d in res["deliveries"] if d["vector"] == 0x40]
+    d41 = [d for d in res["deliveries"] if d["vector"] == 0x41]
+    assert len(d40) == 1 and len(d41) == 1, res["deliveries"]
+    assert d40[0]["t"] < 20_000 + 30_000, d40          # right after the STI, not after LONG cycles
+    assert d41[0]["t"] - d41[0]["latency"] >= 20_000 + LONG   # and the compute still ran whole
