@@ -195,7 +195,7 @@ def _nested_state(kvm0: Any, kvm2: Any, parts: list[Any]) -> None:
     l1host = kvm2.host
     for c in getattr(l1host, "cpus", ()):
         parts.append((c.name, c.IF, c.nmi_blocked, tuple(sorted(c.handled.items())),
-                      tuple((f.saved_if, _pc(f.gen)) for f in c.frames),
+                      tuple((f.saved_if, _pc(f.gen), repr(f.resume)) for f in c.frames),
                       tuple(t.vcpu.name for t in c.runnable)))
     for name, t in sorted(getattr(l1host, "threads", {}).items()):
         parts.append((name, _pc(t.gen), t.waiting.name if t.waiting is not None else None,

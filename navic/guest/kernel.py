@@ -8,7 +8,8 @@ at L1 or L2: only the executor that steps it differs.
 
 Protocol with the executor: call :meth:`next_insn` to get the next instruction, execute it, then
 :meth:`retire` its result *before* any interrupt is taken; take interrupts only at instruction
-boundaries through :meth:`enter_handler`.
+boundaries through :meth:`enter_handler`. A ``Compute`` cut short by an event is not retired but
+:meth:`suspend`-ed with the part not yet run, which is fetched again when its code resumes.
 """
 
 from __future__ import annotations
@@ -277,9 +278,10 @@ def compiled(ops: tuple[O.Op, ...]) -> _Code:
 class _Frame:
     """One running piece of code on a CPU: the program (or idle loop) at the bottom, one handler
     per interrupt above it. ``pc`` is the next step, ``ctr`` the repeat counters, ``loc`` the
-    current op's run-time locals, ``result`` the result of the last instruction retired."""
+    current op's run-time locals, ``result`` the result of the last instruction retired,
+    ``resume`` the rest of a ``Compute`` an interrupt cut short (fetched first when it resumes)."""
 
-    __slots__ = ("code", "steps", "pc", "ctr", "loc", "saved_if", "kind", "result")
+    __slots__ = ("code", "steps", "pc", "ctr", "loc", "saved_if", "kind", "result", "resume")
 
     def __init__(self, code: _Code, saved_if: bool, kind: str) -> None:
         self.code = code
@@ -290,12 +292,15 @@ class _Frame:
         self.saved_if = saved_if
         self.kind = kind       # "program", "idle", "irq", "nmi"
         self.result: Any = None
+        self.resume: isa.Compute | None = None
 
     def position(self) -> tuple[Any, ...]:
-        """Where this code is suspended, as plain data (for the explorer's state hash)."""
+        """Where this code is suspended, as plain data (for the explorer's state hash); a frame in
+        the middle of a ``compute`` adds the cycles it has left."""
         key, slots, has_loc = self.code.keys[self.pc]
         ctr = self.ctr
-        return (key, tuple(ctr[s] for s in slots) if ctr is not None else (), self.loc if has_loc else None)
+        pos = (key, tuple(ctr[s] for s in slots) if ctr is not None else (), self.loc if has_loc else None)
+        return pos if self.resume is None else (*pos, ("compute.rest", self.resume.cycles))
 
 
 class GuestCpu:
@@ -364,6 +369,10 @@ class GuestCpu:
                 del self.shared.spinners[self._member]  # type: ignore[union-attr]
         frames = self.frames
         f = frames[-1]
+        rest = f.resume
+        if rest is not None:   # the code was interrupted inside a compute: run the rest of it first
+            f.resume = None
+            return rest
         res = f.result
         f.result = None
         steps = f.steps
@@ -563,7 +572,7 @@ class GuestCpu:
         if k == _ADD:
             self._op_index = op.index
             f.pc = pc + 1
-            return isa.Compute(self.ATOMIC_CYCLES)
+            return isa.Compute(self.ATOMIC_CYCLES, atomic=True)   # one instruction: no boundary inside
         if k == _ADD_POST:
             if self.shared is not None:
                 self.shared.add(op.var, op.value)
@@ -630,6 +639,13 @@ class GuestCpu:
         """Hand the result of the instruction just executed back to the code that issued it."""
         self.frames[-1].result = result
 
+    def suspend(self, rest: isa.Compute) -> None:
+        """The ``Compute`` just fetched stopped at an instruction boundary with ``rest`` still to
+        run (an interrupt or exit is about to be taken there, :func:`navic.hw.isa.run_compute`):
+        the saved instruction pointer points into it (SDM vol. 3 §6.6), so the code fetches
+        ``rest`` first when it resumes."""
+        self.frames[-1].resume = rest
+
     def enter_handler(self, vector: int, kind: str) -> None:
         """Interrupt/NMI entry at an instruction boundary: IF <- 0, push the handler frame."""
         saved = self.IF
@@ -667,6 +683,7 @@ class GuestCpu:
             f.saved_if = saved
             f.kind = fkind
             f.result = None
+            f.resume = None
         self.frames.append(f)
         self.handled[vector] = self.handled.get(vector, 0) + 1
         self.epoch += 1

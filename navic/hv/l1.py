@@ -15,9 +15,13 @@
   unchanged, its PIDs and PID-pointer table in L1 memory (docs/model.md "Nested VMX").
 
 What an L1 thread yields is translated into instructions: ``int n`` → ``Compute(n)`` (``0`` keeps
-the atomic-step boundary), a ``Signal`` → the thread blocks and the scheduler switches or idles
-(a wake-up from elsewhere is delivered as a reschedule IPI to that L1 vCPU, as Linux's ``ttwu``
-does), an instruction → executed by the silicon with its result sent back.
+the atomic-step boundary; ``n`` cycles of L1 kernel code run with interrupts enabled, so they are
+interruptible like a guest program's ``compute``: an interrupt to the L1 vCPU, or a host event
+that exits to L0, cuts them short and the rest runs when the thread next runs — see
+:meth:`L1Cpu.suspend` and docs/model.md "Interrupts during compute"), a ``Signal`` → the thread
+blocks and the scheduler switches or idles (a wake-up from elsewhere is delivered as a reschedule
+IPI to that L1 vCPU, as Linux's ``ttwu`` does), an instruction → executed by the silicon with its
+result sent back.
 """
 
 from __future__ import annotations
@@ -196,12 +200,13 @@ class VirtualVmx:
 
 
 class _Frame:
-    __slots__ = ("gen", "saved_if", "result")
+    __slots__ = ("gen", "saved_if", "result", "resume")
 
     def __init__(self, gen: Generator[Insn, Any, None], saved_if: bool) -> None:
         self.gen = gen
         self.saved_if = saved_if
         self.result: Any = None
+        self.resume: Insn | None = None   # the rest of a Compute an NMI / exit cut short
 
 
 class L1Cpu:
@@ -223,7 +228,8 @@ class L1Cpu:
         self.handled: dict[int, int] = {}
         self.frames: list[_Frame] = []
         self.runnable: deque[L1Thread] = deque()
-        self._issuer: L1Thread | _Frame | None = None
+        self._issuer: L1Thread | _Frame | None = None   # who gets the result of the last fetch
+        self._source: L1Thread | _Frame | None = None   # whose code the last fetch came from
         self.poll_wake: Any = None
         self.clock = host.engine
         self.ipi_sent_at = 0
@@ -245,6 +251,11 @@ class L1Cpu:
         while True:
             if self.frames:
                 f = self.frames[-1]
+                self._source = f
+                if f.resume is not None:   # interrupted inside a compute: its rest first
+                    insn, f.resume = f.resume, None
+                    self._issuer = f
+                    return insn
                 res, f.result = f.result, None
                 try:
                     insn = f.gen.send(res)
@@ -253,9 +264,10 @@ class L1Cpu:
                 except StopIteration:
                     self.frames.pop()
                     self.IF = f.saved_if
-                    self._issuer = None
+                    self._issuer = self._source = None
                     return isa.IRET
             t = self._current()
+            self._source = t
             if t is None:
                 self._issuer = None
                 return isa.HLT
@@ -264,7 +276,7 @@ class L1Cpu:
                 return t.pending.popleft()
             if t.waiting is not None:
                 # The thread holds this CPU but waits (halt polling): spin until something changes.
-                self._issuer = None
+                self._issuer = self._source = None
                 return isa.Pause(self.epoch)
             res, t.result = t.result, None
             host.stepping = t
@@ -314,6 +326,18 @@ class L1Cpu:
         i = self._issuer
         if i is not None:
             i.result = result
+        self._issuer = None
+
+    def suspend(self, rest: Insn) -> None:
+        """A ``Compute`` of L1 code was cut short (an interrupt to this L1 vCPU, or an exit to L0):
+        ``rest`` runs first when that code resumes — a handler's rest when the handler does, a
+        thread's (queued ahead of its pending instructions) when the thread next runs here,
+        whichever thread the handler lets run in between (a timer tick may switch threads)."""
+        src = self._source
+        if type(src) is L1Thread:
+            src.pending.appendleft(rest)
+        elif src is not None:
+            src.resume = rest
         self._issuer = None
 
     def enter_handler(self, vector: int, kind: str) -> None:

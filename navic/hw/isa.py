@@ -9,8 +9,11 @@ an instruction may be intercepted and cause a #VMEXIT to the hypervisor below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
 from typing import Any
+
+from navic.sim.engine import Cuttable, Signal
 
 
 class Insn:
@@ -41,9 +44,13 @@ class Wrmsr(Insn):
 
 @dataclass(frozen=True, slots=True)
 class Compute(Insn):
-    """Straight-line work of ``cycles`` cycles (interrupts are recognised only after it)."""
+    """Straight-line work of ``cycles`` cycles: a run of ordinary instructions, with an instruction
+    boundary (where interrupts are recognised) at every cycle (:func:`run_compute`). ``atomic``
+    marks one instruction that takes that long (a LOCK-prefixed read-modify-write): no boundary
+    inside it."""
 
     cycles: int
+    atomic: bool = field(default=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +117,47 @@ class MemWrite(Insn):
     value: int
 
 
+def run_compute(insn: Compute, g: Any, wake: Signal, cut: Callable[[], bool]) -> Generator[Any, Any, None]:
+    """Execute ``Compute`` on guest state ``g``: ``insn.cycles`` cycles of ordinary instructions.
+
+    A CPU recognises interrupts and other events at every instruction boundary (SDM vol. 3 §6.6
+    "Program or task restart", §6.9 priorities; APM vol. 2 ch. 8, and §15.21 / §15.29 in guest
+    mode): so when ``wake`` fires and ``cut()`` says an event is now recognisable
+    (an interrupt with IF = 1, an NMI, INIT, a doorbell with a deliverable vector, a host
+    interrupt that forces an exit, ...), the computation stops there. The instructions not yet
+    run become ``Compute(rest)``, which the interrupted code fetches again when it resumes (after
+    IRET, or after VMRUN when the cut was a #VMEXIT): :meth:`GuestCpu.suspend`. The executor's
+    next instruction boundary then takes the event. An ``atomic`` compute (one long instruction),
+    or a zero-length one, runs whole as before."""
+    if insn.atomic or insn.cycles <= 0:
+        g.retire(None)
+        yield insn.cycles
+        return
+    w = Cuttable(insn.cycles, wake, cut)
+    yield w
+    if w.rest > 0:
+        g.suspend(Compute(w.rest))
+    else:
+        g.retire(None)
+
+
+def run_first_insn(insn: Compute, g: Any, insn_cycles: int) -> Generator[Any, Any, None]:
+    """A ``Compute`` fetched in the STI shadow while an event is pending: interrupts are
+    recognised after the instruction that follows STI (SDM vol. 2B "STI"; vol. 3 §6.8.1), so only
+    the compute's first instruction (``insn_cycles``) runs before the boundary that takes the
+    event; the rest is suspended as by :func:`run_compute`."""
+    if insn.atomic or insn.cycles <= insn_cycles:
+        g.retire(None)
+        yield insn.cycles
+        return
+    g.suspend(Compute(insn.cycles - insn_cycles))
+    yield insn_cycles
+
+
 def execute_plain(insn: Insn, g: Any, costs: Any) -> tuple[int, bool] | None:
     """Execute an instruction that behaves the same natively and in guest mode (STI, CLI, IRET,
-    straight-line compute) on guest state ``g``. Returns (cycles, sti_shadow), or None when
-    ``insn`` is not one of them."""
+    an uninterruptible compute) on guest state ``g``. Returns (cycles, sti_shadow), or None when
+    ``insn`` is not one of them. (The executors run ``Compute`` with :func:`run_compute`.)"""
     if type(insn) is Compute:
         g.retire(None)
         return insn.cycles, False

@@ -3,13 +3,15 @@
 Native execution steps a :class:`~navic.guest.kernel.GuestCpu` instruction by instruction
 against this CPU's own local APIC. At every instruction boundary it recognises, in priority
 order (SDM vol. 3 §6.9): INIT, NMI (unless blocked), then a maskable interrupt when IF = 1 and
-not in the one-instruction STI shadow. Virtualised execution (guest mode under SVM/VMX) lives
-in :mod:`navic.hw.svm` and :mod:`navic.hw.vmx`.
+not in the one-instruction STI shadow. A ``compute`` is a run of instructions, so an event that
+becomes recognisable during it is taken then (:func:`navic.hw.isa.run_compute`). Virtualised
+execution (guest mode under SVM/VMX) lives in :mod:`navic.hw.svm` and :mod:`navic.hw.vmx`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from navic.apic.lapic import _IRR_HI, _IRR_LO, _NO_BITS, GPFault, LocalApic
@@ -52,9 +54,12 @@ class PhysCpu:
         page = a.page
         shadow = False
         apic_lo = g.apic_base
-        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT = (
-            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT)
+        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT, Compute = (
+            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT, isa.Compute)
         execute_plain = isa.execute_plain
+        run_compute = isa.run_compute
+        # What cuts a compute short: what the next instruction boundary would take.
+        recognisable = partial(self._interruptible, g)
         # The cost model is fixed for a run: read the per-instruction costs once.
         INTR_ENTRY, APIC_ACCESS, SPIN_LOOP, HLT_WAKE, INSN = (
             costs.INTR_ENTRY, costs.APIC_ACCESS, costs.SPIN_LOOP, costs.HLT_WAKE, costs.INSN)
@@ -96,11 +101,17 @@ class PhysCpu:
                     yield INTR_ENTRY
                     g.enter_handler(v, "irq")
                     continue
-            shadow = False
             # ---- fetch and execute ------------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
-            if t is MmioWrite or t is MmioRead:
+            if shadow and t is Compute and recognisable():
+                shadow = False   # the shadow ends after the compute's first instruction
+                yield from isa.run_first_insn(insn, g, INSN)
+                continue
+            shadow = False
+            if t is Compute:
+                yield from run_compute(insn, g, self.wake, recognisable)
+            elif t is MmioWrite or t is MmioRead:
                 # (a.apic_base and a.mode == "xapic", read without the property calls)
                 apic_lo = a._apic_base & 0xFFFFF000
                 off = insn.addr - apic_lo

@@ -15,6 +15,11 @@
   receipt, guest EOI and TPR writes — a software IRR write without a doorbell is *not* seen until
   the next one (digest §4.5).
 
+A ``compute`` is a run of instructions with a boundary at every cycle: a host interrupt (INTR
+intercept) or a doorbell with a deliverable vector arriving during it is taken then, the rest of
+the compute running after the handler's IRET or after the next VMRUN
+(:func:`navic.hw.isa.run_compute`).
+
 Trap-style exits complete the instruction before exiting; fault-style exits leave it in
 ``ctx.exit_insn`` for the hypervisor to emulate and retire.
 """
@@ -98,8 +103,9 @@ class Svm:
         yield costs.VMRUN
         # Fixed for the run: read the per-instruction costs and instruction classes once.
         INTR_ENTRY, INSN, HLT_WAKE, SPIN_LOOP = costs.INTR_ENTRY, costs.INSN, costs.HLT_WAKE, costs.SPIN_LOOP
-        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT, Vmrun, MemWrite = (
-            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT, isa.Vmrun, isa.MemWrite)
+        MmioWrite, MmioRead, Wrmsr, Rdmsr, Pause, HLT, Vmrun, MemWrite, Compute = (
+            isa.MmioWrite, isa.MmioRead, isa.Wrmsr, isa.Rdmsr, isa.Pause, isa.HLT, isa.Vmrun, isa.MemWrite,
+            isa.Compute)
         int_ctl = vmcb.int_ctl   # one read for both enable bits (31: AVIC, 30: x2AVIC)
         avic = bool(int_ctl & V.AVIC_ENABLE_MASK)
         x2avic = avic and bool(int_ctl & V.X2APIC_MODE_MASK)
@@ -113,6 +119,10 @@ class Svm:
         shadow = False
         exit_code = -1
         info1 = info2 = 0
+
+        # (a partial, not a closure: a closure would turn this frame's locals into cells, whose
+        # order in f_locals — and so the explorer's state hash — would depend on history)
+        recognisable = partial(_cuts_compute, pcpu, g, vapic)
 
         ei = vmcb.event_inj
         if ei & (1 << 31):
@@ -148,12 +158,19 @@ class Svm:
                     yield INTR_ENTRY
                     g.enter_handler(vmcb.v_intr_vector, "irq")
                     continue
-            shadow = False
-
             # ---- fetch and execute -----------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
-            if t is MmioWrite or t is MmioRead:
+            if shadow and t is Compute and g.IF and (
+                    (eval_pending and vapic.has_interrupt() >= 0)  # type: ignore[union-attr]
+                    or (not avic and vmcb.v_irq)):
+                shadow = False   # the shadow ends after the compute's first instruction
+                yield from isa.run_first_insn(insn, g, INSN)
+                continue
+            shadow = False
+            if t is Compute:
+                yield from isa.run_compute(insn, g, pcpu.wake, recognisable)
+            elif t is MmioWrite or t is MmioRead:
                 off = insn.addr - bar
                 write = t is MmioWrite
                 if avic and not x2avic and 0 <= off < APIC_PAGE_SIZE and not g.x2apic:
@@ -321,6 +338,15 @@ class Svm:
             return (V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS, *A.noaccel_exit_info(off, True, max(vec, 0)))
         return None  # allowed: a plain backing-page write
 
+
+
+def _cuts_compute(pcpu: HostCpu, g: GuestCpu, vapic: LocalApic | None) -> bool:
+    """What cuts a guest's compute short: a host interrupt (#VMEXIT(INTR) at the next instruction
+    boundary, APM vol. 2 §15.21), or with AVIC (``vapic``) a doorbell whose IRR evaluation finds a
+    vector the guest takes now (§15.29; digest §4.4/§4.5: a doorbell received in guest mode is an
+    evaluation point). V_IRQ does not change while the guest runs."""
+    return pcpu.intr_pending or (pcpu.doorbell_pending and vapic is not None and g.IF
+                                 and vapic.has_interrupt() >= 0)
 
 
 # Reserved bits of the x2APIC writes AVIC accelerates (the bits _x2apic_reserved checks).

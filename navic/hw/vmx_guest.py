@@ -29,6 +29,11 @@ APIC virtualisation (SDM vol. 3C ch. 30 "APIC Virtualization and Virtual Interru
 * event injection (VM-entry interruption information) and interrupt-window exiting when APICv is off;
   TPR-below-threshold with the TPR shadow only; HLT exiting.
 
+A ``compute`` is a run of instructions with a boundary at every cycle: a host interrupt or a
+posted-interrupt notification arriving during it is recognised then (an external-interrupt exit,
+or posted-interrupt processing and, if it makes a virtual interrupt deliverable, its delivery),
+the rest running after IRET or the next VM entry (:func:`navic.hw.isa.run_compute`).
+
 Trap-like exits complete the instruction before exiting; fault-like exits leave it in
 ``ctx.exit_insn`` for the hypervisor to emulate and retire.
 """
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from navic.apic.lapic import LocalApic
@@ -74,6 +80,13 @@ VID_WRITES = frozenset((APIC_TPR, APIC_EOI, APIC_ICR))
 
 # Host-IPI kinds (navic.hv.host) by physical vector.
 HOST_IPI_KIND = {X.POSTED_INTR_VECTOR: "posted_intr", X.POSTED_INTR_WAKEUP_VECTOR: "pi_wakeup"}
+
+
+def _cuts_compute(pcpu: HostCpu, ctx: VmcsContext) -> bool:
+    """What cuts a guest's compute short: any host interrupt, the notification vector included —
+    with external-interrupt exiting they are recognised whatever the guest's IF (SDM vol. 3C
+    §26.2; §30.6 for the notification vector's posted-interrupt processing)."""
+    return pcpu.intr_pending or pcpu.pi_pending or ctx.pi_nested_pending
 
 
 @dataclass
@@ -143,6 +156,8 @@ class Vmx:
         reason = -1
         qual = 0
 
+        recognisable = partial(_cuts_compute, pcpu, ctx)   # (not a closure: see navic.hw.svm)
+
         info = ctx.entry_intr_info
         if info & INTR_INFO_VALID:
             ctx.entry_intr_info = 0
@@ -180,12 +195,18 @@ class Vmx:
                         yield costs.INTR_ENTRY
                         g.enter_handler(v, "irq")
                         continue
-            shadow = False
-
             # ---- fetch and execute -----------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
-            if t is isa.MmioWrite or t is isa.MmioRead:
+            if shadow and t is isa.Compute and g.IF and (
+                    ctx.intr_window_exiting or (ctx.vid and self.pending_virtual(ctx) >= 0)):
+                shadow = False   # the shadow ends after the compute's first instruction
+                yield from isa.run_first_insn(insn, g, costs.INSN)
+                continue
+            shadow = False
+            if t is isa.Compute:
+                yield from isa.run_compute(insn, g, pcpu.wake, recognisable)
+            elif t is isa.MmioWrite or t is isa.MmioRead:
                 off = insn.addr - APIC_ACCESS_PAGE
                 if ctx.virt_apic_accesses and 0 <= off < APIC_PAGE_SIZE and not g.x2apic:
                     r = yield from self._apic_page_access(pcpu, ctx, insn, off)

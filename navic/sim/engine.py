@@ -5,7 +5,11 @@ A *process* is a generator (in the style of SimPy). What it yields says how it w
 * ``yield n`` (an ``int`` >= 0) — consume ``n`` cycles; ``yield 0`` is a pure scheduling point
   (an atomic-step boundary the explorer may preempt at);
 * ``yield signal`` (a :class:`Signal`) — block until someone calls ``signal.fire(value)``; the
-  value is sent back into the generator.
+  value is sent back into the generator;
+* ``yield Cuttable(n, signal, cut)`` — consume ``n`` cycles like ``yield n``, but end early at
+  the first ``signal.fire()`` at which ``cut()`` is true (a long computation that an interrupt
+  cuts short at an instruction boundary); its ``rest`` then says how many cycles were not run.
+  Until it is cut, it is the same event as ``yield n``: one event of the process at ``now + n``.
 
 Plain callbacks can be scheduled too (:meth:`Engine.call_at`), e.g. timer expiry or the arrival
 of an interrupt message; they return a :class:`Handle` that can be cancelled.
@@ -44,7 +48,7 @@ class Signal:
 
     def __init__(self, engine: Engine, name: str = "") -> None:
         self.engine = engine
-        self.waiters: list[Any] = []   # Processes, or objects with wake(value) (an L1 thread)
+        self.waiters: list[Any] = []   # Processes, or objects with wake(value) (an L1 thread, a Cuttable)
         self.name = name
 
     def fire(self, value: Any = None) -> int:
@@ -81,6 +85,48 @@ class Handle:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+class Cuttable:
+    """A timed wait that an event may cut short (see the module docstring).
+
+    ``cut`` is asked at every ``signal.fire()`` during the wait, at the time of the fire (it must
+    only read state); while it answers False the wait goes on unchanged. The end of the wait is a
+    callback labelled with the process's name, so the explorer and the tie chooser see the same
+    candidate as for ``yield n`` (see :func:`_agent`)."""
+
+    __slots__ = ("cycles", "signal", "cut", "rest", "process", "handle", "deadline")
+
+    def __init__(self, cycles: int, signal: Signal, cut: Callable[[], bool]) -> None:
+        self.cycles = cycles
+        self.signal = signal
+        self.cut = cut
+        self.rest = 0            # cycles not run when the wait was cut short (0: ran to the end)
+        self.process: Process | None = None
+        self.handle: Handle | None = None
+        self.deadline = 0
+
+    def _begin(self, eng: Engine, p: Process) -> None:
+        self.process = p
+        self.deadline = eng.now + self.cycles
+        self.handle = eng.call_at(self.deadline, _cuttable_done, eng, self, label=p.name)
+        self.signal.waiters.append(self)
+
+    def wake(self, value: Any) -> None:
+        """Signal-waiter protocol: cut the wait short now if ``cut()`` says so, else keep waiting."""
+        if not self.cut():
+            self.signal.waiters.append(self)
+            return
+        self.handle.cancel()  # type: ignore[union-attr]
+        eng = self.signal.engine
+        self.rest = self.deadline - eng.now
+        eng._push(eng.now, self.process, None)
+
+
+def _cuttable_done(eng: Engine, w: Cuttable) -> None:
+    """The end of a :class:`Cuttable` wait that nothing cut short: resume its process."""
+    w.signal.waiters.remove(w)
+    eng._step(w.process, None)  # type: ignore[arg-type]
 
 
 class Process:
@@ -239,7 +285,19 @@ class Engine:
                     target.waiting_on = y
                     y.waiters.append(target)
                     break
-                raise SimulationError(f"process {target.name} yielded {y!r}; expected cycles (int) or a Signal")
+                if ty is Cuttable:
+                    t = self.now + y.cycles
+                    if (q and q[0][0] <= t) or self.stopped or (limit is not None and t > limit):
+                        y._begin(self, target)
+                        break
+                    # Run-ahead as for an int: no event can fire the signal before t.
+                    y.deadline = t
+                    self.now = t
+                    self.steps += 1
+                    value = None
+                    continue
+                raise SimulationError(f"process {target.name} yielded {y!r}; "
+                                      "expected cycles (int), a Signal or a Cuttable")
 
     def candidates(self, until: int | None = None) -> list[tuple[int, int, Any, Any]]:
         """The window of events one of which may run next (see the module docstring), earliest
@@ -325,13 +383,17 @@ class Engine:
             y.waiters.append(p)
         elif y is None:
             self._push(self.now, p, None)
+        elif type(y) is Cuttable:
+            y._begin(self, p)
         else:
-            raise SimulationError(f"process {p.name} yielded {y!r}; expected cycles (int) or a Signal")
+            raise SimulationError(f"process {p.name} yielded {y!r}; expected cycles (int), a Signal or a Cuttable")
 
 
 def _agent(target: Any) -> Any:
     """Who an event belongs to: events of one agent keep their order in window mode."""
     if type(target) is Handle:
+        if target.fn is _cuttable_done:   # the end of a process's Cuttable wait: that process
+            return target.args[1].process
         return target.label or getattr(target.fn, "__qualname__", "callback")
     return target
 

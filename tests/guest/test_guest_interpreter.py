@@ -148,7 +148,7 @@ class RefGuestCpu(GuestCpu):
             res = yield isa.Wrmsr(0x6E0, now + op.delta)
             self._fault(res, op)
         elif t is O.Add:
-            yield isa.Compute(self.ATOMIC_CYCLES)
+            yield isa.Compute(self.ATOMIC_CYCLES, atomic=True)
             if self.shared is not None:
                 self.shared.add(op.var, op.value)
         elif t is O.Await:
