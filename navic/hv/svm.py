@@ -266,10 +266,12 @@ class SvmVendor:
             return   # L1 events while L2 runs: nested #VMEXIT(INTR) first (check_nested_events)
         if vmcb.event_inj & (1 << 31):
             return
-        if a.nmi_pending and not g.nmi_blocked:
-            a.take_nmi()
-            vmcb.event_inj = (1 << 31) | (2 << 8) | 2
-            return
+        if a.nmi_pending:
+            if not g.nmi_blocked:
+                a.take_nmi()
+                vmcb.event_inj = (1 << 31) | (2 << 8) | 2
+                return
+            self.enable_nmi_window(vcpu)
         if vcpu.apicv_active:
             return
         v = a.has_interrupt()
@@ -284,6 +286,13 @@ class SvmVendor:
             vmcb.v_irq = 1
             vmcb.v_intr_vector = 0
             vmcb.set_intercept(V.INTERCEPT_VINTR)
+
+    def enable_nmi_window(self, vcpu: Vcpu) -> None:
+        """svm_enable_nmi_window() without vNMI: an NMI arrived while the guest is still handling
+        one (NMIs blocked). process_nmi() keeps it pending; KVM intercepts IRET to learn when the
+        guest unblocks NMIs (``iret_interception`` + the single-step over the IRET, which navic
+        folds into one exit taken after the IRET: docs/model.md "Peer suites")."""
+        vcpu.vmcb.set_intercept(V.INTERCEPT_IRET)
 
     # -- running ---------------------------------------------------------------------------
     def run(self, vcpu: Vcpu) -> Gen:
@@ -340,6 +349,14 @@ class SvmVendor:
     def _exit_hlt(self, vcpu: Vcpu) -> Gen:
         """The HLT intercept: kvm_emulate_halt()."""
         return self.kvm.kvm_emulate_halt(vcpu)
+        yield  # pragma: no cover
+
+    def _exit_iret(self, vcpu: Vcpu) -> Gen:
+        """iret_interception(): the guest left its NMI handler; drop the intercept and re-evaluate
+        events (KVM_REQ_EVENT), so a pending NMI is injected now."""
+        vcpu.vmcb.clr_intercept(V.INTERCEPT_IRET)
+        vcpu.requests.add(REQ_EVENT)
+        return "continue"
         yield  # pragma: no cover
 
     def _exit_msr(self, vcpu: Vcpu) -> Gen:
@@ -494,6 +511,7 @@ class SvmVendor:
         V.SVM_EXIT_INTR: _exit_intr,
         V.SVM_EXIT_VINTR: _exit_vintr,
         V.SVM_EXIT_HLT: _exit_hlt,
+        V.SVM_EXIT_IRET: _exit_iret,
         V.SVM_EXIT_MSR: _exit_msr,
         V.SVM_EXIT_NPF: _exit_npf,
         V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS: _exit_noaccel,

@@ -329,10 +329,14 @@ class VmxVendor:
             return
         if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
             return   # L1 events while L2 runs: a nested VM exit first (check_nested_events)
-        if a.nmi_pending and not g.nmi_blocked:
-            a.take_nmi()
-            ctx.entry_intr_info = INTR_INFO_VALID | (INTR_TYPE_NMI << 8) | 2
-            return
+        if a.nmi_pending:
+            if not g.nmi_blocked:
+                a.take_nmi()
+                ctx.entry_intr_info = INTR_INFO_VALID | (INTR_TYPE_NMI << 8) | 2
+                ctx.nmi_window_exiting = False
+                return
+            # vmx_enable_nmi_window(): virtual NMIs; exit when the guest's IRET unblocks NMIs.
+            ctx.nmi_window_exiting = True
         if vcpu.apicv_active:
             ctx.intr_window_exiting = False
             return
@@ -410,6 +414,13 @@ class VmxVendor:
     def _exit_interrupt_window(self, vcpu: Vcpu) -> Gen:
         """handle_interrupt_window(): the guest can take the interrupt now."""
         vcpu.ctx.intr_window_exiting = False
+        vcpu.requests.add(REQ_EVENT)
+        return "continue"
+        yield  # pragma: no cover
+
+    def _exit_nmi_window(self, vcpu: Vcpu) -> Gen:
+        """handle_nmi_window(): NMIs are unblocked; stop NMI-window exiting and inject."""
+        vcpu.ctx.nmi_window_exiting = False
         vcpu.requests.add(REQ_EVENT)
         return "continue"
         yield  # pragma: no cover
@@ -506,6 +517,7 @@ class VmxVendor:
         X.EXIT_REASON_EXTERNAL_INTERRUPT: _exit_external_interrupt,
         X.EXIT_REASON_VMRESUME: _exit_vmresume,
         X.EXIT_REASON_INTERRUPT_WINDOW: _exit_interrupt_window,
+        X.EXIT_REASON_NMI_WINDOW: _exit_nmi_window,
         X.EXIT_REASON_HLT: _exit_hlt,
         X.EXIT_REASON_MSR_READ: _exit_msr,
         X.EXIT_REASON_MSR_WRITE: _exit_msr,

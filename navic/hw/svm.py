@@ -229,6 +229,11 @@ class Svm:
                     raise TypeError(f"unknown instruction {insn!r}")
                 shadow = done[1]
                 yield done[0]
+                if insn is isa.IRET and vmcb.intercept(V.INTERCEPT_IRET):
+                    # The IRET intercept (APM §15.9; KVM's NMI window): the exit is taken once the
+                    # IRET has unblocked NMIs (see docs/model.md "Peer suites").
+                    exit_code = V.SVM_EXIT_IRET
+                    break
 
         # ---- #VMEXIT ----------------------------------------------------------------------
         vmcb.set_exit(exit_code, info1, info2)

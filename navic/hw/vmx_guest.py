@@ -99,6 +99,7 @@ class VmcsContext:
     ipiv: bool = False                 # tertiary: IPI virtualization
     hlt_exiting: bool = True
     intr_window_exiting: bool = False
+    nmi_window_exiting: bool = False   # "NMI-window exiting" (SDM §25.6.2, §26.7.6)
     tpr_threshold: int = 0             # TPR_THRESHOLD[3:0] (TPR shadow without VID)
     pid_table_hpa: int = 0             # PID_POINTER_TABLE
     last_pid_index: int = -1           # LAST_PID_POINTER_INDEX
@@ -167,6 +168,9 @@ class Vmx:
             if pcpu.intr_pending:
                 pcpu.intr_pending = False
                 reason = X.EXIT_REASON_EXTERNAL_INTERRUPT
+                break
+            if ctx.nmi_window_exiting and not g.nmi_blocked:
+                reason = X.EXIT_REASON_NMI_WINDOW   # no virtual-NMI blocking: SDM §26.7.6
                 break
             # ---- virtual interrupts / interrupt window ---------------------------------
             if not shadow and g.IF:
