@@ -138,7 +138,10 @@ class SvmVendor:
 
     # -- activation ------------------------------------------------------------------------
     def apicv_allowed(self, vcpu: Vcpu) -> bool:
-        return self.enable_apicv and not self.kvm.inhibits and not getattr(vcpu, "nested_inhibit", False)
+        """kvm_vcpu_apicv_activated() and, per vCPU, __kvm_vcpu_update_apicv(): APICv is off while
+        the vCPU's APIC is hardware-disabled (LAPIC_MODE_DISABLED)."""
+        return (self.enable_apicv and not self.kvm.inhibits and not getattr(vcpu, "nested_inhibit", False)
+                and vcpu.apic.hw_enabled)
 
     def activate_vmcb(self, vcpu: Vcpu) -> None:
         """avic_activate_vmcb(): AVIC on; x2AVIC if the guest is in x2APIC mode and the CPU has it."""
@@ -381,6 +384,10 @@ class SvmVendor:
         a = vcpu.apic
         if (old ^ a.apic_base) & 0xFFFFF000:
             self.kvm.set_apicv_inhibit("APIC_BASE_MODIFIED")
+        if (old ^ a.apic_base) & (1 << 11):
+            # EN toggled: kvm_lapic_set_base() -> kvm_vcpu_update_apicv(); LAPIC_MODE_DISABLED
+            # deactivates APICv for this vCPU (apicv_allowed).
+            vcpu.requests.add(REQ_APICV_UPDATE)
         if (old ^ a.apic_base) & (1 << 10):
             # xAPIC <-> x2APIC: KVM re-programs AVIC (x2AVIC bit, max index, MSR intercepts).
             vcpu.requests.add(REQ_APICV_UPDATE)
@@ -399,8 +406,16 @@ class SvmVendor:
             vcpu.guest.retire(None)
             return "continue"
         yield self.kvm.costs.MMIO_EMULATE
-        off = insn.addr - 0xFEE00000
         a = vcpu.apic
+        off = insn.addr - (a.apic_base & 0xFFFFF000)
+        if not 0 <= off < 0x1000:
+            # apic_mmio_in_range() fails: -EOPNOTSUPP, a KVM_EXIT_MMIO for userspace, which has
+            # nothing there (QEMU's unassigned memory: reads 0, writes dropped).
+            self.kvm.rec.count("mmio_userspace")
+            vcpu.guest.retire(None if type(insn) is isa.MmioWrite else 0)
+            return "continue"
+        # apic_mmio_read()/apic_mmio_write(): hardware-disabled or x2APIC mode reads all-ones and
+        # drops writes (the LAPIC_MMIO_HOLE quirk, LocalApic.mmio_read / mmio_write).
         if type(insn) is isa.MmioWrite:
             old_id = a.read_reg(APIC_ID)
             a.mmio_write(off, insn.value)

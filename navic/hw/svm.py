@@ -164,14 +164,12 @@ class Svm:
                         continue
                     exit_code, info1, info2 = r
                     break
-                if not g.x2apic and 0 <= insn.addr - 0xFEE00000 < APIC_PAGE_SIZE:
-                    # APICv off: the APIC page is MMIO emulated by KVM (a nested page fault).
-                    ctx.exit_insn = insn
-                    exit_code, info1, info2 = V.SVM_EXIT_NPF, (1 << 1) if write else 0, insn.addr
-                    break
-                # Plain memory (x2APIC guests: the xAPIC page is not an APIC).
-                g.retire(None if write else 0)
-                yield INSN
+                # Not accelerated (AVIC off, x2APIC mode, or outside the BAR): the access is MMIO
+                # the hypervisor emulates (a nested page fault; KVM decodes it at the APIC's own
+                # base, apic_mmio_in_range()). Guest MMIO ops only ever address an APIC page.
+                ctx.exit_insn = insn
+                exit_code, info1, info2 = V.SVM_EXIT_NPF, (1 << 1) if write else 0, insn.addr
+                break
             elif t is Wrmsr or t is Rdmsr:
                 msr = insn.msr
                 write = t is Wrmsr
