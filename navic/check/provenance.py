@@ -70,6 +70,8 @@ class Tracker:
             for n, _ in pairs:
                 self.group_of[n] = g
         self.apic_of = {n: a for pairs in groups for n, a in pairs}
+        # sender -> (its last noted send, the guest's fetch point of that send's instruction)
+        self._last_send: dict[str, tuple[Any, Any]] = {}
         for n in self.apic_of:   # every watched sender has its (possibly empty) send lists
             self.times[n] = []
             self.sends[n] = []
@@ -87,6 +89,9 @@ class Tracker:
         icr_off = APIC_ICR
 
         decoded = _DECODE_CACHE
+        last = self._last_send
+        sends = self.sends[name]
+        point = getattr(g, "fetch_point", None)   # a GuestCpu: its faults are reported (_fault)
 
         def watch(insn: Any) -> None:
             t = type(insn)
@@ -98,18 +103,24 @@ class Tracker:
                     # Icr.decode(lo, hi, True), through its cache without the call when possible
                     # (the cache key masks lo and hi; a value with reserved bits takes the call).
                     icr = decoded.get((lo, hi, True)) or Icr.decode(lo, hi, True)
-                    note(name, src, clock.now, icr)
                 elif msr == _MSR_SELF_IPI:
-                    note(name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
+                    icr = Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True)
+                else:
+                    return
             elif t is mmio and insn.addr - g.apic_base == icr_off:
                 lo, hi = insn.value & ICR_LOW_MASK, src.regs[APIC_ICR2 >> 2]
                 icr = decoded.get((lo, hi, False)) or Icr.decode(lo, hi, False)   # (as above)
-                note(name, src, clock.now, icr)
+            else:
+                return
+            note(name, src, clock.now, icr)
+            if point is not None:
+                last[name] = (sends[-1], point())
 
         if getattr(g, "send_watch", False) is None and "next_insn" not in vars(g):
             # A GuestCpu: it calls the watcher for its WRMSR / MMIO writes as they are fetched
-            # (no extra frame per instruction).
+            # (no extra frame per instruction), and reports faults: a write that faults sent nothing.
             g.send_watch = watch
+            g.fault_watch = self._fault
             return
 
         def next_insn() -> Any:
@@ -120,6 +131,21 @@ class Tracker:
             return insn
 
         g.next_insn = next_insn
+
+    def _fault(self, g: Any) -> None:
+        """An instruction of ``g`` faulted: if it is the send noted last (same frame, same fetch
+        point), the write did not happen and sent nothing (SDM §11.12.1.2: the #GP is raised
+        instead of the write) - forget it."""
+        entry = self._last_send.get(g.name)
+        if entry is None or entry[1] != g.fetch_point():
+            return
+        del self._last_send[g.name]
+        sends, times = self.sends[g.name], self.times[g.name]
+        for i in range(len(sends) - 1, -1, -1):
+            if sends[i] is entry[0]:
+                del sends[i]
+                del times[i]
+                break
 
     def _note(self, sender: str, src: Any, now: int, icr: Icr) -> None:
         mode = icr.delivery_mode

@@ -345,6 +345,9 @@ class GuestCpu:
         # An observer of the sends this CPU issues (navic.check.provenance): called with every
         # WRMSR / MMIO-write instruction as it is fetched, before the executor runs it.
         self.send_watch: Callable[[Insn], None] | None = None
+        # ... and of the faults: called with this CPU when an instruction's fault is reported (its
+        # frame and fetch point, :meth:`fetch_point`, still name that instruction then).
+        self.fault_watch: Callable[[GuestCpu], None] | None = None
         if program is not None:
             self.frames: list[_Frame] = [_Frame(compiled(program.ops), False, "program")]
         else:
@@ -622,8 +625,16 @@ class GuestCpu:
             shared.spinners[self._member] = self
 
 
+    def fetch_point(self) -> tuple[Any, int]:
+        """Where the innermost code stands: (its frame, its continuation pc). From an instruction's
+        fetch until its result is handled this names that instruction (an observer's key)."""
+        f = self.frames[-1]
+        return (f, f.pc)
+
     def _report(self, op: O.Op, res: Fault) -> None:
         """A guest-visible exception raised by op's instruction: reported with the op."""
+        if self.fault_watch is not None:
+            self.fault_watch(self)
         self._on_error(self, op.index, OP_NAMES.get(type(op), type(op).__name__.lower()), str(res))
 
     def retire(self, result: Any) -> None:

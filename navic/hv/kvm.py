@@ -96,6 +96,7 @@ class Vcpu:
         self.apic = LocalApic(apic_id, page=kvm.mem.page(backing_hpa), hooks=_LapicHooks(self),
                               mode=apic_mode, bsp=(idx == 0),
                               cycles_per_timer_tick=kvm.costs.TIMER_TICK)
+        self.apic.icr_stores_reserved = True   # kvm_lapic_reg_write(APIC_ICR): only BUSY is cleared
         # Scheduling (the thread).
         self.home = home
         self.cpu: int | None = None       # pCPU while loaded (vcpu->cpu)

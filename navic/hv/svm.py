@@ -19,6 +19,8 @@ from navic.apic.registers import (
     APIC_LDR,
     MSR_IA32_APICBASE,
     MSR_IA32_TSC_DEADLINE,
+    X2APIC_MSR_BASE,
+    X2APIC_READABLE,
 )
 from navic.hv.avic import AvicVm
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
@@ -34,8 +36,11 @@ if TYPE_CHECKING:
 Gen = Generator[Any, Any, Any]
 
 X2APIC_MSRS = range(0x800, 0x900)
-# x2AVIC: writes KVM lets through (TPR, EOI, ICR, SELF_IPI); reads of every readable register.
+# x2AVIC: writes KVM lets through (TPR, EOI, ICR, SELF_IPI); reads of every readable register
+# (avic_set_x2apic_msr_interception() with kvm_lapic_readable_reg_mask() in x2APIC mode). Reads of
+# the other x2APIC MSRs (reserved, write-only) exit and #GP in kvm_x2apic_msr_read().
 X2AVIC_PASSTHROUGH_WRITES = frozenset({0x808, 0x80B, 0x830, 0x83F})
+X2AVIC_PASSTHROUGH_READS = frozenset(X2APIC_MSR_BASE + (off >> 4) for off in X2APIC_READABLE)
 LVTT_MSR = 0x832
 
 
@@ -58,6 +63,7 @@ def _msr_intercepts(*, doorbell: bool, x2avic: bool) -> tuple[frozenset[int], fr
         if doorbell:
             wr.add(A.MSR_AMD64_SVM_AVIC_DOORBELL)
         if x2avic:
+            rd |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_READS
             wr |= set(X2APIC_MSRS) - X2AVIC_PASSTHROUGH_WRITES
         else:
             rd |= set(X2APIC_MSRS)

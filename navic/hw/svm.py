@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from navic.apic.lapic import LocalApic
@@ -302,10 +301,20 @@ class Svm:
                     hi = (value >> 32) if msr else None
                 host = self.host
                 name = ctx.name
+                own_id = pcpu.apic_id
+
+                def ring(host_id: int) -> None:
+                    # The "doorbell to self" of a self-IPI (APM §15.29.6.1 step 1) is this core
+                    # re-evaluating its own vAPIC: at once, like Intel's self-IPI virtualization
+                    # (SDM §30.1.x), not a message over the wire (docs/model.md "Peer suites").
+                    if host_id == own_id:
+                        ctx._eval = True
+                    else:
+                        host.doorbell(host_id, src=pcpu.index)
+
                 res = yield from self.avic.icr_write(
-                    ctx.vmcb, vapic.apic_id, pcpu.apic_id, lo, hi,
-                    irr_set=lambda hpa, vec, _i: host.on_hw_irr_set(hpa, vec, name),
-                    doorbell=partial(host.doorbell, src=pcpu.index))
+                    ctx.vmcb, vapic.apic_id, own_id, lo, hi,
+                    irr_set=lambda hpa, vec, _i: host.on_hw_irr_set(hpa, vec, name), doorbell=ring)
                 if saved is not None:
                     regs[APIC_ICR >> 2], regs[APIC_ICR2 >> 2] = saved
                 if res is None:
