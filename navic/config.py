@@ -49,6 +49,7 @@ class VmConfig:
     apic_ids: tuple[int, ...] | None = None
     apicv_for_l2: bool = True
     timeslice_us: int = 3_000
+    apic_bus_cycles_ns: int | None = None   # KVM_CAP_X86_APIC_BUS_CYCLES_NS (None: the TIMER_TICK cost)
 
     def apic_id(self, index: int) -> int:
         return self.apic_ids[index] if self.apic_ids is not None else index

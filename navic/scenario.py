@@ -45,17 +45,25 @@ from navic.guest.ops import (
     Await,
     Cli,
     Compute,
+    Cpuid,
+    Cr8Read,
+    Cr8Write,
     Eoi,
     Hlt,
+    HltCount,
     Ipi,
     MmioRead,
     MmioWrite,
+    Once,
     Op,
+    Poll,
     Program,
     Rdmsr,
+    Rdtsc,
     Read,
     Repeat,
     Sti,
+    StiShadow,
     TscDeadline,
     Wait,
     Write,
@@ -495,6 +503,8 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
     "l1": _VM_KEYS_COMMON + (
         Key("apicv_for_l2", Bool(), doc="L1's wish to give L2 APIC virtualization; default true"),
         Key("timeslice_us", Int(1, 10**9), doc="L1's scheduler slice; default 3000"),
+        Key("apic_bus_cycles_ns", Int(1, 10**6, "an integer"),
+            doc="KVM_CAP_X86_APIC_BUS_CYCLES_NS: ns per APIC timer bus cycle; default: the TIMER_TICK cost"),
     ),
     "l2": _VM_KEYS_COMMON,
 }
@@ -619,6 +629,34 @@ OP_SPECS: dict[str, OpSpec] = {
         Key("times", Int(0, 10**9), True, "repetitions"),
         Key("ops", OpList(non_empty=True), True, "ops repeated"),
     ), "run ops several times"),
+    "cr8_write": OpSpec(Cr8Write, (
+        Key("value", Int(0, 15, "an integer"), True, "CR8 value (TPR[7:4])"),
+    ), "MOV CR8: set the task priority class"),
+    "cr8_read": OpSpec(Cr8Read, (
+        Key("into", Var(), doc="variable that receives CR8"),
+    ), "read CR8 (TPR[7:4])"),
+    "cpuid": OpSpec(Cpuid, (
+        Key("leaf", Choice((1, 0xB)), True, "1 (EBX[31:24]: initial APIC ID) or 0xB (EDX: x2APIC ID)"),
+        Key("into", Var(), doc="variable that receives the APIC ID"),
+    ), "CPUID's APIC ID"),
+    "rdtsc": OpSpec(Rdtsc, (
+        Key("into", Var(), doc="variable that receives the time-stamp counter"),
+    ), "RDTSC"),
+    "poll": OpSpec(Poll, (
+        Key("reg", Reg(), True, "register name"),
+        Key("value", Int(0, U64, "an integer"), doc="value to wait for (after the mask); default 0"),
+        Key("mask", Int(0, U64, "an integer"), doc="bits compared; default 0xFFFFFFFF"),
+        Key("into", Var(), doc="variable that receives the last value read"),
+    ), "read an APIC register until (value & mask) == value"),
+    "once": OpSpec(Once, (
+        Key("ops", OpList(non_empty=True), True, "ops run the first time only"),
+    ), "run ops the first time this op is reached on this CPU"),
+    "sti_shadow": OpSpec(StiShadow, (
+        Key("into", Var(), True, "counter: +1 when the interrupted code was right after an sti op"),
+    ), "in a handler: was the event taken in STI's interrupt shadow"),
+    "hlt_count": OpSpec(HltCount, (
+        Key("into", Var(), True, "variable that receives the count"),
+    ), "the number of HLT instructions this CPU's code executed"),
 }
 OP_NAMES: tuple[str, ...] = tuple(OP_SPECS)
 

@@ -106,6 +106,7 @@ def state_hash(run: Any) -> bytes:
         parts.append((g.name, g.IF, g.nmi_blocked, g.wait_for_sipi, g.finished,
                       tuple(sorted(g.handled.items())), tuple(sorted(g._consumed.items())),
                       tuple(sorted(g.reads.items())), g.x2apic, g.apic_base,
+                      len(getattr(g, "_once_done", ())),   # (not hlt_count: see docs/model.md)
                       tuple((f.kind, f.saved_if, f.position()) for f in g.frames)))
     rec = run.recorder
     # Pending acceptances with their provenance (send times relative to now: which send they are).

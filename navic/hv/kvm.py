@@ -20,7 +20,7 @@ from navic.apic import dest as apic_dest
 from navic.apic.icr import Icr
 from navic.apic.lapic import ApicHooks, GPFault, LocalApic
 from navic.apic.registers import APIC_LDR as APIC_LDR_OFFSET
-from navic.apic.registers import MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
+from navic.apic.registers import APIC_TDCR, MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
 from navic.guest.kernel import GuestCpu
 from navic.hv.inhibit import Inhibits
 from navic.hw import isa
@@ -164,6 +164,10 @@ class Kvm:
         for i in range(vm.vcpus):
             backing = self.mem.alloc(1)
             v = Vcpu(self, i, f"{prefix}.{i}", vm.apic_id(i), vm.apic, guest_of(i), backing, home=i % npcpus)
+            bus_ns = getattr(vm, "apic_bus_cycles_ns", None)
+            if bus_ns is not None:   # KVM_CAP_X86_APIC_BUS_CYCLES_NS: the timer's bus cycle in ns
+                v.apic.cycles_per_timer_tick = max(1, round(bus_ns * self.costs.ghz))
+                v.apic.write_reg(APIC_TDCR, v.apic.read_reg(APIC_TDCR))   # the tick follows
             self.vcpus.append(v)
             self.vcpu_by_id.setdefault(v.vcpu_id, v)   # the first vCPU with this ID, as a scan finds
             v.guest.poll_wake = (poll_wake_of(v) if poll_wake_of is not None
