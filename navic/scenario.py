@@ -51,6 +51,7 @@ from navic.guest.ops import (
     Eoi,
     Hlt,
     HltCount,
+    Hypercall,
     Ipi,
     MmioRead,
     MmioWrite,
@@ -654,6 +655,14 @@ OP_SPECS: dict[str, OpSpec] = {
     "sti_shadow": OpSpec(StiShadow, (
         Key("into", Var(), True, "counter: +1 when the interrupted code was right after an sti op"),
     ), "in a handler: was the event taken in STI's interrupt shadow"),
+    "hypercall": OpSpec(Hypercall, (
+        Key("nr", Int(0, U64, "an integer"), True, "hypercall number (RAX); 10 = KVM_HC_SEND_IPI"),
+        Key("a0", _VALUE64, doc="RBX; KVM_HC_SEND_IPI: destination bitmap, APIC IDs a2..a2+63"),
+        Key("a1", _VALUE64, doc="RCX; KVM_HC_SEND_IPI: destination bitmap, APIC IDs a2+64..a2+127"),
+        Key("a2", _VALUE64, doc="RDX; KVM_HC_SEND_IPI: the APIC ID of bit 0 of a0"),
+        Key("a3", _VALUE64, doc="RSI; KVM_HC_SEND_IPI: ICR low (vector, delivery mode, level, trigger)"),
+        Key("into", Var(), doc="variable that receives RAX"),
+    ), "VMMCALL/VMCALL (KVM hypercall)"),
     "hlt_count": OpSpec(HltCount, (
         Key("into", Var(), True, "variable that receives the count"),
     ), "the number of HLT instructions this CPU's code executed"),

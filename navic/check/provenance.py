@@ -38,6 +38,7 @@ from navic.apic import dest as apic_dest
 from navic.apic.icr import _DECODE_CACHE, DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SMI, SH_SELF, Icr
 from navic.apic.registers import APIC_ICR, APIC_ICR2, APIC_SVR, ICR_LOW_MASK, SVR_APIC_ENABLED
 from navic.check.oracle import DEFAULT_BOUND_US
+from navic.hv.hypercall import APIC_DEST_MASK, APIC_SHORT_MASK, KVM_HC_SEND_IPI, pv_ipi_ids
 from navic.hw import isa
 
 _MSR_ICR = 0x830
@@ -85,7 +86,7 @@ class Tracker:
         src = self.apic_of[g.name]
         note = self._note
         name = g.name
-        wrmsr, mmio = isa.Wrmsr, isa.MmioWrite
+        wrmsr, mmio, hypercall = isa.Wrmsr, isa.MmioWrite, isa.Hypercall
         icr_off = APIC_ICR
 
         decoded = _DECODE_CACHE
@@ -110,6 +111,15 @@ class Tracker:
             elif t is mmio and insn.addr - g.apic_base == icr_off:
                 lo, hi = insn.value & ICR_LOW_MASK, src.regs[APIC_ICR2 >> 2]
                 icr = decoded.get((lo, hi, False)) or Icr.decode(lo, hi, False)   # (as above)
+            elif t is hypercall and insn.nr == KVM_HC_SEND_IPI:
+                if insn.a3 & (APIC_DEST_MASK | APIC_SHORT_MASK):
+                    return   # -KVM_EINVAL: nothing is sent
+                ids = pv_ipi_ids(insn.a0, insn.a1, insn.a2)
+                icr = Icr.decode(insn.a3 & 0xFFFFFFFF, 0, True)
+                note(name, src, clock.now, icr, [a for a in self.group_of[name][0] if a.apic_id in ids])
+                if point is not None:
+                    last[name] = (sends[-1], point())
+                return
             else:
                 return
             note(name, src, clock.now, icr)
@@ -126,7 +136,7 @@ class Tracker:
         def next_insn() -> Any:
             insn = orig()
             t = type(insn)
-            if t is wrmsr or t is mmio:
+            if t is wrmsr or t is mmio or t is hypercall:
                 watch(insn)
             return insn
 
@@ -147,7 +157,9 @@ class Tracker:
                 del times[i]
                 break
 
-    def _note(self, sender: str, src: Any, now: int, icr: Icr) -> None:
+    def _note(self, sender: str, src: Any, now: int, icr: Icr, pv_targets: list[Any] | None = None) -> None:
+        """Note one send: ``icr`` resolved against the sender's VM, or (a PV send-IPI hypercall)
+        the APICs ``pv_targets`` its bitmap names."""
         mode = icr.delivery_mode
         apics, name_of = self.group_of[sender]
         # The APICs the send selects: every matching APIC (for lowest priority every legal
@@ -156,7 +168,11 @@ class Tracker:
         # physical unicast inlined).
         allowed: Any
         selected: Any
-        if icr.shorthand == SH_SELF:
+        if pv_targets is not None:
+            selected = pv_targets
+            n_sel = len(selected)
+            allowed = tuple([name_of[a] for a in selected])
+        elif icr.shorthand == SH_SELF:
             allowed = (sender,)
             selected = [self.apic_of[sender]]
             n_sel = 1

@@ -40,7 +40,7 @@ OP_NAMES: dict[type, str] = {
     O.MmioRead: "mmio_read", O.Wait: "wait", O.Compute: "compute", O.Repeat: "repeat",
     O.Add: "add", O.Await: "await", O.TscDeadline: "tsc_deadline",
     O.Cr8Write: "cr8_write", O.Cr8Read: "cr8_read", O.Cpuid: "cpuid", O.Rdtsc: "rdtsc", O.Poll: "poll",
-    O.Once: "once", O.StiShadow: "sti_shadow", O.HltCount: "hlt_count",
+    O.Once: "once", O.StiShadow: "sti_shadow", O.HltCount: "hlt_count", O.Hypercall: "hypercall",
 }
 
 
@@ -131,6 +131,7 @@ _POLL = 31      # (k, op, off): poll: read the register: x2APIC -> pc+1, xAPIC -
 _POLL_TEST = 32  # (k, op, poll_pc, end_pc): fault check; again unless (value & mask) == value
 _ONCE = 33      # (k, op, body_pc, end_pc): the body the first time only
 _NOTE = 34      # (k, op): sti_shadow / hlt_count: store what the CPU knows -> pc+1
+_HCALL = 35     # (k, op): VMMCALL / VMCALL -> pc+1
 
 _X2APIC_ICR = X2APIC_MSR_BASE + (APIC_ICR >> 4)
 _X2APIC_EOI = X2APIC_MSR_BASE + (APIC_EOI >> 4)
@@ -266,6 +267,9 @@ def _emit(c: _Code, ops: tuple[O.Op, ...], chain: tuple[Any, ...], slots: tuple[
             steps[i] = (_ONCE, op, i + 1, len(steps))
         elif t is O.StiShadow or t is O.HltCount:
             steps.append((_NOTE, op))
+        elif t is O.Hypercall:
+            steps += [(_HCALL, op), (_READ_POST, op, i + 2)]
+            c._at(i + 1, ("ops", ch, "hypercall"), slots)
         elif t is O.MmioWrite:
             steps += [(_MMIOW, op), (_CHECK, op, i + 2)]
             c._at(i + 1, ("ops", ch, "mmio_write"), slots)
@@ -692,6 +696,11 @@ class GuestCpu:
             f.pc = pc + 1
         elif k == _MMIOW:
             insn = isa.MmioWrite(self.apic_base + op.offset, op.value)
+            f.pc = pc + 1
+        elif k == _HCALL:
+            if self.clock is not None:
+                self.ipi_sent_at = self.clock.now   # a PV send-IPI's latency counts from here
+            insn = isa.Hypercall(op.nr, op.a0, op.a1, op.a2, op.a3)
             f.pc = pc + 1
         elif k == _MMIOR:
             f.pc = pc + 1

@@ -221,6 +221,19 @@ class HltCount(Op):
 
 
 @dataclass(frozen=True, slots=True)
+class Hypercall(Op):
+    """VMMCALL / VMCALL with RAX = ``nr``, RBX/RCX/RDX/RSI = ``a0``..``a3``; ``into`` gets RAX.
+    KVM_HC_SEND_IPI (10): a0/a1 = destination bitmaps, a2 = the APIC ID of bit 0, a3 = ICR low."""
+
+    nr: int
+    a0: int = 0
+    a1: int = 0
+    a2: int = 0
+    a3: int = 0
+    into: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Program:
     """One CPU's program. ``cpu`` is the scenario name ("l1.0", "l2.3"); ``level`` 1 or 2 and
     ``vcpu`` the index inside that VM. ``handlers`` maps vector -> ops; vectors absent there get

@@ -23,6 +23,7 @@ from navic.apic.registers import (
     X2APIC_READABLE,
 )
 from navic.hv.avic import AvicVm
+from navic.hv.hypercall import kvm_emulate_hypercall
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
 from navic.hw import avic as A
 from navic.hw import isa
@@ -116,7 +117,7 @@ class SvmVendor:
         vcpu.avic_physical_id_entry = 0
         vcpu.irtes = []
         for bit in (V.INTERCEPT_INTR, V.INTERCEPT_NMI, V.INTERCEPT_HLT, V.INTERCEPT_MSR_PROT,
-                    V.INTERCEPT_VMRUN, V.INTERCEPT_SHUTDOWN):
+                    V.INTERCEPT_VMRUN, V.INTERCEPT_SHUTDOWN, V.INTERCEPT_VMMCALL):
             vmcb.set_intercept(bit)
         vmcb.v_intr_masking = 1
         vmcb.asid = 1           # any non-zero ASID (KVM allocates them per pCPU generation)
@@ -360,6 +361,13 @@ class SvmVendor:
         return self.kvm.kvm_emulate_halt(vcpu)
         yield  # pragma: no cover
 
+    def _exit_vmmcall(self, vcpu: Vcpu) -> Gen:
+        """vmmcall_interception() -> kvm_emulate_hypercall() (navic.hv.hypercall); RAX is the result."""
+        insn = vcpu.ctx.exit_insn
+        vcpu.ctx.exit_insn = None
+        vcpu.guest.retire((yield from kvm_emulate_hypercall(self.kvm, vcpu, insn)))
+        return "continue"
+
     def _exit_iret(self, vcpu: Vcpu) -> Gen:
         """iret_interception(): the guest left its NMI handler; drop the intercept and re-evaluate
         events (KVM_REQ_EVENT), so a pending NMI is injected now."""
@@ -533,6 +541,7 @@ class SvmVendor:
         V.SVM_EXIT_VINTR: _exit_vintr,
         V.SVM_EXIT_HLT: _exit_hlt,
         V.SVM_EXIT_IRET: _exit_iret,
+        V.SVM_EXIT_VMMCALL: _exit_vmmcall,
         V.SVM_EXIT_MSR: _exit_msr,
         V.SVM_EXIT_NPF: _exit_npf,
         V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS: _exit_noaccel,

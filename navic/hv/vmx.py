@@ -35,6 +35,7 @@ from navic.apic.registers import (
     X2APIC_MSR_BASE,
     X2APIC_READABLE,
 )
+from navic.hv.hypercall import kvm_emulate_hypercall
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
 from navic.hw import vmx as X
 from navic.hw.isa import Fault
@@ -418,6 +419,13 @@ class VmxVendor:
         return "continue"
         yield  # pragma: no cover
 
+    def _exit_vmcall(self, vcpu: Vcpu) -> Gen:
+        """handle_vmcall() -> kvm_emulate_hypercall() (navic.hv.hypercall); RAX is the result."""
+        insn = vcpu.ctx.exit_insn
+        vcpu.ctx.exit_insn = None
+        vcpu.guest.retire((yield from kvm_emulate_hypercall(self.kvm, vcpu, insn)))
+        return "continue"
+
     def _exit_nmi_window(self, vcpu: Vcpu) -> Gen:
         """handle_nmi_window(): NMIs are unblocked; stop NMI-window exiting and inject."""
         vcpu.ctx.nmi_window_exiting = False
@@ -518,6 +526,7 @@ class VmxVendor:
         X.EXIT_REASON_VMRESUME: _exit_vmresume,
         X.EXIT_REASON_INTERRUPT_WINDOW: _exit_interrupt_window,
         X.EXIT_REASON_NMI_WINDOW: _exit_nmi_window,
+        X.EXIT_REASON_VMCALL: _exit_vmcall,
         X.EXIT_REASON_HLT: _exit_hlt,
         X.EXIT_REASON_MSR_READ: _exit_msr,
         X.EXIT_REASON_MSR_WRITE: _exit_msr,

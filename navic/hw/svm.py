@@ -194,6 +194,10 @@ class Svm:
                     break
                 g.retire(Fault("#UD", "VMRUN not intercepted"))
                 yield INSN
+            elif t is isa.Hypercall and vmcb.intercept(V.INTERCEPT_VMMCALL):
+                ctx.exit_insn = insn   # the VMMCALL intercept: the hypervisor emulates the call
+                exit_code, info1, info2 = V.SVM_EXIT_VMMCALL, 0, 0
+                break
             elif t is MemWrite:
                 npt = ctx.npt
                 if npt is not None and npt.is_write_protected(insn.gpa >> 12):

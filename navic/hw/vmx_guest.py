@@ -232,6 +232,11 @@ class Vmx:
                         yield pcpu.wake
                 g.retire(None)
                 yield costs.SPIN_LOOP
+            elif t is isa.Hypercall:
+                # VMCALL exits unconditionally in VMX non-root operation (SDM §26.1.2).
+                ctx.exit_insn = insn
+                reason = X.EXIT_REASON_VMCALL
+                break
             elif t is isa.Vmresume:
                 # A guest hypervisor's VMRESUME: VMX instructions always exit in non-root mode.
                 ctx.exit_insn = insn
