@@ -67,6 +67,15 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SetLapicConfig:
+    """A host-side KVM_SET_LAPIC on vCPU `cpu` at `at_us`: the named registers replaced."""
+
+    cpu: str
+    regs: tuple[tuple[str, int], ...]
+    at_us: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
     seed: int = 1
@@ -77,4 +86,5 @@ class Scenario:
     l2: VmConfig | None = None
     programs: tuple[Program, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
+    set_lapic: tuple[SetLapicConfig, ...] = ()
     source: str = "<scenario>"

@@ -34,6 +34,7 @@ from navic.config import (
     HostConfig,
     L0Config,
     Scenario,
+    SetLapicConfig,
     VmConfig,
 )
 from navic.guest.ops import (
@@ -471,7 +472,7 @@ TOP_KEYS: tuple[Key, ...] = (
 )
 # Sub-tables ([host], [l0], ...) and arrays of tables ([[device]], [[program]]) at top level.
 TOP_TABLES = ("host", "l0", "l1", "l2", "workload")
-TOP_ARRAYS = ("device", "program")
+TOP_ARRAYS = ("device", "program", "set_lapic")
 
 _VM_KEYS_COMMON: tuple[Key, ...] = (
     Key("vcpus", Int(1, MAX_VCPUS), doc="number of vCPUs; default 4"),
@@ -517,6 +518,31 @@ DEVICE_KEYS: tuple[Key, ...] = (
     Key("period_us", Number(0, inclusive=False), True, "interval between interrupts (µs)"),
     Key("count", Int(1), doc="number of interrupts; default unlimited"),
     Key("start_us", Number(0, inclusive=True), doc="time of the first interrupt; default 0"),
+)
+
+class LapicRegs(Check):
+    """``[[set_lapic]].regs``: a table of register name -> 32-bit value (the settable state)."""
+
+    expected = "a table of register names -> 32-bit values"
+
+    def __call__(self, value: Any, ctx: _Ctx, path: str) -> tuple[tuple[str, int], ...]:
+        from navic.hv.lapic_state import SETTABLE
+
+        table = _table(value, ctx, path, self.expected)
+        out = []
+        for name, v in table.items():
+            if name.upper() not in SETTABLE:
+                raise ctx.fail(_join(path, name), f"a settable register, one of {', '.join(sorted(SETTABLE))}", name)
+            out.append((name.upper(), Int(0, U32, "a 32-bit integer")(v, ctx, _join(path, name))))
+        if not out:
+            raise ctx.fail(path, "at least one register", {})
+        return tuple(out)
+
+
+SET_LAPIC_KEYS: tuple[Key, ...] = (
+    Key("cpu", Str(_CPU_NAME, 'a CPU name "l1.N" or "l2.N"'), True, "the vCPU whose APIC is set"),
+    Key("regs", LapicRegs(), True, "registers replaced (name -> value)"),
+    Key("at_us", Number(0, inclusive=True), doc="when the host sets them; default 0 (before the vCPUs run)"),
 )
 
 PROGRAM_KEYS: tuple[Key, ...] = (
@@ -820,13 +846,22 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<scenario>") -> Scena
         handlers = _parse_handlers(args["handlers"], pctx, f"{path}.handlers") if "handlers" in args else {}
         programs.append(Program(cpu=cpu, level=level, vcpu=vcpu, ops=args["ops"], handlers=handlers))
 
+    set_lapic: list[SetLapicConfig] = []
+    for i, raw in enumerate(_array_of_tables(data, "set_lapic", ctx)):
+        path = f"set_lapic[{i}]"
+        args = _check_keys(raw, SET_LAPIC_KEYS, ctx, path)
+        _resolve_cpu(args["cpu"], vms, ctx, f"{path}.cpu")
+        if host.virt != "kvm":
+            raise ctx.fail(path, 'host.virt = "kvm" (KVM_SET_LAPIC is a KVM ioctl)', f'virt = "{host.virt}"')
+        set_lapic.append(SetLapicConfig(**args))
+
     if "workload" in data:
         wl_programs, wl_devices = _parse_workload(data["workload"], vms, owner, top.get("seed", 1), ctx)
         programs.extend(wl_programs)
         devices.extend(wl_devices)
 
     return Scenario(host=host, l0=l0, l1=l1, l2=l2, programs=tuple(programs), devices=tuple(devices),
-                    source=source, **top)
+                    set_lapic=tuple(set_lapic), source=source, **top)
 
 
 def _parse_workload(raw: Any, vms: dict[int, VmConfig], owner: dict[str, int], seed: int, ctx: _Ctx
