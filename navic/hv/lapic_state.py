@@ -24,16 +24,17 @@ SETTABLE: frozenset[str] = frozenset(
 )
 
 
-def kvm_apic_set_state(kvm: Any, vcpu: Any, regs: tuple[tuple[str, int], ...]) -> bool:
+def kvm_apic_set_state(kvm: Any, vcpu: Any, regs: tuple[tuple[str, int], ...]) -> None:
     """KVM_SET_LAPIC on ``vcpu`` with the registers ``regs`` (name, 32-bit value) replaced in the
-    state KVM_GET_LAPIC would return. Returns False (-EINVAL, nothing changed) when the state
-    changes the x2APIC ID (``kvm_apic_state_fixup``: it must equal the vcpu_id)."""
+    state KVM_GET_LAPIC would return. In x2APIC mode the ID is not settable (ignored)."""
     a = vcpu.apic
     x2 = a.mode == "x2apic"
     offs = [(REG_BY_NAME[name.upper()], value & 0xFFFFFFFF) for name, value in regs]
-    if x2 and any(off == APIC_ID and value != vcpu.vcpu_id for off, value in offs):
-        kvm.rec.count("set_lapic_einval")
-        return False
+    if x2 and any(off == APIC_ID for off, _ in offs):
+        # kvm_apic_state_fixup() without KVM_X2APIC_API_USE_32BIT_IDS: the x2APIC ID is read-only,
+        # userspace's value is ignored (with the cap a mismatch would be -EINVAL).
+        kvm.rec.count("set_lapic_x2apic_id_ignored")
+        offs = [(off, value) for off, value in offs if off != APIC_ID]
     old_ldr, old_dfr = a.regs[APIC_LDR >> 2], a.regs[APIC_DFR >> 2]
     for off, value in offs:   # memcpy(apic->regs, s->regs): no side effects (an ICR is not sent)
         a.regs[off >> 2] = value
@@ -50,4 +51,3 @@ def kvm_apic_set_state(kvm: Any, vcpu: Any, regs: tuple[tuple[str, int], ...]) -
     kvm.rec.count("set_lapic")
     vcpu.requests.add(REQ_EVENT)         # kvm_make_request(KVM_REQ_EVENT)
     kvm.kvm_vcpu_kick(vcpu)
-    return True

@@ -276,8 +276,9 @@ class SvmVendor:
             return   # L1 events while L2 runs: nested #VMEXIT(INTR) first (check_nested_events)
         if vmcb.event_inj & (1 << 31):
             return
+        shadow = vmcb.int_state & 1   # svm_nmi_blocked() / svm_interrupt_blocked(): the STI shadow
         if a.nmi_pending:
-            if not g.nmi_blocked:
+            if not g.nmi_blocked and not shadow:
                 a.take_nmi()
                 vmcb.event_inj = (1 << 31) | (2 << 8) | 2
                 return
@@ -287,7 +288,7 @@ class SvmVendor:
         v = a.has_interrupt()
         if v < 0:
             return
-        if g.IF:
+        if g.IF and not shadow:
             a.ack_interrupt()
             vmcb.event_inj = (1 << 31) | v
             vmcb.v_irq = 0
@@ -298,11 +299,15 @@ class SvmVendor:
             vmcb.set_intercept(V.INTERCEPT_VINTR)
 
     def enable_nmi_window(self, vcpu: Vcpu) -> None:
-        """svm_enable_nmi_window() without vNMI: an NMI arrived while the guest is still handling
-        one (NMIs blocked). process_nmi() keeps it pending; KVM intercepts IRET to learn when the
-        guest unblocks NMIs (``iret_interception`` + the single-step over the IRET, which navic
-        folds into one exit taken after the IRET: docs/model.md "Peer suites")."""
-        vcpu.vmcb.set_intercept(V.INTERCEPT_IRET)
+        """svm_enable_nmi_window() without vNMI: an NMI arrived while the guest cannot take one.
+        process_nmi() keeps it pending. Still in its NMI handler: KVM intercepts IRET to learn when
+        the guest unblocks NMIs (``iret_interception`` + the single-step over the IRET, which navic
+        folds into one exit taken after the IRET: docs/model.md "Peer suites"). Only in the STI
+        shadow: single-step one instruction (RFLAGS.TF, ``nmi_singlestep``), then inject."""
+        if vcpu.guest.nmi_blocked:
+            vcpu.vmcb.set_intercept(V.INTERCEPT_IRET)
+        else:
+            vcpu.ctx.single_step = True
 
     # -- running ---------------------------------------------------------------------------
     def run(self, vcpu: Vcpu) -> Gen:
@@ -359,6 +364,14 @@ class SvmVendor:
     def _exit_hlt(self, vcpu: Vcpu) -> Gen:
         """The HLT intercept: kvm_emulate_halt()."""
         return self.kvm.kvm_emulate_halt(vcpu)
+        yield  # pragma: no cover
+
+    def _exit_db(self, vcpu: Vcpu) -> Gen:
+        """db_interception() with nmi_singlestep: the instruction in the shadow has run; drop TF and
+        re-evaluate events (the pending NMI is injected now)."""
+        vcpu.ctx.single_step = False
+        vcpu.requests.add(REQ_EVENT)
+        return "continue"
         yield  # pragma: no cover
 
     def _exit_vmmcall(self, vcpu: Vcpu) -> Gen:
@@ -542,6 +555,7 @@ class SvmVendor:
         V.SVM_EXIT_HLT: _exit_hlt,
         V.SVM_EXIT_IRET: _exit_iret,
         V.SVM_EXIT_VMMCALL: _exit_vmmcall,
+        V.SVM_EXIT_EXCP_BASE + 1: _exit_db,
         V.SVM_EXIT_MSR: _exit_msr,
         V.SVM_EXIT_NPF: _exit_npf,
         V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS: _exit_noaccel,

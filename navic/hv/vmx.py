@@ -331,7 +331,8 @@ class VmxVendor:
         if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
             return   # L1 events while L2 runs: a nested VM exit first (check_nested_events)
         if a.nmi_pending:
-            if not g.nmi_blocked:
+            # vmx_nmi_blocked(): NMI blocking, or blocking by STI / MOV SS in the interruptibility state.
+            if not g.nmi_blocked and not ctx.sti_blocking:
                 a.take_nmi()
                 ctx.entry_intr_info = INTR_INFO_VALID | (INTR_TYPE_NMI << 8) | 2
                 ctx.nmi_window_exiting = False
@@ -344,7 +345,7 @@ class VmxVendor:
         v = a.has_interrupt()
         if v < 0:
             return
-        if g.IF:
+        if g.IF and not ctx.sti_blocking:   # vmx_interrupt_blocked(): IF and the STI shadow
             a.ack_interrupt()
             ctx.entry_intr_info = INTR_INFO_VALID | v
             ctx.intr_window_exiting = False

@@ -60,6 +60,7 @@ class GuestContext:
     msr_wr: frozenset[int] = frozenset()
     exit_insn: Any = None
     exit_insn_offset: int = 0
+    single_step: bool = False   # RFLAGS.TF set by the hypervisor (+ the #DB intercept): one instruction, then #DB
     _eval: bool = False
     npt: Any = None   # the nested page table L0 keeps for this guest (for MemWrite / tracking)
 
@@ -109,7 +110,10 @@ class Svm:
         pcpu.running = ctx
         pcpu.doorbell_pending = False   # VMRUN's own evaluation covers any earlier doorbell
         eval_pending = avic
-        shadow = False
+        # The interrupt shadow (STI) the guest was in when it last exited (VMCB INT_STATE bit 0).
+        shadow = bool(vmcb.int_state & 1)
+        single_step = ctx.single_step
+        stepped = False
         exit_code = -1
         info1 = info2 = 0
 
@@ -117,11 +121,15 @@ class Svm:
         if ei & (1 << 31):
             vmcb.event_inj = 0
             typ = (ei >> 8) & 7
+            shadow = False
             yield INTR_ENTRY
             g.enter_handler(ei & 0xFF, "nmi" if typ == 2 else "irq")
 
         while True:
             # ---- instruction boundary --------------------------------------------------
+            if single_step and stepped:
+                exit_code = V.SVM_EXIT_EXCP_BASE + 1   # the single-step #DB (KVM intercepts #DB then)
+                break
             if pcpu.intr_pending:
                 pcpu.intr_pending = False
                 exit_code = V.SVM_EXIT_INTR
@@ -148,6 +156,8 @@ class Svm:
                     g.enter_handler(vmcb.v_intr_vector, "irq")
                     continue
             shadow = False
+            if single_step:
+                stepped = True
 
             # ---- fetch and execute -----------------------------------------------------
             insn = g.next_insn()
@@ -238,6 +248,7 @@ class Svm:
 
         # ---- #VMEXIT ----------------------------------------------------------------------
         vmcb.set_exit(exit_code, info1, info2)
+        vmcb.int_state = 1 if shadow else 0   # SVM_INTERRUPT_SHADOW_MASK: an exit inside STI's shadow
         if avic:
             vmcb.v_tpr = (vapic.regs[APIC_TPR >> 2] >> 4) & 0xF  # type: ignore[union-attr]
         pcpu.guest_mode = False
