@@ -6,7 +6,6 @@ page, which then behaves as memory (docs/model.md)."""
 from __future__ import annotations
 
 import pytest
-
 from _peer import cpu, errors, reads, run
 
 SVM_LEVELS = ["zen4", "zen2", "noapicv", "l2"]

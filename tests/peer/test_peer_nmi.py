@@ -7,7 +7,6 @@ intercepts IRET (svm_enable_nmi_window / iret_interception), VMX uses NMI-window
 from __future__ import annotations
 
 import pytest
-
 from _peer import ALL_LEVELS, cpu, got, reads, run
 
 HANDLER = 20_000   # cycles the first NMI's handler runs

@@ -4,7 +4,6 @@ x2AVIC/AVIC self-IPIs, and the oracle's view of ICR / SELF_IPI writes that fault
 from __future__ import annotations
 
 import pytest
-
 from _peer import ALL_LEVELS, cpu, errors, got, reads, run
 
 # Reserved or write-only x2APIC MSRs (SDM Table 11-6): RDMSR must #GP.
