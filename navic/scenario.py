@@ -852,7 +852,8 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<scenario>") -> Scena
         args = _check_keys(raw, SET_LAPIC_KEYS, ctx, path)
         _resolve_cpu(args["cpu"], vms, ctx, f"{path}.cpu")
         if host.virt != "kvm":
-            raise ctx.fail(path, 'host.virt = "kvm" (KVM_SET_LAPIC is a KVM ioctl)', f'virt = "{host.virt}"')
+            raise ScenarioError(ctx.source, path, 'expected host.virt = "kvm" (KVM_SET_LAPIC is a KVM ioctl), '
+                                f'got virt = "{host.virt}"')
         set_lapic.append(SetLapicConfig(**args))
 
     if "workload" in data:
