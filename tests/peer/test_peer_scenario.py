@@ -7,14 +7,15 @@ import pytest
 from navic.scenario import ScenarioError, loads_scenario
 
 BASE = 'name = "t"\n[host]\nvirt = "{virt}"\n[l1]\nvcpus = 2\n'
+SL = '[[set_lapic]]\ncpu = "l1.{cpu}"\nregs = {{ {regs} }}\n'
 
 
 @pytest.mark.parametrize("extra,virt,message", [
-    ('[[set_lapic]]\ncpu = "l1.0"\nregs = { TPR = 1 }\n', "none",
+    (SL.format(cpu=0, regs="TPR = 1"), "none",
      'set_lapic[0]: expected host.virt = "kvm" (KVM_SET_LAPIC is a KVM ioctl), got virt = "none"'),
-    ('[[set_lapic]]\ncpu = "l1.0"\nregs = { TIMER_INITIAL = 1 }\n', "kvm", "set_lapic[0].regs.TIMER_INITIAL: expected a settable register"),
-    ('[[set_lapic]]\ncpu = "l1.5"\nregs = { TPR = 1 }\n', "kvm", "set_lapic[0].cpu: expected"),
-    ('[[set_lapic]]\ncpu = "l1.0"\nregs = { TPR = 0x100000000 }\n', "kvm", "set_lapic[0].regs.TPR: expected a 32-bit integer"),
+    (SL.format(cpu=0, regs="TIMER_INITIAL = 1"), "kvm", "set_lapic[0].regs.TIMER_INITIAL: expected a settable"),
+    (SL.format(cpu=5, regs="TPR = 1"), "kvm", "set_lapic[0].cpu: expected"),
+    (SL.format(cpu=0, regs="TPR = 0x100000000"), "kvm", "set_lapic[0].regs.TPR: expected a 32-bit integer"),
     ('[[program]]\ncpu = "l1.0"\nops = [ { op = "cr8_write", value = 16 } ]\n', "kvm", "program[0].ops[0].value: expected an integer 0..15"),
     ('[[program]]\ncpu = "l1.0"\nops = [ { op = "cpuid", leaf = 4 } ]\n', "kvm", "program[0].ops[0].leaf: expected"),
     ('[[program]]\ncpu = "l1.0"\nops = [ { op = "once", ops = [] } ]\n', "kvm", "program[0].ops[0].ops: expected"),
