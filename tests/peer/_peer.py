@@ -17,9 +17,10 @@ LEVELS: dict[str, tuple[str, str, int, str]] = {
     "noapicv": ("zen4", "kvm", 1, "apicv = false\n"),
     "l2": ("zen4", "kvm", 2, 'nested_apicv = "shadow"\n'),
     "l2-none": ("zen4", "kvm", 2, ""),
+    "l2-spr": ("spr", "kvm", 2, ""),
 }
 L1_LEVELS = ["bare", "zen4", "zen2", "spr", "noapicv"]
-ALL_LEVELS = [*L1_LEVELS, "l2"]
+ALL_LEVELS = [*L1_LEVELS, "l2", "l2-spr"]
 
 
 def prog(cpu: int, ops: list[str], handlers: dict[int, list[str]] | None = None, *, level: int = 1) -> str:
