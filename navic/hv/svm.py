@@ -281,6 +281,8 @@ class SvmVendor:
             if not g.nmi_blocked and not shadow:
                 a.take_nmi()
                 vmcb.event_inj = (1 << 31) | (2 << 8) | 2
+                # svm_inject_nmi() without vNMI: track the NMI's masking through the IRET intercept.
+                vmcb.set_intercept(V.INTERCEPT_IRET)
                 return
             self.enable_nmi_window(vcpu)
         if vcpu.apicv_active:
