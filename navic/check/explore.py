@@ -162,6 +162,7 @@ def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
         parts.append((v.name, _apic(v.apic, now), v.mode, v.blocking, v.blocked, v.cpu,
                       tuple(sorted(v.requests)), v.apicv_active, len(v.pending_ipis),
                       v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
+                      v.nmi_queued, v.nmis_pending,
                       v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
                       hash(bytes(vmcb.mem.page(vmcb.hpa))) if vmcb is not None else None,
                       _guest_ctx(ctx),

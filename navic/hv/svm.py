@@ -277,20 +277,24 @@ class SvmVendor:
         if vmcb.event_inj & (1 << 31):
             return
         shadow = vmcb.int_state & 1   # svm_nmi_blocked() / svm_interrupt_blocked(): the STI shadow
-        if a.nmi_pending:
+        nmi = False
+        if self.kvm.process_nmi(vcpu, masked=g.nmi_blocked):
             if not g.nmi_blocked and not shadow:
-                a.take_nmi()
+                self.kvm.take_pending_nmi(vcpu)
                 vmcb.event_inj = (1 << 31) | (2 << 8) | 2
                 # svm_inject_nmi() without vNMI: track the NMI's masking through the IRET intercept.
                 vmcb.set_intercept(V.INTERCEPT_IRET)
-                return
-            self.enable_nmi_window(vcpu)
+                nmi = True
+            else:
+                self.enable_nmi_window(vcpu)
         if vcpu.apicv_active:
             return
         v = a.has_interrupt()
         if v < 0:
             return
-        if g.IF and not shadow:
+        # An NMI went into EVENTINJ: the interrupt waits for its window (kvm_check_and_inject_events
+        # ends with enable_irq_window() whenever an interrupt is still injectable).
+        if g.IF and not shadow and not nmi:
             a.ack_interrupt()
             vmcb.event_inj = (1 << 31) | v
             vmcb.v_irq = 0

@@ -330,22 +330,26 @@ class VmxVendor:
             return
         if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
             return   # L1 events while L2 runs: a nested VM exit first (check_nested_events)
-        if a.nmi_pending:
+        nmi = False
+        if self.kvm.process_nmi(vcpu, masked=g.nmi_blocked):
             # vmx_nmi_blocked(): NMI blocking, or blocking by STI / MOV SS in the interruptibility state.
             if not g.nmi_blocked and not ctx.sti_blocking:
-                a.take_nmi()
+                self.kvm.take_pending_nmi(vcpu)
                 ctx.entry_intr_info = INTR_INFO_VALID | (INTR_TYPE_NMI << 8) | 2
-                ctx.nmi_window_exiting = False
-                return
-            # vmx_enable_nmi_window(): virtual NMIs; exit when the guest's IRET unblocks NMIs.
-            ctx.nmi_window_exiting = True
+                ctx.nmi_window_exiting = vcpu.nmis_pending > 0   # the second: an NMI window
+                nmi = True
+            else:
+                # vmx_enable_nmi_window(): virtual NMIs; exit when the guest's IRET unblocks NMIs.
+                ctx.nmi_window_exiting = True
         if vcpu.apicv_active:
             ctx.intr_window_exiting = False
             return
         v = a.has_interrupt()
         if v < 0:
             return
-        if g.IF and not ctx.sti_blocking:   # vmx_interrupt_blocked(): IF and the STI shadow
+        # vmx_interrupt_blocked(): IF and the STI shadow; an NMI just injected: the window (as
+        # kvm_check_and_inject_events() ends with enable_irq_window()).
+        if g.IF and not ctx.sti_blocking and not nmi:
             a.ack_interrupt()
             ctx.entry_intr_info = INTR_INFO_VALID | v
             ctx.intr_window_exiting = False
