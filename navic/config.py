@@ -53,6 +53,7 @@ class VmConfig:
     apic_ids: tuple[int, ...] | None = None
     apicv_for_l2: bool = True
     timeslice_us: int = 3_000
+    apic_bus_cycles_ns: int | None = None   # KVM_CAP_X86_APIC_BUS_CYCLES_NS (None: the TIMER_TICK cost)
 
     def apic_id(self, index: int) -> int:
         return self.apic_ids[index] if self.apic_ids is not None else index
@@ -70,6 +71,15 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SetLapicConfig:
+    """A host-side KVM_SET_LAPIC on vCPU `cpu` at `at_us`: the named registers replaced."""
+
+    cpu: str
+    regs: tuple[tuple[str, int], ...]
+    at_us: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
     seed: int = 1
@@ -80,4 +90,5 @@ class Scenario:
     l2: VmConfig | None = None
     programs: tuple[Program, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
+    set_lapic: tuple[SetLapicConfig, ...] = ()
     source: str = "<scenario>"

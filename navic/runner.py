@@ -184,6 +184,8 @@ def _simulate(scn: Scenario, chooser: Chooser | None, trace: bool,
     if run.kvm is not None:
         for reason in scn.l0.inhibits:   # forced by the scenario (causes navic does not model)
             run.kvm.set_apicv_inhibit(reason)
+    if scn.set_lapic:
+        _schedule_set_lapic(run, scn, costs.ghz)
     until = int(scn.max_time_us * costs.ghz * 1000)
     sends = provenance.track(run)   # send-time destinations for the provenance checks
     getattr(engine.chooser, "attach", lambda _run: None)(run)   # explorer: state hashing
@@ -197,6 +199,20 @@ def _simulate(scn: Scenario, chooser: Chooser | None, trace: bool,
     if isinstance(engine.chooser, ReplayChooser):
         run.replayed = engine.chooser.log  # type: ignore[attr-defined]
     return run
+
+
+def _schedule_set_lapic(run: Run, scn: Scenario, ghz: float) -> None:
+    """``[[set_lapic]]``: the host's KVM_SET_LAPIC calls, at their times (navic.hv.lapic_state)."""
+    from navic.hv.lapic_state import kvm_apic_set_state
+
+    for cfg in scn.set_lapic:
+        kvm = run.kvm if cfg.cpu.startswith("l1.") else getattr(run, "kvm2", None)
+        vcpu = next(v for v in kvm.vcpus if v.name == cfg.cpu)
+        if cfg.at_us == 0:   # before the vCPUs first run
+            kvm_apic_set_state(kvm, vcpu, cfg.regs)
+        else:
+            run.engine.call_at(int(cfg.at_us * ghz * 1000), kvm_apic_set_state, kvm, vcpu, cfg.regs,
+                               label="set_lapic")
 
 
 def run_scenario(scn: Scenario, *, schedule: list[tuple[str, str, int]] | None = None,

@@ -34,6 +34,7 @@ from navic.config import (
     HostConfig,
     L0Config,
     Scenario,
+    SetLapicConfig,
     VmConfig,
 )
 from navic.guest.ops import (
@@ -45,17 +46,26 @@ from navic.guest.ops import (
     Await,
     Cli,
     Compute,
+    Cpuid,
+    Cr8Read,
+    Cr8Write,
     Eoi,
     Hlt,
+    HltCount,
+    Hypercall,
     Ipi,
     MmioRead,
     MmioWrite,
+    Once,
     Op,
+    Poll,
     Program,
     Rdmsr,
+    Rdtsc,
     Read,
     Repeat,
     Sti,
+    StiShadow,
     TscDeadline,
     Wait,
     Write,
@@ -463,7 +473,7 @@ TOP_KEYS: tuple[Key, ...] = (
 )
 # Sub-tables ([host], [l0], ...) and arrays of tables ([[device]], [[program]]) at top level.
 TOP_TABLES = ("host", "l0", "l1", "l2", "workload")
-TOP_ARRAYS = ("device", "program")
+TOP_ARRAYS = ("device", "program", "set_lapic")
 
 _VM_KEYS_COMMON: tuple[Key, ...] = (
     Key("vcpus", Int(1, MAX_VCPUS), doc="number of vCPUs; default 4"),
@@ -506,6 +516,8 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
     "l1": _VM_KEYS_COMMON + (
         Key("apicv_for_l2", Bool(), doc="L1's wish to give L2 APIC virtualization; default true"),
         Key("timeslice_us", Int(1, 10**9), doc="L1's scheduler slice; default 3000"),
+        Key("apic_bus_cycles_ns", Int(1, 10**6, "an integer"),
+            doc="KVM_CAP_X86_APIC_BUS_CYCLES_NS: ns per APIC timer bus cycle; default: the TIMER_TICK cost"),
     ),
     "l2": _VM_KEYS_COMMON,
 }
@@ -517,6 +529,31 @@ DEVICE_KEYS: tuple[Key, ...] = (
     Key("period_us", Number(0, inclusive=False), True, "interval between interrupts (µs)"),
     Key("count", Int(1), doc="number of interrupts; default unlimited"),
     Key("start_us", Number(0, inclusive=True), doc="time of the first interrupt; default 0"),
+)
+
+class LapicRegs(Check):
+    """``[[set_lapic]].regs``: a table of register name -> 32-bit value (the settable state)."""
+
+    expected = "a table of register names -> 32-bit values"
+
+    def __call__(self, value: Any, ctx: _Ctx, path: str) -> tuple[tuple[str, int], ...]:
+        from navic.hv.lapic_state import SETTABLE
+
+        table = _table(value, ctx, path, self.expected)
+        out = []
+        for name, v in table.items():
+            if name.upper() not in SETTABLE:
+                raise ctx.fail(_join(path, name), f"a settable register, one of {', '.join(sorted(SETTABLE))}", name)
+            out.append((name.upper(), Int(0, U32, "a 32-bit integer")(v, ctx, _join(path, name))))
+        if not out:
+            raise ctx.fail(path, "at least one register", {})
+        return tuple(out)
+
+
+SET_LAPIC_KEYS: tuple[Key, ...] = (
+    Key("cpu", Str(_CPU_NAME, 'a CPU name "l1.N" or "l2.N"'), True, "the vCPU whose APIC is set"),
+    Key("regs", LapicRegs(), True, "registers replaced (name -> value)"),
+    Key("at_us", Number(0, inclusive=True), doc="when the host sets them; default 0 (before the vCPUs run)"),
 )
 
 PROGRAM_KEYS: tuple[Key, ...] = (
@@ -630,6 +667,42 @@ OP_SPECS: dict[str, OpSpec] = {
         Key("times", Int(0, 10**9), True, "repetitions"),
         Key("ops", OpList(non_empty=True), True, "ops repeated"),
     ), "run ops several times"),
+    "cr8_write": OpSpec(Cr8Write, (
+        Key("value", Int(0, 15, "an integer"), True, "CR8 value (TPR[7:4])"),
+    ), "MOV CR8: set the task priority class"),
+    "cr8_read": OpSpec(Cr8Read, (
+        Key("into", Var(), doc="variable that receives CR8"),
+    ), "read CR8 (TPR[7:4])"),
+    "cpuid": OpSpec(Cpuid, (
+        Key("leaf", Choice((1, 0xB)), True, "1 (EBX[31:24]: initial APIC ID) or 0xB (EDX: x2APIC ID)"),
+        Key("into", Var(), doc="variable that receives the APIC ID"),
+    ), "CPUID's APIC ID"),
+    "rdtsc": OpSpec(Rdtsc, (
+        Key("into", Var(), doc="variable that receives the time-stamp counter"),
+    ), "RDTSC"),
+    "poll": OpSpec(Poll, (
+        Key("reg", Reg(), True, "register name"),
+        Key("value", Int(0, U64, "an integer"), doc="value to wait for (after the mask); default 0"),
+        Key("mask", Int(0, U64, "an integer"), doc="bits compared; default 0xFFFFFFFF"),
+        Key("into", Var(), doc="variable that receives the last value read"),
+    ), "read an APIC register until (value & mask) == value"),
+    "once": OpSpec(Once, (
+        Key("ops", OpList(non_empty=True), True, "ops run the first time only"),
+    ), "run ops the first time this op is reached on this CPU"),
+    "sti_shadow": OpSpec(StiShadow, (
+        Key("into", Var(), True, "counter: +1 when the interrupted code was right after an sti op"),
+    ), "in a handler: was the event taken in STI's interrupt shadow"),
+    "hypercall": OpSpec(Hypercall, (
+        Key("nr", Int(0, U64, "an integer"), True, "hypercall number (RAX); 10 = KVM_HC_SEND_IPI"),
+        Key("a0", _VALUE64, doc="RBX; KVM_HC_SEND_IPI: destination bitmap, APIC IDs a2..a2+63"),
+        Key("a1", _VALUE64, doc="RCX; KVM_HC_SEND_IPI: destination bitmap, APIC IDs a2+64..a2+127"),
+        Key("a2", _VALUE64, doc="RDX; KVM_HC_SEND_IPI: the APIC ID of bit 0 of a0"),
+        Key("a3", _VALUE64, doc="RSI; KVM_HC_SEND_IPI: ICR low (vector, delivery mode, level, trigger)"),
+        Key("into", Var(), doc="variable that receives RAX"),
+    ), "VMMCALL/VMCALL (KVM hypercall)"),
+    "hlt_count": OpSpec(HltCount, (
+        Key("into", Var(), True, "variable that receives the count"),
+    ), "the number of HLT instructions this CPU's code executed"),
 }
 OP_NAMES: tuple[str, ...] = tuple(OP_SPECS)
 
@@ -784,13 +857,23 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<scenario>") -> Scena
         handlers = _parse_handlers(args["handlers"], pctx, f"{path}.handlers") if "handlers" in args else {}
         programs.append(Program(cpu=cpu, level=level, vcpu=vcpu, ops=args["ops"], handlers=handlers))
 
+    set_lapic: list[SetLapicConfig] = []
+    for i, raw in enumerate(_array_of_tables(data, "set_lapic", ctx)):
+        path = f"set_lapic[{i}]"
+        args = _check_keys(raw, SET_LAPIC_KEYS, ctx, path)
+        _resolve_cpu(args["cpu"], vms, ctx, f"{path}.cpu")
+        if host.virt != "kvm":
+            raise ScenarioError(ctx.source, path, 'expected host.virt = "kvm" (KVM_SET_LAPIC is a KVM ioctl), '
+                                f'got virt = "{host.virt}"')
+        set_lapic.append(SetLapicConfig(**args))
+
     if "workload" in data:
         wl_programs, wl_devices = _parse_workload(data["workload"], vms, owner, top.get("seed", 1), ctx)
         programs.extend(wl_programs)
         devices.extend(wl_devices)
 
     return Scenario(host=host, l0=l0, l1=l1, l2=l2, programs=tuple(programs), devices=tuple(devices),
-                    source=source, **top)
+                    set_lapic=tuple(set_lapic), source=source, **top)
 
 
 def _parse_workload(raw: Any, vms: dict[int, VmConfig], owner: dict[str, int], seed: int, ctx: _Ctx

@@ -389,7 +389,8 @@ def test_messages_stay_on_one_line() -> None:
 # ------------------------------------------------------------------------------------------ tables/docs
 def test_tables_cover_every_op_and_dataclass_field() -> None:
     assert set(OP_NAMES) == {"sti", "cli", "hlt", "eoi", "ipi", "write", "read", "wrmsr", "rdmsr",
-                             "mmio_write", "mmio_read", "wait", "compute", "repeat", "add", "await", "tsc_deadline"}
+                             "mmio_write", "mmio_read", "wait", "compute", "repeat", "add", "await", "tsc_deadline",
+                             "cr8_write", "cr8_read", "cpuid", "rdtsc", "poll", "once", "sti_shadow", "hlt_count", "hypercall"}
     for spec in OP_SPECS.values():
         fields = set(spec.cls.__dataclass_fields__) - {"index"}
         assert {k.field or k.name for k in spec.keys} == fields, spec.cls

@@ -176,6 +176,8 @@ class LocalApic:
         self.lowest_priority: str = lowest_priority
         self.cycles_per_timer_tick: int = cycles_per_timer_tick
         self.maxphyaddr: int = 52
+        # xAPIC ICR writes keep their reserved bits (KVM's lapic.c does; set by the hypervisor model).
+        self.icr_stores_reserved: bool = False
         # latched events
         self.nmi_pending = False
         self.init_pending = False
@@ -573,7 +575,9 @@ class LocalApic:
                 regs[_W_ICR2] = high
             else:
                 low = value & _ICR_LOW_MASK
-                regs[_W_ICR] = low
+                # KVM's kvm_lapic_reg_write(APIC_ICR) stores the value with only BUSY cleared; the
+                # architectural model drops the reserved bits (SDM: undefined; docs/model.md).
+                regs[_W_ICR] = (value & _U32 & ~R.ICR_BUSY) if self.icr_stores_reserved else low
                 high = regs[_W_ICR2]
             # Icr.decode(low, high, x2) through its cache, then self._send(icr), inlined (one
             # frame less per IPI): (low, high, x2) is already decode's cache key (both masked).

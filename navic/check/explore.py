@@ -106,6 +106,7 @@ def state_hash(run: Any) -> bytes:
         parts.append((g.name, g.IF, g.nmi_blocked, g.wait_for_sipi, g.finished,
                       tuple(sorted(g.handled.items())), tuple(sorted(g._consumed.items())),
                       tuple(sorted(g.reads.items())), g.x2apic, g.apic_base,
+                      len(getattr(g, "_once_done", ())),   # (not hlt_count: see docs/model.md)
                       tuple((f.kind, f.saved_if, f.position()) for f in g.frames)))
     rec = run.recorder
     # Pending acceptances with their provenance (send times relative to now: which send they are).
@@ -161,6 +162,7 @@ def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
         parts.append((v.name, _apic(v.apic, now), v.mode, v.blocking, v.blocked, v.cpu,
                       tuple(sorted(v.requests)), v.apicv_active, len(v.pending_ipis),
                       v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
+                      v.nmi_queued, v.nmis_pending,
                       v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
                       hash(bytes(vmcb.mem.page(vmcb.hpa))) if vmcb is not None else None,
                       _guest_ctx(ctx),

@@ -38,6 +38,7 @@ from navic.apic import dest as apic_dest
 from navic.apic.icr import _DECODE_CACHE, DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SMI, SH_SELF, Icr
 from navic.apic.registers import APIC_ICR, APIC_ICR2, APIC_SVR, ICR_LOW_MASK, SVR_APIC_ENABLED
 from navic.check.oracle import DEFAULT_BOUND_US
+from navic.hv.hypercall import APIC_DEST_MASK, APIC_SHORT_MASK, KVM_HC_SEND_IPI, pv_ipi_ids
 from navic.hw import isa
 
 _MSR_ICR = 0x830
@@ -70,6 +71,8 @@ class Tracker:
             for n, _ in pairs:
                 self.group_of[n] = g
         self.apic_of = {n: a for pairs in groups for n, a in pairs}
+        # sender -> (its last noted send, the guest's fetch point of that send's instruction)
+        self._last_send: dict[str, tuple[Any, Any]] = {}
         for n in self.apic_of:   # every watched sender has its (possibly empty) send lists
             self.times[n] = []
             self.sends[n] = []
@@ -83,10 +86,13 @@ class Tracker:
         src = self.apic_of[g.name]
         note = self._note
         name = g.name
-        wrmsr, mmio = isa.Wrmsr, isa.MmioWrite
+        wrmsr, mmio, hypercall = isa.Wrmsr, isa.MmioWrite, isa.Hypercall
         icr_off = APIC_ICR
 
         decoded = _DECODE_CACHE
+        last = self._last_send
+        sends = self.sends[name]
+        point = getattr(g, "fetch_point", None)   # a GuestCpu: its faults are reported (_fault)
 
         def watch(insn: Any) -> None:
             t = type(insn)
@@ -98,30 +104,62 @@ class Tracker:
                     # Icr.decode(lo, hi, True), through its cache without the call when possible
                     # (the cache key masks lo and hi; a value with reserved bits takes the call).
                     icr = decoded.get((lo, hi, True)) or Icr.decode(lo, hi, True)
-                    note(name, src, clock.now, icr)
                 elif msr == _MSR_SELF_IPI:
-                    note(name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
+                    icr = Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True)
+                else:
+                    return
             elif t is mmio and insn.addr - g.apic_base == icr_off:
                 lo, hi = insn.value & ICR_LOW_MASK, src.regs[APIC_ICR2 >> 2]
                 icr = decoded.get((lo, hi, False)) or Icr.decode(lo, hi, False)   # (as above)
-                note(name, src, clock.now, icr)
+            elif t is hypercall and insn.nr == KVM_HC_SEND_IPI:
+                if insn.a3 & (APIC_DEST_MASK | APIC_SHORT_MASK):
+                    return   # -KVM_EINVAL: nothing is sent
+                ids = pv_ipi_ids(insn.a0, insn.a1, insn.a2)
+                icr = Icr.decode(insn.a3 & 0xFFFFFFFF, 0, True)
+                note(name, src, clock.now, icr, [a for a in self.group_of[name][0] if a.apic_id in ids])
+                if point is not None:
+                    last[name] = (sends[-1], point())
+                return
+            else:
+                return
+            note(name, src, clock.now, icr)
+            if point is not None:
+                last[name] = (sends[-1], point())
 
         if getattr(g, "send_watch", False) is None and "next_insn" not in vars(g):
             # A GuestCpu: it calls the watcher for its WRMSR / MMIO writes as they are fetched
-            # (no extra frame per instruction).
+            # (no extra frame per instruction), and reports faults: a write that faults sent nothing.
             g.send_watch = watch
+            g.fault_watch = self._fault
             return
 
         def next_insn() -> Any:
             insn = orig()
             t = type(insn)
-            if t is wrmsr or t is mmio:
+            if t is wrmsr or t is mmio or t is hypercall:
                 watch(insn)
             return insn
 
         g.next_insn = next_insn
 
-    def _note(self, sender: str, src: Any, now: int, icr: Icr) -> None:
+    def _fault(self, g: Any) -> None:
+        """An instruction of ``g`` faulted: if it is the send noted last (same frame, same fetch
+        point), the write did not happen and sent nothing (SDM §11.12.1.2: the #GP is raised
+        instead of the write) - forget it."""
+        entry = self._last_send.get(g.name)
+        if entry is None or entry[1] != g.fetch_point():
+            return
+        del self._last_send[g.name]
+        sends, times = self.sends[g.name], self.times[g.name]
+        for i in range(len(sends) - 1, -1, -1):
+            if sends[i] is entry[0]:
+                del sends[i]
+                del times[i]
+                break
+
+    def _note(self, sender: str, src: Any, now: int, icr: Icr, pv_targets: list[Any] | None = None) -> None:
+        """Note one send: ``icr`` resolved against the sender's VM, or (a PV send-IPI hypercall)
+        the APICs ``pv_targets`` its bitmap names."""
         mode = icr.delivery_mode
         apics, name_of = self.group_of[sender]
         # The APICs the send selects: every matching APIC (for lowest priority every legal
@@ -130,7 +168,11 @@ class Tracker:
         # physical unicast inlined).
         allowed: Any
         selected: Any
-        if icr.shorthand == SH_SELF:
+        if pv_targets is not None:
+            selected = pv_targets
+            n_sel = len(selected)
+            allowed = tuple([name_of[a] for a in selected])
+        elif icr.shorthand == SH_SELF:
             allowed = (sender,)
             selected = [self.apic_of[sender]]
             n_sel = 1

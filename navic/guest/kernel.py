@@ -21,6 +21,7 @@ from navic.apic.registers import (
     APIC_EOI,
     APIC_ICR,
     APIC_ICR2,
+    APIC_TPR,
     MSR_IA32_APICBASE,
     REG_BY_NAME,
     X2APIC_MSR_BASE,
@@ -31,6 +32,7 @@ from navic.hw.isa import Fault, Insn
 
 APIC_DEFAULT_BASE = 0xFEE00000
 NMI_VECTOR = 2
+MSR_IA32_TSC = 0x10
 
 # Scenario op names (as written in TOML) of the op records, for error reports.
 OP_NAMES: dict[type, str] = {
@@ -38,6 +40,8 @@ OP_NAMES: dict[type, str] = {
     O.Read: "read", O.Wrmsr: "wrmsr", O.Rdmsr: "rdmsr", O.MmioWrite: "mmio_write",
     O.MmioRead: "mmio_read", O.Wait: "wait", O.Compute: "compute", O.Repeat: "repeat",
     O.Add: "add", O.Await: "await", O.TscDeadline: "tsc_deadline",
+    O.Cr8Write: "cr8_write", O.Cr8Read: "cr8_read", O.Cpuid: "cpuid", O.Rdtsc: "rdtsc", O.Poll: "poll",
+    O.Once: "once", O.StiShadow: "sti_shadow", O.HltCount: "hlt_count", O.Hypercall: "hypercall",
 }
 
 
@@ -122,6 +126,13 @@ _WRMSR_OP = 25  # (k, op, insn): WRMSR op -> pc+1
 _WRMSR_POST = 26  # (k, op, next): fault check, then track IA32_APIC_BASE
 _MMIOW = 27     # (k, op): MMIO write op -> pc+1
 _MMIOR = 28     # (k, op): MMIO read op -> pc+1
+_HLT_OP = 29    # (k, op): the hlt op: count it, HLT -> pc+1
+_VALUE = 30     # (k, op): cpuid / rdtsc: store the value, the instruction's time -> pc+1
+_POLL = 31      # (k, op, off): poll: read the register: x2APIC -> pc+1, xAPIC -> pc+2
+_POLL_TEST = 32  # (k, op, poll_pc, end_pc): fault check; again unless (value & mask) == value
+_ONCE = 33      # (k, op, body_pc, end_pc): the body the first time only
+_NOTE = 34      # (k, op): sti_shadow / hlt_count: store what the CPU knows -> pc+1
+_HCALL = 35     # (k, op): VMMCALL / VMCALL -> pc+1
 
 _X2APIC_ICR = X2APIC_MSR_BASE + (APIC_ICR >> 4)
 _X2APIC_EOI = X2APIC_MSR_BASE + (APIC_EOI >> 4)
@@ -176,8 +187,11 @@ def _emit(c: _Code, ops: tuple[O.Op, ...], chain: tuple[Any, ...], slots: tuple[
             steps += [(_EOI, op, {}), (_JUMP, i + 3), (_JUMP, i + 3)]
             c._at(i + 1, ("ops", ch, "eoi.x2"), slots)
             c._at(i + 2, ("ops", ch, "eoi.xa"), slots)
-        elif t in (O.Sti, O.Cli, O.Hlt, O.Compute):
-            insn = {O.Sti: isa.STI, O.Cli: isa.CLI, O.Hlt: isa.HLT}.get(t) or isa.Compute(op.cycles)  # type: ignore[attr-defined]
+        elif t is O.Hlt:
+            steps.append((_HLT_OP, op))
+            c._at(i + 1, ("ops", ch, t.__name__), slots)
+        elif t in (O.Sti, O.Cli, O.Compute):
+            insn = {O.Sti: isa.STI, O.Cli: isa.CLI}.get(t) or isa.Compute(op.cycles)  # type: ignore[attr-defined]
             steps.append((_OPFETCH, insn, i + 1, op))
             c._at(i + 1, ("ops", ch, t.__name__), slots)
         elif t is O.Wait:
@@ -225,9 +239,38 @@ def _emit(c: _Code, ops: tuple[O.Op, ...], chain: tuple[Any, ...], slots: tuple[
         elif t is O.Wrmsr:
             steps += [(_WRMSR_OP, op, isa.Wrmsr(op.msr, op.value)), (_WRMSR_POST, op, i + 2)]  # type: ignore[attr-defined]
             c._at(i + 1, ("ops", ch, "wrmsr"), slots)
+        elif t is O.Rdmsr and op.msr == MSR_IA32_TSC:  # type: ignore[attr-defined]
+            steps += [(_VALUE, op), (_JUMP, i + 2)]
+            c._at(i + 1, ("ops", ch, "rdmsr.tsc"), slots)
         elif t is O.Rdmsr:
             steps += [(_OPFETCH, isa.Rdmsr(op.msr), i + 1, op), (_READ_POST, op, i + 2)]  # type: ignore[attr-defined]
             c._at(i + 1, ("ops", ch, "rdmsr"), slots)
+        elif t is O.Cr8Write:
+            value = op.value << 4  # type: ignore[attr-defined]
+            steps += [(_WRITE, op, APIC_TPR, value), (_CHECK, op, i + 3), (_CHECK, op, i + 3)]
+            c._at(i + 1, ("ops", ch, "cr8.x2", value), slots)
+            c._at(i + 2, ("ops", ch, "cr8.xa", value), slots)
+        elif t is O.Cr8Read:
+            steps += [(_READ, op, APIC_TPR), (_READ_POST, op, i + 3), (_READ_POST, op, i + 3)]
+            c._at(i + 1, ("ops", ch, "cr8r.x2"), slots)
+            c._at(i + 2, ("ops", ch, "cr8r.xa"), slots)
+        elif t is O.Cpuid or t is O.Rdtsc:
+            steps += [(_VALUE, op), (_JUMP, i + 2)]
+            c._at(i + 1, ("ops", ch, t.__name__), slots)
+        elif t is O.Poll:
+            off = REG_BY_NAME[op.reg]  # type: ignore[attr-defined]
+            steps += [(_POLL, op, off), (_POLL_TEST, op, i, i + 3), (_POLL_TEST, op, i, i + 3)]
+            c._at(i + 1, ("ops", ch, "poll.x2", off), slots)
+            c._at(i + 2, ("ops", ch, "poll.xa", off), slots)
+        elif t is O.Once:
+            steps.append(None)  # type: ignore[arg-type]  # _ONCE, once the end is known
+            _emit(c, op.ops, ch, slots)  # type: ignore[attr-defined]
+            steps[i] = (_ONCE, op, i + 1, len(steps))
+        elif t is O.StiShadow or t is O.HltCount:
+            steps.append((_NOTE, op))
+        elif t is O.Hypercall:
+            steps += [(_HCALL, op), (_READ_POST, op, i + 2)]
+            c._at(i + 1, ("ops", ch, "hypercall"), slots)
         elif t is O.MmioWrite:
             steps += [(_MMIOW, op), (_CHECK, op, i + 2)]
             c._at(i + 1, ("ops", ch, "mmio_write"), slots)
@@ -337,6 +380,8 @@ class GuestCpu:
         self.shared: SharedMemory | None = None  # the VM's shared variables (add / await)
         self.poll_wake: Callable[[], None] | None = None  # set by the executor: wake a pause loop
         self._awaited: dict[str, int] = {}
+        self.hlt_count = 0                 # HLTs of the program and its handlers (hlt_count op)
+        self._once_done: set[int] = set()  # ids of the once ops whose body has run
         self.finished = program is None    # main program done
         self._op_index: int | None = None
         self._pause = _PAUSE0              # the last PAUSE fetched (one per epoch: immutable)
@@ -350,6 +395,9 @@ class GuestCpu:
         # An observer of the sends this CPU issues (navic.check.provenance): called with every
         # WRMSR / MMIO-write instruction as it is fetched, before the executor runs it.
         self.send_watch: Callable[[Insn], None] | None = None
+        # ... and of the faults: called with this CPU when an instruction's fault is reported (its
+        # frame and fetch point, :meth:`fetch_point`, still name that instruction then).
+        self.fault_watch: Callable[[GuestCpu], None] | None = None
         if program is not None:
             self.frames: list[_Frame] = [_Frame(compiled(program.ops), False, "program")]
         else:
@@ -508,6 +556,7 @@ class GuestCpu:
                 needed, was_if = f.loc
                 if self.handled.get(s[1], 0) < needed:
                     f.pc = s[2]
+                    self.hlt_count += 1   # STI; HLT: the HLT in STI's shadow comes next
                     return isa.STI
                 pc = s[3]
                 if was_if:
@@ -560,6 +609,7 @@ class GuestCpu:
             if shared is not None and shared.vars.get(op.var, 0) < needed:
                 f.pc = s[2]
                 if op.how == "hlt":
+                    self.hlt_count += 1
                     return isa.HLT
                 self._spin()
                 return isa.Pause(self.epoch)
@@ -583,13 +633,58 @@ class GuestCpu:
                 self._report(op, res)
             elif k == _READ_POST:
                 if op.into:
-                    self.reads[op.into] = res
+                    self.reads[op.into] = (res >> 4) & 0xF if type(op) is O.Cr8Read else res
             elif op.msr == MSR_IA32_APICBASE:
                 self._track_apic_base(op.value)
             f.pc = s[2]
             return None
+        if k == _POLL_TEST:
+            if res is not None and type(res) is Fault:
+                self._report(op, res)
+                f.pc = s[3]
+                return None
+            if op.into:
+                self.reads[op.into] = res
+            f.pc = s[3] if (res & op.mask) == op.value else s[2]
+            return None
+        if k == _ONCE:
+            self._op_index = op.index
+            done = self._once_done
+            if id(op) in done:
+                f.pc = s[3]
+            else:
+                done.add(id(op))
+                f.pc = s[2]
+            return None
+        if k == _NOTE:
+            self._op_index = op.index
+            if type(op) is O.StiShadow:   # a counter of the handler runs that hit the shadow
+                self.reads[op.into] = self.reads.get(op.into, 0) + self._after_sti()
+            else:
+                self.reads[op.into] = self.hlt_count
+            f.pc = pc + 1
+            return None
         self._op_index = op.index
         insn: Insn
+        if k == _HLT_OP:
+            self.hlt_count += 1
+            f.pc = pc + 1
+            return isa.HLT
+        if k == _VALUE:
+            f.pc = pc + 1
+            if type(op) is O.Cpuid:
+                apic_id = self.apic_id_of(self.program.vcpu) if self.program is not None else 0
+                value = apic_id if op.leaf == 0xB else apic_id & 0xFF
+                cycles = self.CPUID_CYCLES
+            else:   # rdtsc, rdmsr 10h
+                value = self.clock.now if self.clock is not None else 0
+                cycles = self.RDTSC_CYCLES
+            if op.into:
+                self.reads[op.into] = value
+            return isa.Compute(cycles)
+        if k == _POLL:
+            f.pc = pc + 1 if self.x2apic else pc + 2
+            return isa.Rdmsr(X2APIC_MSR_BASE + (s[2] >> 4)) if self.x2apic else isa.MmioRead(self.apic_base + s[2])
         if k == _TSC:
             now = self.clock.now if self.clock is not None else 0
             f.loc = now
@@ -611,6 +706,11 @@ class GuestCpu:
         elif k == _MMIOW:
             insn = isa.MmioWrite(self.apic_base + op.offset, op.value)
             f.pc = pc + 1
+        elif k == _HCALL:
+            if self.clock is not None:
+                self.ipi_sent_at = self.clock.now   # a PV send-IPI's latency counts from here
+            insn = isa.Hypercall(op.nr, op.a0, op.a1, op.a2, op.a3)
+            f.pc = pc + 1
         elif k == _MMIOR:
             f.pc = pc + 1
             return isa.MmioRead(self.apic_base + op.offset)
@@ -631,8 +731,26 @@ class GuestCpu:
             shared.spinners[self._member] = self
 
 
+    def fetch_point(self) -> tuple[Any, int]:
+        """Where the innermost code stands: (its frame, its continuation pc). From an instruction's
+        fetch until its result is handled this names that instruction (an observer's key)."""
+        f = self.frames[-1]
+        return (f, f.pc)
+
+    def _after_sti(self) -> int:
+        """1 if the code this handler interrupted stopped right after an ``sti`` op (the event was
+        taken at the boundary that STI's interrupt shadow covers), else 0."""
+        if len(self.frames) < 2:
+            return 0
+        f = self.frames[-2]
+        pc = f.pc
+        prev = f.steps[pc - 1] if pc > 0 else None
+        return int(prev is not None and prev[0] == _OPFETCH and prev[1] is isa.STI and prev[2] == pc)
+
     def _report(self, op: O.Op, res: Fault) -> None:
         """A guest-visible exception raised by op's instruction: reported with the op."""
+        if self.fault_watch is not None:
+            self.fault_watch(self)
         self._on_error(self, op.index, OP_NAMES.get(type(op), type(op).__name__.lower()), str(res))
 
     def retire(self, result: Any) -> None:
@@ -705,3 +823,5 @@ class GuestCpu:
         self.apic_base = value & 0xFFFFF000
 
     ATOMIC_CYCLES = 40  # a LOCK-prefixed add on a shared line (assumption, see docs/model.md)
+    CPUID_CYCLES = 100  # CPUID natively (assumption; its exit under KVM is not modelled, docs/model.md)
+    RDTSC_CYCLES = 25   # RDTSC (assumption, docs/model.md)

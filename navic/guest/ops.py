@@ -157,6 +157,83 @@ class Repeat(Op):
 
 
 @dataclass(frozen=True, slots=True)
+class Cr8Write(Op):
+    """MOV CR8, value: TPR[7:4] <- value, TPR[3:0] <- 0 (SDM §11.8.6.5); compiled to the TPR access
+    of the current APIC interface (docs/model.md "Peer suites")."""
+
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cr8Read(Op):
+    """MOV reg, CR8: TPR[7:4]."""
+
+    into: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cpuid(Op):
+    """CPUID's APIC ID: leaf 1 EBX[31:24] (the initial xAPIC ID) or leaf 0Bh EDX (the x2APIC ID)."""
+
+    leaf: int
+    into: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rdtsc(Op):
+    """RDTSC (also RDMSR 10h, IA32_TIME_STAMP_COUNTER): the cycle count, into a variable."""
+
+    into: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Poll(Op):
+    """Read APIC register ``reg`` until (value & mask) == ``value`` (a polling loop; one read per
+    iteration, interrupts taken between them if IF = 1). ``into`` gets the last value read."""
+
+    reg: str
+    value: int = 0
+    mask: int = 0xFFFFFFFF
+    into: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Once(Op):
+    """Run ``ops`` only the first time this op is reached on this CPU (e.g. in a handler)."""
+
+    ops: tuple[Op, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StiShadow(Op):
+    """In a handler: add 1 to ``into`` (a counter, from 0) if the interrupted code was stopped right
+    after an ``sti`` op, i.e. the event was taken in STI's interrupt shadow; else add 0."""
+
+    into: str
+
+
+@dataclass(frozen=True, slots=True)
+class HltCount(Op):
+    """``into`` <- the number of HLT instructions this CPU's code has executed so far (hlt ops and
+    the halts of wait / await with how = "hlt"; not the idle loop after the program)."""
+
+    into: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hypercall(Op):
+    """VMMCALL / VMCALL with RAX = ``nr``, RBX/RCX/RDX/RSI = ``a0``..``a3``; ``into`` gets RAX.
+    KVM_HC_SEND_IPI (10): a0/a1 = destination bitmaps, a2 = the APIC ID of bit 0, a3 = ICR low."""
+
+    nr: int
+    a0: int = 0
+    a1: int = 0
+    a2: int = 0
+    a3: int = 0
+    into: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Program:
     """One CPU's program. ``cpu`` is the scenario name ("l1.0", "l2.3"); ``level`` 1 or 2 and
     ``vcpu`` the index inside that VM. ``handlers`` maps vector -> ops; vectors absent there get

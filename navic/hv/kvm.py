@@ -20,7 +20,7 @@ from navic.apic import dest as apic_dest
 from navic.apic.icr import Icr
 from navic.apic.lapic import ApicHooks, GPFault, LocalApic
 from navic.apic.registers import APIC_LDR as APIC_LDR_OFFSET
-from navic.apic.registers import MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
+from navic.apic.registers import APIC_TDCR, MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
 from navic.guest.kernel import GuestCpu
 from navic.hv.inhibit import Inhibits
 from navic.hw import isa
@@ -109,6 +109,7 @@ class Vcpu:
         self.apic = LocalApic(apic_id, page=kvm.mem.page(backing_hpa), hooks=_LapicHooks(self),
                               mode=apic_mode, bsp=(idx == 0),
                               cycles_per_timer_tick=kvm.costs.TIMER_TICK)
+        self.apic.icr_stores_reserved = True   # kvm_lapic_reg_write(APIC_ICR): only BUSY is cleared
         # Scheduling (the thread).
         self.home = home
         self.cpu: int | None = None       # pCPU while loaded (vcpu->cpu)
@@ -129,6 +130,8 @@ class Vcpu:
         self.pending_ipis: list[Icr] = []
         self.exit_insn: Any = None        # instruction a fault-style exit left for emulation
         self.nmi_injected = False
+        self.nmi_queued = 0               # NMIs accepted since the last process_nmi() (nmi_queued)
+        self.nmis_pending = 0             # vcpu->arch.nmi_pending: 0..2 (process_nmi)
         self.mp_state = MP_STATE_RUNNABLE
         self.saved_ldr: int | None = None  # the OS's LDR, restored by its AP start-up path after SIPI
         self.interrupt_window = False     # V_IRQ requested (APICv off)
@@ -177,6 +180,10 @@ class Kvm:
         for i in range(vm.vcpus):
             backing = self.mem.alloc(1)
             v = Vcpu(self, i, f"{prefix}.{i}", vm.apic_id(i), vm.apic, guest_of(i), backing, home=i % npcpus)
+            bus_ns = getattr(vm, "apic_bus_cycles_ns", None)
+            if bus_ns is not None:   # KVM_CAP_X86_APIC_BUS_CYCLES_NS: the timer's bus cycle in ns
+                v.apic.cycles_per_timer_tick = max(1, round(bus_ns * self.costs.ghz))
+                v.apic.write_reg(APIC_TDCR, v.apic.read_reg(APIC_TDCR))   # the tick follows
             self.vcpus.append(v)
             self.vcpu_by_id.setdefault(v.vcpu_id, v)   # the first vCPU with this ID, as a scan finds
             v.guest.poll_wake = (poll_wake_of(v) if poll_wake_of is not None
@@ -493,12 +500,34 @@ class Kvm:
             return True
         ok = a.accept_irq(mode, vector, trigger, level)
         if ok:
+            if mode == DM_NMI:
+                vcpu.nmi_queued += 1      # kvm_inject_nmi(): atomic_inc(&vcpu->arch.nmi_queued)
             rec_vec = 2 if mode == DM_NMI else (vector if mode == DM_SIPI else 0)
             self.rec.accepted(vcpu.name, rec_vec, KIND_BY_MODE.get(mode, "fixed"), sender, t_sent)
             vcpu.requests.add(REQ_EVENT)
             yield 0
             self.kvm_vcpu_kick(vcpu, from_vcpu=from_vcpu)
         return ok
+
+    def process_nmi(self, vcpu: Vcpu, *, masked: bool) -> int:
+        """process_nmi(): fold the NMIs queued since the last call into the pending count, at most
+        two (one while NMIs are masked): KVM cannot react as fast as hardware, so two NMIs that
+        arrive together are both delivered (one injected, the other after an NMI window). The
+        APIC's NMI latch says whether any is pending at all (an INIT clears it). Returns the count."""
+        a = vcpu.apic
+        if not a.nmi_pending:
+            vcpu.nmis_pending = vcpu.nmi_queued = 0
+            return 0
+        n = min(vcpu.nmis_pending + vcpu.nmi_queued, 1 if masked else 2)
+        vcpu.nmis_pending = max(n, 1)
+        vcpu.nmi_queued = 0
+        return vcpu.nmis_pending
+
+    def take_pending_nmi(self, vcpu: Vcpu) -> None:
+        """One pending NMI is injected now (the APIC latch stays set while another is pending)."""
+        vcpu.nmis_pending -= 1
+        if vcpu.nmis_pending == 0:
+            vcpu.apic.take_nmi()
 
     def kvm_emulate_halt(self, vcpu: Vcpu) -> str:
         """kvm_emulate_halt(): skip the HLT instruction; the caller then halts the vCPU

@@ -25,6 +25,7 @@ from navic.apic.registers import (
     X2APIC_READABLE,
 )
 from navic.hv.avic import PRE_IPIV_FORCE_OFF, AvicVm, avic_want_avic_enabled, ipiv_forced_off
+from navic.hv.hypercall import kvm_emulate_hypercall
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
 from navic.hw import avic as A
 from navic.hw import isa
@@ -41,6 +42,7 @@ X2APIC_MSRS = range(0x800, 0x900)
 # x2AVIC (avic_set_x2apic_msr_interception): writes KVM lets through (TPR, EOI, ICR, SELF_IPI); reads
 # of the registers in kvm_x2apic_disable_read_intercept_reg_mask() — every readable register except
 # TMCCT, whose current count only KVM's timer emulation knows (the backing page holds no live count).
+# Reads of the other x2APIC MSRs (reserved, write-only) exit and #GP in kvm_x2apic_msr_read().
 X2AVIC_PASSTHROUGH_WRITES = frozenset({0x808, 0x80B, 0x830, 0x83F})
 X2AVIC_PASSTHROUGH_READS = frozenset(X2APIC_MSR_BASE + (off >> 4) for off in X2APIC_READABLE if off != APIC_TMCCT)
 LVTT_MSR = 0x832
@@ -132,7 +134,7 @@ class SvmVendor:
         vcpu.avic_physical_id_entry = 0
         vcpu.irtes = []
         for bit in (V.INTERCEPT_INTR, V.INTERCEPT_NMI, V.INTERCEPT_HLT, V.INTERCEPT_MSR_PROT,
-                    V.INTERCEPT_VMRUN, V.INTERCEPT_SHUTDOWN):
+                    V.INTERCEPT_VMRUN, V.INTERCEPT_SHUTDOWN, V.INTERCEPT_VMMCALL):
             vmcb.set_intercept(bit)
         vmcb.v_intr_masking = 1
         vmcb.asid = 1           # any non-zero ASID (KVM allocates them per pCPU generation)
@@ -160,7 +162,10 @@ class SvmVendor:
 
     # -- activation ------------------------------------------------------------------------
     def apicv_allowed(self, vcpu: Vcpu) -> bool:
-        return self.enable_apicv and not self.kvm.inhibits and not getattr(vcpu, "nested_inhibit", False)
+        """kvm_vcpu_apicv_activated() and, per vCPU, __kvm_vcpu_update_apicv(): APICv is off while
+        the vCPU's APIC is hardware-disabled (LAPIC_MODE_DISABLED)."""
+        return (self.enable_apicv and not self.kvm.inhibits and not getattr(vcpu, "nested_inhibit", False)
+                and vcpu.apic.hw_enabled)
 
     def activate_vmcb(self, vcpu: Vcpu) -> None:
         """avic_activate_vmcb(): AVIC on; x2AVIC if the guest is in x2APIC mode and the CPU has it."""
@@ -310,16 +315,25 @@ class SvmVendor:
             return   # L1 events while L2 runs: nested #VMEXIT(INTR) first (check_nested_events)
         if vmcb.event_inj & (1 << 31):
             return
-        if a.nmi_pending and not g.nmi_blocked:
-            a.take_nmi()
-            vmcb.event_inj = (1 << 31) | (2 << 8) | 2
-            return
+        shadow = vmcb.int_state & 1   # svm_nmi_blocked() / svm_interrupt_blocked(): the STI shadow
+        nmi = False
+        if self.kvm.process_nmi(vcpu, masked=g.nmi_blocked):
+            if not g.nmi_blocked and not shadow:
+                self.kvm.take_pending_nmi(vcpu)
+                vmcb.event_inj = (1 << 31) | (2 << 8) | 2
+                # svm_inject_nmi() without vNMI: track the NMI's masking through the IRET intercept.
+                vmcb.set_intercept(V.INTERCEPT_IRET)
+                nmi = True
+            else:
+                self.enable_nmi_window(vcpu)
         if vcpu.apicv_active:
             return
         v = a.has_interrupt()
         if v < 0:
             return
-        if g.IF:
+        # An NMI went into EVENTINJ: the interrupt waits for its window (kvm_check_and_inject_events
+        # ends with enable_irq_window() whenever an interrupt is still injectable).
+        if g.IF and not shadow and not nmi:
             a.ack_interrupt()
             vmcb.event_inj = (1 << 31) | v
             vmcb.v_irq = 0
@@ -328,6 +342,17 @@ class SvmVendor:
             vmcb.v_irq = 1
             vmcb.v_intr_vector = 0
             vmcb.set_intercept(V.INTERCEPT_VINTR)
+
+    def enable_nmi_window(self, vcpu: Vcpu) -> None:
+        """svm_enable_nmi_window() without vNMI: an NMI arrived while the guest cannot take one.
+        process_nmi() keeps it pending. Still in its NMI handler: KVM intercepts IRET to learn when
+        the guest unblocks NMIs (``iret_interception`` + the single-step over the IRET, which navic
+        folds into one exit taken after the IRET: docs/model.md "Peer suites"). Only in the STI
+        shadow: single-step one instruction (RFLAGS.TF, ``nmi_singlestep``), then inject."""
+        if vcpu.guest.nmi_blocked:
+            vcpu.vmcb.set_intercept(V.INTERCEPT_IRET)
+        else:
+            vcpu.ctx.single_step = True
 
     # -- running ---------------------------------------------------------------------------
     def run(self, vcpu: Vcpu) -> Gen:
@@ -388,6 +413,29 @@ class SvmVendor:
         return self.kvm.kvm_emulate_halt(vcpu)
         yield  # pragma: no cover
 
+    def _exit_db(self, vcpu: Vcpu) -> Gen:
+        """db_interception() with nmi_singlestep: the instruction in the shadow has run; drop TF and
+        re-evaluate events (the pending NMI is injected now)."""
+        vcpu.ctx.single_step = False
+        vcpu.requests.add(REQ_EVENT)
+        return "continue"
+        yield  # pragma: no cover
+
+    def _exit_vmmcall(self, vcpu: Vcpu) -> Gen:
+        """vmmcall_interception() -> kvm_emulate_hypercall() (navic.hv.hypercall); RAX is the result."""
+        insn = vcpu.ctx.exit_insn
+        vcpu.ctx.exit_insn = None
+        vcpu.guest.retire((yield from kvm_emulate_hypercall(self.kvm, vcpu, insn)))
+        return "continue"
+
+    def _exit_iret(self, vcpu: Vcpu) -> Gen:
+        """iret_interception(): the guest left its NMI handler; drop the intercept and re-evaluate
+        events (KVM_REQ_EVENT), so a pending NMI is injected now."""
+        vcpu.vmcb.clr_intercept(V.INTERCEPT_IRET)
+        vcpu.requests.add(REQ_EVENT)
+        return "continue"
+        yield  # pragma: no cover
+
     def _exit_msr(self, vcpu: Vcpu) -> Gen:
         """msr_interception(): x2APIC MSRs through kvm_x2apic_msr_{read,write}; APIC_BASE."""
         insn = vcpu.ctx.exit_insn
@@ -410,6 +458,10 @@ class SvmVendor:
         a = vcpu.apic
         if (old ^ a.apic_base) & 0xFFFFF000:
             self.kvm.set_apicv_inhibit("APIC_BASE_MODIFIED")
+        if (old ^ a.apic_base) & (1 << 11):
+            # EN toggled: kvm_lapic_set_base() -> kvm_vcpu_update_apicv(); LAPIC_MODE_DISABLED
+            # deactivates APICv for this vCPU (apicv_allowed).
+            vcpu.requests.add(REQ_APICV_UPDATE)
         if (old ^ a.apic_base) & (1 << 10):
             # xAPIC <-> x2APIC: KVM re-programs AVIC (x2AVIC bit, max index, MSR intercepts).
             vcpu.requests.add(REQ_APICV_UPDATE)
@@ -428,8 +480,16 @@ class SvmVendor:
             vcpu.guest.retire(None)
             return "continue"
         yield self.kvm.costs.MMIO_EMULATE
-        off = insn.addr - 0xFEE00000
         a = vcpu.apic
+        off = insn.addr - (a.apic_base & 0xFFFFF000)
+        if not 0 <= off < 0x1000:
+            # apic_mmio_in_range() fails: -EOPNOTSUPP, a KVM_EXIT_MMIO for userspace, which has
+            # nothing there (QEMU's unassigned memory: reads 0, writes dropped).
+            self.kvm.rec.count("mmio_userspace")
+            vcpu.guest.retire(None if type(insn) is isa.MmioWrite else 0)
+            return "continue"
+        # apic_mmio_read()/apic_mmio_write(): hardware-disabled or x2APIC mode reads all-ones and
+        # drops writes (the LAPIC_MMIO_HOLE quirk, LocalApic.mmio_read / mmio_write).
         if type(insn) is isa.MmioWrite:
             old_id = a.read_reg(APIC_ID)
             a.mmio_write(off, insn.value)
@@ -539,6 +599,9 @@ class SvmVendor:
         V.SVM_EXIT_INTR: _exit_intr,
         V.SVM_EXIT_VINTR: _exit_vintr,
         V.SVM_EXIT_HLT: _exit_hlt,
+        V.SVM_EXIT_IRET: _exit_iret,
+        V.SVM_EXIT_VMMCALL: _exit_vmmcall,
+        V.SVM_EXIT_EXCP_BASE + 1: _exit_db,
         V.SVM_EXIT_MSR: _exit_msr,
         V.SVM_EXIT_NPF: _exit_npf,
         V.SVM_EXIT_AVIC_UNACCELERATED_ACCESS: _exit_noaccel,

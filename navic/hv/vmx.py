@@ -35,6 +35,7 @@ from navic.apic.registers import (
     X2APIC_MSR_BASE,
     X2APIC_READABLE,
 )
+from navic.hv.hypercall import kvm_emulate_hypercall
 from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, REQ_EVENT, Kvm, Vcpu
 from navic.hw import vmx as X
 from navic.hw.isa import Fault
@@ -329,17 +330,26 @@ class VmxVendor:
             return
         if self.nested is not None and vcpu.nested is not None and vcpu.nested.active:
             return   # L1 events while L2 runs: a nested VM exit first (check_nested_events)
-        if a.nmi_pending and not g.nmi_blocked:
-            a.take_nmi()
-            ctx.entry_intr_info = INTR_INFO_VALID | (INTR_TYPE_NMI << 8) | 2
-            return
+        nmi = False
+        if self.kvm.process_nmi(vcpu, masked=g.nmi_blocked):
+            # vmx_nmi_blocked(): NMI blocking, or blocking by STI / MOV SS in the interruptibility state.
+            if not g.nmi_blocked and not ctx.sti_blocking:
+                self.kvm.take_pending_nmi(vcpu)
+                ctx.entry_intr_info = INTR_INFO_VALID | (INTR_TYPE_NMI << 8) | 2
+                ctx.nmi_window_exiting = vcpu.nmis_pending > 0   # the second: an NMI window
+                nmi = True
+            else:
+                # vmx_enable_nmi_window(): virtual NMIs; exit when the guest's IRET unblocks NMIs.
+                ctx.nmi_window_exiting = True
         if vcpu.apicv_active:
             ctx.intr_window_exiting = False
             return
         v = a.has_interrupt()
         if v < 0:
             return
-        if g.IF:
+        # vmx_interrupt_blocked(): IF and the STI shadow; an NMI just injected: the window (as
+        # kvm_check_and_inject_events() ends with enable_irq_window()).
+        if g.IF and not ctx.sti_blocking and not nmi:
             a.ack_interrupt()
             ctx.entry_intr_info = INTR_INFO_VALID | v
             ctx.intr_window_exiting = False
@@ -408,6 +418,20 @@ class VmxVendor:
     def _exit_interrupt_window(self, vcpu: Vcpu) -> Gen:
         """handle_interrupt_window(): the guest can take the interrupt now."""
         vcpu.ctx.intr_window_exiting = False
+        vcpu.requests.add(REQ_EVENT)
+        return "continue"
+        yield  # pragma: no cover
+
+    def _exit_vmcall(self, vcpu: Vcpu) -> Gen:
+        """handle_vmcall() -> kvm_emulate_hypercall() (navic.hv.hypercall); RAX is the result."""
+        insn = vcpu.ctx.exit_insn
+        vcpu.ctx.exit_insn = None
+        vcpu.guest.retire((yield from kvm_emulate_hypercall(self.kvm, vcpu, insn)))
+        return "continue"
+
+    def _exit_nmi_window(self, vcpu: Vcpu) -> Gen:
+        """handle_nmi_window(): NMIs are unblocked; stop NMI-window exiting and inject."""
+        vcpu.ctx.nmi_window_exiting = False
         vcpu.requests.add(REQ_EVENT)
         return "continue"
         yield  # pragma: no cover
@@ -503,6 +527,8 @@ class VmxVendor:
         X.EXIT_REASON_EXTERNAL_INTERRUPT: _exit_external_interrupt,
         X.EXIT_REASON_VMRESUME: _exit_vmresume,
         X.EXIT_REASON_INTERRUPT_WINDOW: _exit_interrupt_window,
+        X.EXIT_REASON_NMI_WINDOW: _exit_nmi_window,
+        X.EXIT_REASON_VMCALL: _exit_vmcall,
         X.EXIT_REASON_HLT: _exit_hlt,
         X.EXIT_REASON_MSR_READ: _exit_msr,
         X.EXIT_REASON_MSR_WRITE: _exit_msr,

@@ -154,6 +154,19 @@ def run_first_insn(insn: Compute, g: Any, insn_cycles: int) -> Generator[Any, An
     yield insn_cycles
 
 
+@dataclass(frozen=True, slots=True)
+class Hypercall(Insn):
+    """VMMCALL (AMD) / VMCALL (Intel) with RAX = ``nr`` and RBX, RCX, RDX, RSI = ``a0``..``a3``
+    (KVM's hypercall ABI, Documentation/virt/kvm/x86/hypercalls.rst). In guest mode it exits to the
+    hypervisor, whose return value (RAX) is the result; natively it raises #UD."""
+
+    nr: int
+    a0: int = 0
+    a1: int = 0
+    a2: int = 0
+    a3: int = 0
+
+
 def execute_plain(insn: Insn, g: Any, costs: Any) -> tuple[int, bool] | None:
     """Execute an instruction that behaves the same natively and in guest mode (STI, CLI, IRET,
     an uninterruptible compute) on guest state ``g``. Returns (cycles, sti_shadow), or None when
@@ -172,4 +185,7 @@ def execute_plain(insn: Insn, g: Any, costs: Any) -> tuple[int, bool] | None:
     if insn is IRET:
         g.retire(None)
         return costs.IRET, False
+    if type(insn) is Hypercall:   # no hypervisor (or not intercepted): VMMCALL/VMCALL is #UD
+        g.retire(Fault("#UD", "VMMCALL/VMCALL without a hypervisor"))
+        return costs.INSN, False
     return None

@@ -66,6 +66,7 @@ class GuestContext:
     msr_wr: frozenset[int] = frozenset()
     exit_insn: Any = None
     exit_insn_offset: int = 0
+    single_step: bool = False   # RFLAGS.TF set by the hypervisor (+ the #DB intercept): one instruction, then #DB
     _eval: bool = False
     npt: Any = None   # the nested page table L0 keeps for this guest (for MemWrite / tracking)
 
@@ -116,7 +117,10 @@ class Svm:
         pcpu.running = ctx
         pcpu.doorbell_pending = False   # VMRUN's own evaluation covers any earlier doorbell
         eval_pending = avic
-        shadow = False
+        # The interrupt shadow (STI) the guest was in when it last exited (VMCB INT_STATE bit 0).
+        shadow = bool(vmcb.int_state & 1)
+        single_step = ctx.single_step
+        stepped = False
         exit_code = -1
         info1 = info2 = 0
 
@@ -128,11 +132,15 @@ class Svm:
         if ei & (1 << 31):
             vmcb.event_inj = 0
             typ = (ei >> 8) & 7
+            shadow = False
             yield INTR_ENTRY
             g.enter_handler(ei & 0xFF, "nmi" if typ == 2 else "irq")
 
         while True:
             # ---- instruction boundary --------------------------------------------------
+            if single_step and stepped:
+                exit_code = V.SVM_EXIT_EXCP_BASE + 1   # the single-step #DB (KVM intercepts #DB then)
+                break
             if pcpu.intr_pending:
                 pcpu.intr_pending = False
                 exit_code = V.SVM_EXIT_INTR
@@ -158,6 +166,9 @@ class Svm:
                     yield INTR_ENTRY
                     g.enter_handler(vmcb.v_intr_vector, "irq")
                     continue
+            if single_step:
+                stepped = True
+
             # ---- fetch and execute -----------------------------------------------------
             insn = g.next_insn()
             t = type(insn)
@@ -181,14 +192,12 @@ class Svm:
                         continue
                     exit_code, info1, info2 = r
                     break
-                if not g.x2apic and 0 <= insn.addr - 0xFEE00000 < APIC_PAGE_SIZE:
-                    # APICv off: the APIC page is MMIO emulated by KVM (a nested page fault).
-                    ctx.exit_insn = insn
-                    exit_code, info1, info2 = V.SVM_EXIT_NPF, (1 << 1) if write else 0, insn.addr
-                    break
-                # Plain memory (x2APIC guests: the xAPIC page is not an APIC).
-                g.retire(None if write else 0)
-                yield INSN
+                # Not accelerated (AVIC off, x2APIC mode, or outside the BAR): the access is MMIO
+                # the hypervisor emulates (a nested page fault; KVM decodes it at the APIC's own
+                # base, apic_mmio_in_range()). Guest MMIO ops only ever address an APIC page.
+                ctx.exit_insn = insn
+                exit_code, info1, info2 = V.SVM_EXIT_NPF, (1 << 1) if write else 0, insn.addr
+                break
             elif t is Wrmsr or t is Rdmsr:
                 msr = insn.msr
                 write = t is Wrmsr
@@ -214,6 +223,10 @@ class Svm:
                     break
                 g.retire(Fault("#UD", "VMRUN not intercepted"))
                 yield INSN
+            elif t is isa.Hypercall and vmcb.intercept(V.INTERCEPT_VMMCALL):
+                ctx.exit_insn = insn   # the VMMCALL intercept: the hypervisor emulates the call
+                exit_code, info1, info2 = V.SVM_EXIT_VMMCALL, 0, 0
+                break
             elif t is MemWrite:
                 npt = ctx.npt
                 if npt is not None and npt.is_write_protected(insn.gpa >> 12):
@@ -246,9 +259,15 @@ class Svm:
                     raise TypeError(f"unknown instruction {insn!r}")
                 shadow = done[1]
                 yield done[0]
+                if insn is isa.IRET and vmcb.intercept(V.INTERCEPT_IRET):
+                    # The IRET intercept (APM §15.9; KVM's NMI window): the exit is taken once the
+                    # IRET has unblocked NMIs (see docs/model.md "Peer suites").
+                    exit_code = V.SVM_EXIT_IRET
+                    break
 
         # ---- #VMEXIT ----------------------------------------------------------------------
         vmcb.set_exit(exit_code, info1, info2)
+        vmcb.int_state = 1 if shadow else 0   # SVM_INTERRUPT_SHADOW_MASK: an exit inside STI's shadow
         if avic:
             vmcb.v_tpr = (vapic.regs[APIC_TPR >> 2] >> 4) & 0xF  # type: ignore[union-attr]
         pcpu.guest_mode = False
@@ -316,10 +335,20 @@ class Svm:
                     hi = (value >> 32) if msr else None
                 host = self.host
                 name = ctx.name
+                own_id = pcpu.apic_id
+
+                def ring(host_id: int) -> None:
+                    # The "doorbell to self" of a self-IPI (APM §15.29.6.1 step 1) is this core
+                    # re-evaluating its own vAPIC: at once, like Intel's self-IPI virtualization
+                    # (SDM §30.1.x), not a message over the wire (docs/model.md "Peer suites").
+                    if host_id == own_id:
+                        ctx._eval = True
+                    else:
+                        host.doorbell(host_id, src=pcpu.index)
+
                 res = yield from self.avic.icr_write(
-                    ctx.vmcb, vapic.apic_id, pcpu.apic_id, lo, hi,
-                    irr_set=lambda hpa, vec, _i: host.on_hw_irr_set(hpa, vec, name),
-                    doorbell=partial(host.doorbell, src=pcpu.index))
+                    ctx.vmcb, vapic.apic_id, own_id, lo, hi,
+                    irr_set=lambda hpa, vec, _i: host.on_hw_irr_set(hpa, vec, name), doorbell=ring)
                 if saved is not None:
                     regs[APIC_ICR >> 2], regs[APIC_ICR2 >> 2] = saved
                 if res is None:

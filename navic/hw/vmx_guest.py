@@ -112,6 +112,8 @@ class VmcsContext:
     ipiv: bool = False                 # tertiary: IPI virtualization
     hlt_exiting: bool = True
     intr_window_exiting: bool = False
+    nmi_window_exiting: bool = False   # "NMI-window exiting" (SDM §25.6.2, §26.7.6)
+    sti_blocking: bool = False         # GUEST_INTERRUPTIBILITY_INFO bit 0: blocking by STI (saved at exit)
     tpr_threshold: int = 0             # TPR_THRESHOLD[3:0] (TPR shadow without VID)
     pid_table_hpa: int = 0             # PID_POINTER_TABLE
     last_pid_index: int = -1           # LAST_PID_POINTER_INDEX
@@ -152,7 +154,7 @@ class Vmx:
         pcpu.guest_mode = True   # from here a notification is a posted interrupt, not a host IRQ
         pcpu.running = ctx
         yield costs.VMENTRY
-        shadow = False
+        shadow = ctx.sti_blocking   # the guest interruptibility state it exited with
         reason = -1
         qual = 0
 
@@ -161,6 +163,7 @@ class Vmx:
         info = ctx.entry_intr_info
         if info & INTR_INFO_VALID:
             ctx.entry_intr_info = 0
+            shadow = False
             yield costs.INTR_ENTRY
             g.enter_handler(info & 0xFF, "nmi" if (info >> 8) & 7 == INTR_TYPE_NMI else "irq")
 
@@ -182,6 +185,10 @@ class Vmx:
             if pcpu.intr_pending:
                 pcpu.intr_pending = False
                 reason = X.EXIT_REASON_EXTERNAL_INTERRUPT
+                break
+            if ctx.nmi_window_exiting and not g.nmi_blocked and not shadow:
+                # No virtual-NMI blocking (nor, as this processor does, blocking by STI): §26.7.6.
+                reason = X.EXIT_REASON_NMI_WINDOW
                 break
             # ---- virtual interrupts / interrupt window ---------------------------------
             if not shadow and g.IF:
@@ -249,6 +256,11 @@ class Vmx:
                         yield pcpu.wake
                 g.retire(None)
                 yield costs.SPIN_LOOP
+            elif t is isa.Hypercall:
+                # VMCALL exits unconditionally in VMX non-root operation (SDM §26.1.2).
+                ctx.exit_insn = insn
+                reason = X.EXIT_REASON_VMCALL
+                break
             elif t is isa.Vmresume:
                 # A guest hypervisor's VMRESUME: VMX instructions always exit in non-root mode.
                 ctx.exit_insn = insn
@@ -262,6 +274,7 @@ class Vmx:
                 yield done[0]
 
         # ---- VM exit ---------------------------------------------------------------------
+        ctx.sti_blocking = shadow
         ctx.exit_reason = reason
         ctx.exit_qualification = qual
         if ctx.vid:

@@ -88,6 +88,7 @@ class NestedSvm:
         vmcb02.int_vector = vmcb12.int_vector
         vmcb02.event_inj = vmcb12.event_inj
         vmcb12.event_inj = 0
+        vmcb02.int_state = vmcb12.int_state   # guest state: L2's interrupt shadow
         self.design.prepare_vmcb02(vcpu, vmcb12, vmcb02)
         if vmcb02.avic_enable:
             vmcb02.int_ctl = vmcb02.int_ctl & ~(1 << 8)   # V_IRQ is ignored under AVIC (RFC patch 13)
@@ -96,6 +97,7 @@ class NestedSvm:
             ctx02 = GuestContext(l2.name, "L2", vmcb02, l2.guest)
             st.ctx02 = ctx02
         ctx02.bind_vapic(l2.apic)
+        ctx02.single_step = l2.ctx.single_step   # RFLAGS.TF L1 set (its NMI single-step)
         ctx02.msr_rd = l2.ctx.msr_rd   # immutable policy sets: shared, not copied
         ctx02.msr_wr = l2.ctx.msr_wr
         st.active = True
@@ -175,6 +177,7 @@ class NestedSvm:
         if vmcb02.event_inj & (1 << 31):      # not delivered: give it back to L1 (exit_int_info)
             vmcb12.exit_int_info = vmcb02.event_inj
             vmcb02.event_inj = 0
+        vmcb12.int_state = vmcb02.int_state   # nested_svm_vmexit(): L2's interrupt shadow
         # V_IRQ state (the interrupt window L1 asked for) goes back too.
         vmcb12.v_irq = vmcb02.v_irq if not vmcb02.avic_enable else vmcb12.v_irq
         l2.ctx.exit_insn = st.ctx02.exit_insn

@@ -147,7 +147,8 @@ class NestedVmx:
     def prepare_vmcs02(self, vcpu: Vcpu, ctx12: VmcsContext, ctx02: VmcsContext) -> None:
         """prepare_vmcs02_early() / prepare_vmcs02() for the APIC-virtualisation state."""
         for f in ("virt_apic_accesses", "virt_x2apic_mode", "apic_reg_virt", "vid", "posted_intr",
-                  "hlt_exiting", "intr_window_exiting", "tpr_threshold", "eoi_exit_bitmap", "rvi", "svi"):
+                  "hlt_exiting", "intr_window_exiting", "nmi_window_exiting", "tpr_threshold",
+                  "eoi_exit_bitmap", "rvi", "svi", "sti_blocking"):
             setattr(ctx02, f, getattr(ctx12, f))
         ctx02.msr_rd = ctx12.msr_rd   # immutable policy sets: shared, not copied
         ctx02.msr_wr = ctx12.msr_wr
@@ -230,6 +231,7 @@ class NestedVmx:
         ctx12.exit_insn = ctx02.exit_insn
         ctx02.exit_insn = None
         ctx12.rvi, ctx12.svi = ctx02.rvi, ctx02.svi   # guest interrupt status is guest state
+        ctx12.sti_blocking = ctx02.sti_blocking        # ... and so is the interruptibility state
         if ctx02.entry_intr_info & INTR_INFO_VALID:    # not delivered: back to L1 (IDT-vectoring info)
             ctx12.entry_intr_info = ctx02.entry_intr_info
             ctx02.entry_intr_info = 0
