@@ -260,7 +260,8 @@ def wins(rows: list[dict[str, Any]], unsafe: set[str], lines: dict[str, int] | N
             share = {d: round((_p50(none) - _p50(r)) / (_p50(none) - best), 3) for d, r in l2.items() if d != "none"}
         out.append({"workload": wl, "category": CATEGORIES.get(wl, wl), "cpu": cpu, "fastest": fastest,
                     "fewest_exits": fewest, "benefit_share": share,
-                    "p50_ns": {d: _p50(r) for d, r in l2.items()}, "exits_per_ipi": {d: _exits(r) for d, r in l2.items()}})
+                    "p50_ns": {d: _p50(r) for d, r in l2.items()},
+                    "exits_per_ipi": {d: _exits(r) for d, r in l2.items()}})
     return out
 
 
@@ -279,7 +280,8 @@ def recommendation(rows: list[dict[str, Any]], safety_rows: list[dict[str, Any]]
     if unsafe:
         said.append(f"Unsafe within bound {opts.bound}: {', '.join(sorted(unsafe))} (counterexamples above); "
                     "they are not recommended whatever they cost.")
-    ranked = sorted((d for d in designs if d not in unsafe and score[d]), key=lambda d: (score[d], cx.get(d, {}).get("navic_lines", 0)))
+    ranked = sorted((d for d in designs if d not in unsafe and score[d]),
+                    key=lambda d: (score[d], cx.get(d, {}).get("navic_lines", 0)))
     if not ranked:
         return said + ["No design is safe within the bound: no recommendation."]
     wl_rows = wins(rows, unsafe, {d: c["navic_lines"] for d, c in cx.items()})
@@ -298,7 +300,8 @@ def recommendation(rows: list[dict[str, Any]], safety_rows: list[dict[str, Any]]
     won = [w["category"] for w in wl_rows if w["cpu"] == cpu and w["fastest"] == best]
     said.append(f"Recommended on {cpu}: **{best}** — lowest geometric-mean p50 latency over the workloads "
                 f"({score[best]:.0f} ns), safe within bound {opts.bound} on every nested explore scenario, "
-                f"{lines} navic lines (≈{kl} kernel lines, estimated); fastest on: {', '.join(won) or 'no single workload'}.")
+                f"{lines} navic lines (≈{kl} kernel lines, estimated); "
+                f"fastest on: {', '.join(won) or 'no single workload'}.")
     for d in ranked[1:]:
         wd = [w["category"] for w in wl_rows if w["cpu"] == cpu and w["fastest"] == d]
         said.append(f"{d}: geometric-mean p50 {score[d]:.0f} ns ({score[d] / score[best]:.2f}x the recommended), "
@@ -428,7 +431,8 @@ def markdown(v: Verdict, command: str) -> str:
     for r in v.rows:
         e = r["exits_per_ipi"]
         L.append(f"| {r['workload']} | {r['config']} | {e['l0']:g} / {e['l0_l2']:g} / {e['l1']:g} | "
-                 f"{r['world_switches_per_ipi']:g} | {C._fmt(r['latency_ns']['p50'])} | {C._fmt(r['latency_ns']['p99'])} | "
+                 f"{r['world_switches_per_ipi']:g} | {C._fmt(r['latency_ns']['p50'])} | "
+                 f"{C._fmt(r['latency_ns']['p99'])} | "
                  f"{C._fmt(r['cycles_per_ipi']['l0'])} | {C._fmt(r['cycles_per_ipi']['l1'])} | {r['violations']} |")
     L += ["", "## Complexity", "", "| design | navic lines | modules | shared with VMX | kernel lines | method |",
           "|---|---|---|---|---|---|"]

@@ -75,7 +75,8 @@ def test_recommendation_follows_the_numbers() -> None:
 
 
 def test_wins_per_category() -> None:
-    rows = [_row("none", 9_000, 9, "ipi-halt"), _row("shadow", 3_000, 2, "ipi-halt"), _row("dummy", 4_000, 1, "ipi-halt")]
+    rows = [_row("none", 9_000, 9, "ipi-halt"), _row("shadow", 3_000, 2, "ipi-halt"),
+            _row("dummy", 4_000, 1, "ipi-halt")]
     (w,) = V.wins(rows, unsafe=set())
     assert w["category"] == "halted target" and w["fastest"] == "shadow" and w["fewest_exits"] == "dummy"
     assert w["benefit_share"] == {"shadow": 1.0, "dummy": round(5 / 6, 3)}
