@@ -79,7 +79,7 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 MAX_VCPUS = 4096
 MAX_PCPUS = 4096
 WAIT_HOWS = ("spin", "hlt")
-NESTED_APICV = ("none", "shadow", "dummy")
+NESTED_APICV = ("none", "shadow", "dummy", "runcache")
 
 # --------------------------------------------------------------------------------------------
 # APIC register names accepted by `read` / `write` (offsets in the xAPIC MMIO page, SDM vol. 3
@@ -483,7 +483,7 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
         Key("halt_poll_ns", Int(0, 10**10), doc="halt_poll_ns; default 200000"),
         Key("timeslice_us", Int(1, 10**9), doc="L0 scheduler slice; default 3000"),
         Key("errata", Errata(), doc='"auto" or a list of erratum numbers as strings'),
-        Key("nested_apicv", Choice(NESTED_APICV), doc='"none", "shadow" or "dummy"; default "none"'),
+        Key("nested_apicv", Choice(NESTED_APICV), doc='"none", "shadow", "dummy" or "runcache"; default "none"'),
         Key("doorbell_strict", Bool(), doc="default true"),
         Key("erratum_1235_p", Probability(),
             doc="probability that a hardware IsRunning read inside the erratum window is stale; default 0.1"),

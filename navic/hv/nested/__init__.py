@@ -3,14 +3,15 @@
 
 * :mod:`.none`   — the status quo: no AVIC for L1; L1 emulates L2's APIC;
 * :mod:`.dummy`  — every L2 on one dummy physical ID table; L0 emulates the IPIs against L1's tables;
-* :mod:`.shadow` — L0 shadows L1's physical ID tables, tracking writes to them (the RFC v3 series).
+* :mod:`.shadow` — L0 shadows L1's physical ID tables, tracking writes to them (the RFC v3 series);
+* :mod:`.runcache` — the dummy table plus L0's own IsRunning for the L2 vCPUs that run (navic's).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-DESIGNS = ("none", "shadow", "dummy")
+DESIGNS = ("none", "shadow", "dummy", "runcache")
 
 
 def make_design(name: str, core: Any) -> Any:
@@ -26,4 +27,8 @@ def make_design(name: str, core: Any) -> Any:
         from navic.hv.nested.shadow import ShadowDesign
 
         return ShadowDesign(core)
+    if name == "runcache":
+        from navic.hv.nested.runcache import RunCacheDesign
+
+        return RunCacheDesign(core)
     raise ValueError(f"unknown nested design {name!r}; expected one of {', '.join(DESIGNS)}")

@@ -61,3 +61,6 @@ class Design:
 
     def vcpu_put(self, vcpu: Vcpu, *, blocking: bool) -> None:
         """L0 puts an L1 vCPU."""
+
+    def leave_guest_mode(self, vcpu: Vcpu) -> None:
+        """The L1 vCPU leaves L2 (nested #VMEXIT, before L1 runs again); runcache unpublishes."""

@@ -26,6 +26,8 @@ from navic.sim.engine import Engine
 from navic.sim.record import Recorder
 from navic.sim.trace import Trace
 
+X2AVIC_DESIGNS = ("dummy", "runcache")   # designs that give L2 x2AVIC (shadow = RFC v3: xAVIC only)
+
 
 def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr: Trace,
                  l2_guest: Callable[[int], GuestCpu], unsupported: type[Exception]) -> tuple[Kvm, Kvm]:
@@ -71,8 +73,8 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
     # ---- L1's KVM -------------------------------------------------------------------------------
     l1_features = dataclasses.replace(
         features, avic=nested.design.offers_avic, avic_enumerated=nested.design.offers_avic,
-        x2avic=features.x2avic and nested.design.offers_avic and design == "dummy",
-        x2avic_ext=features.x2avic_ext and nested.design.offers_avic and design == "dummy")
+        x2avic=features.x2avic and nested.design.offers_avic and design in X2AVIC_DESIGNS,
+        x2avic_ext=features.x2avic_ext and nested.design.offers_avic and design in X2AVIC_DESIGNS)
     l1host.silicon.features = l1_features
     kvm1 = Kvm(l1host, name="l2")
     kvm1.exit_level = "l1"

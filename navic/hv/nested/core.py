@@ -170,6 +170,7 @@ class NestedSvm:
         vmcb12 = st.vmcb12
         vmcb02 = st.vmcb02
         l2 = st.l2
+        self.design.leave_guest_mode(vcpu)
         vmcb12.set_exit(code, info1, info2)
         vmcb12.v_tpr = vmcb02.v_tpr
         if vmcb02.event_inj & (1 << 31):      # not delivered: give it back to L1 (exit_int_info)
