@@ -63,12 +63,18 @@ class RunCacheDesign(DummyDesign):
 
     # -- the table ---------------------------------------------------------------------------
     def _park_all(self, max_index: int) -> None:
-        """Give entries 0..max_index their own sink page (lazily, as the table grows)."""
+        """Give entries 0..max_index their own sink page (lazily, as the table grows). A sink is
+        L0's: an IRR bit the hardware sets there is an IPI accepted for that L2 vCPU, which L0 then
+        moves into its real backing page (so the run record takes the acceptance there)."""
         mem = self.host.mem
+        l2_by_id = {v.vcpu_id: v for v in self.core.vcpu_by_vmcb12.values()}
         while len(self.sinks) <= max_index:
             i = len(self.sinks)
-            self.sinks.append(mem.alloc(1))
-            mem.write64(self.table_hpa + 8 * i, A.phys_entry(self.sinks[i], running=False, valid=True))
+            sink = mem.alloc(1)
+            self.sinks.append(sink)
+            if i in l2_by_id:
+                self.host.backing_owner[sink] = l2_by_id[i]
+            mem.write64(self.table_hpa + 8 * i, A.phys_entry(sink, running=False, valid=True))
 
     def _entry_hpa(self, n: int) -> int:
         return self.table_hpa + 8 * n
@@ -98,6 +104,24 @@ class RunCacheDesign(DummyDesign):
         self.published[n] = cpu
         self.owner[vcpu] = n
         self.kvm.rec.count("runcache_publish")
+        self._drain(n, vmcb12.backing_page_hpa)
+
+    def _drain(self, n: int, backing_gpa: int) -> None:
+        """Right after publishing entry ``n``: move the IRR bits a sender left in ``sink[n]`` into
+        the real backing page. (The hardware reads an entry twice — backing pointer with the IRR
+        write, IsRunning after it, APM 15.29.6.1 step 5 — so a sender that wrote the sink just
+        before the publish may read IsRunning = 1 just after it: no exit, and only this finds its
+        bit.) The vCPU's next VMRUN evaluates the page."""
+        mem = self.host.mem
+        sink = self.sinks[n]
+        l1mem = self.core.l1mem
+        for w in range(8):
+            off = _IRR + 16 * w
+            bits = mem.read32(sink + off)
+            for b in range(32):
+                if bits >> b & 1 and mem.clear_bit(sink + off, b):
+                    l1mem.set_bit(backing_gpa + off, b)
+                    self.kvm.rec.count("runcache_drained")
 
     def unpublish(self, vcpu: Vcpu) -> None:
         """__avic_vcpu_put() for vmcb02's entry: park it (IsRunning = 0, its own sink page)."""
@@ -110,7 +134,7 @@ class RunCacheDesign(DummyDesign):
     # -- hooks: nested VMRUN / #VMEXIT, L0's load / put / block --------------------------------
     def prepare_vmcb02(self, vcpu: Vcpu, vmcb12: Vmcb, vmcb02: Vmcb) -> None:
         super().prepare_vmcb02(vcpu, vmcb12, vmcb02)
-        if not vmcb02.avic_enable:
+        if not vmcb02.avic_enable or not self.enabled:
             return
         self._park_all(vmcb12.max_index)
         self.unpublish(vcpu)             # a new L2 vCPU on this L1 vCPU (or the same one again)
@@ -131,6 +155,8 @@ class RunCacheDesign(DummyDesign):
         """ID 1: the destinations whose sink page got the IRR bit were parked when the hardware
         looked (nothing delivered to them); the others were published and the hardware delivered.
         All parked → ``dummy``'s emulation of the whole IPI; some → only the parked ones."""
+        if not self.enabled:
+            return super().on_avic_exit(vcpu, code, info1, info2)   # nothing published: dummy
         if code != V.SVM_EXIT_AVIC_INCOMPLETE_IPI or (info2 >> 32) != A.AVIC_IPI_FAILURE_TARGET_NOT_RUNNING:
             return done((REFLECT, code, info1, info2))
         st = vcpu.nested
@@ -138,9 +164,9 @@ class RunCacheDesign(DummyDesign):
         icr_lo, icr_hi = info1 & 0xFFFFFFFF, info1 >> 32
         dests = self._destinations(vmcb12, st.vmcb02, st.l2.vcpu_id, icr_lo, icr_hi)
         parked = [(rep, pid) for rep, pid in dests if self._take_sink_bit(pid, icr_lo & 0xFF)]
-        if len(parked) == len(dests):
-            return super().on_avic_exit(vcpu, code, info1, info2)
-        return self._finish(vcpu, (code, info1, info2), parked)
+        if len(parked) < len(dests):
+            self.kvm.rec.count("runcache_partial")
+        return self._finish(vcpu, (code, info1, info2), parked, directed=len(dests) == 1)
 
     def _take_sink_bit(self, pid: int, vector: int) -> bool:
         """Test and clear ``vector`` in entry ``pid``'s sink page (the hardware set it iff it found
@@ -174,32 +200,37 @@ class RunCacheDesign(DummyDesign):
                 out.append((li, le & A.LOG_GUEST_PHYS_ID_MASK))
         return out
 
-    def _finish(self, vcpu: Vcpu, exit_: tuple[int, int, int], parked: list[tuple[int, int]]) -> Gen:
-        """The hardware delivered to the published destinations; deliver the parked ones against
-        L1's table (APM 15.29.6.1 step 5 per destination: IRR in the backing page L1's entry names,
-        then its IsRunning: doorbell to that L1 vCPU, or remember it for ID 1). An L1-invalid
-        destination is skipped (broadcast rule; for a logical multicast see docs/model.md)."""
+    def _finish(self, vcpu: Vcpu, exit_: tuple[int, int, int], parked: list[tuple[int, int]], *,
+                directed: bool) -> Gen:
+        """Deliver the parked destinations against L1's table — what the hardware would have done
+        with L1's entry (APM 15.29.6.1 steps 4-6): invalid → ID 2 for a directed IPI (nothing
+        delivered), skipped otherwise (the broadcast rule; multicast: docs/model.md); unbacked →
+        ID 3 likewise; else move the IRR bit into the page L1's entry names, then read L1's
+        IsRunning: the emulated doorbell toward that L1 vCPU, or ID 1 to L1 with that index."""
         kvm = self.kvm
         kvm.rec.count("nested_ipi_emulations")
-        kvm.rec.count("runcache_partial")
         yield kvm.costs.NESTED_IPI_EMULATE
         code, info1, info2 = exit_
         vmcb12 = vcpu.nested.vmcb12
-        l2 = vcpu.nested.l2
         l1mem = self.core.l1mem
-        vector = info1 & 0xFF
-        off, bit = _irr_bit(vector)
+        off, bit = _irr_bit(info1 & 0xFF)
         first_nr = -1
         for rep, pid in parked:
             gpa = vmcb12.physical_table_hpa + 8 * pid
             g = l1mem.read64(gpa)
             backing = g & A.PHYS_BACKING_MASK
-            if not g & A.PHYS_VALID or not l1mem.is_valid(backing):
+            failure = (A.AVIC_IPI_FAILURE_INVALID_TARGET if not g & A.PHYS_VALID else
+                       A.AVIC_IPI_FAILURE_INVALID_BACKING_PAGE if not l1mem.is_valid(backing) else 0)
+            if failure:
+                if directed:
+                    return (REFLECT, code, info1, (failure << 32) | rep)
                 continue
             l1mem.set_bit(backing + off, bit)
-            self.ipis.delivered(l2, backing, vector)
+            # The same send as the sink's acceptance (the run record counts it once); a halt-polling
+            # L1 thread re-checks.
+            self.ipis.delivered(vcpu.nested.l2, backing, info1 & 0xFF)
             yield 0
-            g = l1mem.read64(gpa)            # IsRunning is read after the IRR bit is set
+            g = l1mem.read64(gpa)              # IsRunning is read after the IRR bit is set
             if g & A.PHYS_IS_RUNNING:
                 self.emulate_doorbell(vcpu, g & A.PHYS_HOST_ID_MASK)
             elif first_nr < 0:
