@@ -101,7 +101,7 @@ def test_published_entry_names_a_loaded_l1_vcpu_in_l2_on_that_pcpu():
 
 # -- the explorer -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["explore-nested-pingpong", "explore-nested-broadcast",
-                                  "explore-nested-spin", "explore-nested-mixed"])
+                                  "explore-nested-spin", "explore-nested-mixed", "explore-nested-churn"])
 def test_explorer_finds_no_violation_under_runcache_at_bound_1(name):
     out = Explorer(load_scenario(str(EXAMPLES / f"{name}.toml")), Options(preemptions=1, design="runcache")).run()
     assert out.violation is None and out.complete
@@ -141,3 +141,21 @@ def test_compare_has_runcache_rows_and_the_churn_case():
     assert by["l2-runcache-zen4"]["design"] == "runcache"
     assert by["l2-runcache-zen4"]["write_tracking_per_ipi"] == 0
     assert by["l2-shadow-zen4"]["write_tracking_per_ipi"] > 0
+
+
+def test_explorer_finds_the_publish_race_without_the_sink_drain(monkeypatch):
+    """The race the explorer found in runcache's first version (explore-nested-churn, K = 1): a
+    sender's IRR write lands in a parked entry's sink, L0 then publishes the entry, the sender reads
+    IsRunning = 1 — no exit, the bit stays in the sink. Publishing drains the sink; without it the
+    IPI is lost."""
+    monkeypatch.setattr(R.RunCacheDesign, "_drain", lambda self, n, backing_gpa: None)
+    out = Explorer(load_scenario(str(EXAMPLES / "explore-nested-churn.toml")),
+                   Options(preemptions=1, design="runcache")).run()
+    assert out.violation is not None and out.violation["kind"] in ("lost", "stuck")
+
+
+@pytest.mark.parametrize("design", ["none", "shadow", "dummy"])
+def test_churn_explore_example_has_no_violation_at_bound_0(design):
+    out = Explorer(load_scenario(str(EXAMPLES / "explore-nested-churn.toml")),
+                   Options(preemptions=0, design=design)).run()
+    assert out.violation is None and out.complete
