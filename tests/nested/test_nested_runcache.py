@@ -8,14 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _nested_util import pingpong, run, traced
 
 from navic.check.explore import Explorer, Options
 from navic.compare import CONFIGS, DEFAULT_SUITE, Case, run_suite
 from navic.hv.nested import runcache as R
 from navic.hw import avic as A
 from navic.scenario import ScenarioError, load_scenario, loads_scenario
-
-from _nested_util import pingpong, run, traced
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ALL = ("none", "shadow", "dummy", "runcache")
