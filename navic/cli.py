@@ -30,7 +30,7 @@ from rich.table import Table
 
 from navic import __version__
 from navic.config import Scenario
-from navic.scenario import ScenarioError, load_scenario
+from navic.scenario import NESTED_APICV, ScenarioError, load_scenario
 
 EXIT_SCENARIO_ERROR = 2
 EXIT_FAILURE = 1
@@ -313,7 +313,7 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--design", type=click.Choice(["none", "shadow", "dummy", "shadow-x2avic"]), default=None,
+@click.option("--design", type=click.Choice(list(NESTED_APICV)), default=None,
               help="Nested design (overrides [l0] nested_apicv; passed through into the scenario).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=20_000, show_default=True,
               help="Engine steps per run (each run is cut there).")

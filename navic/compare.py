@@ -57,6 +57,9 @@ CONFIGS: dict[str, ConfigSpec] = {c.name: c for c in (
       for cpu in ("zen4", "zen5")),
     ConfigSpec("l2-none-spr", "spr", 2, design="none", doc="L2 on SPR, no nested APICv"),
     ConfigSpec("l2-dummy-spr", "spr", 2, design="dummy", doc="L2 on SPR, dummy PID-pointer table"),
+    *(ConfigSpec(f"l2-runcache-{cpu}", cpu, 2, design="runcache",
+                 doc=f"L2, nested design 'runcache' (dummy table + L0's IsRunning for running L2 vCPUs) on {cpu}")
+      for cpu in ("zen4", "zen5", "zen2")),
 )}
 
 DEFAULT_CONFIGS = tuple(CONFIGS)
@@ -81,6 +84,7 @@ class Case:
     seed: int = 1
     name: str = ""                        # table label; default the workload kind
     l1_apic: str = "x2apic"               # L1's own APIC mode in l2-* configs
+    l1_vcpus: int = 0                     # L1's vCPUs in l2-* configs (0 = vcpus; fewer = overcommit)
 
     @property
     def label(self) -> str:
@@ -93,6 +97,7 @@ DEFAULT_SUITE: tuple[Case, ...] = (
     Case("ipi-halt", {"iterations": 40, "gap_cycles": 60_000}, vcpus=2, apic="xapic"),
     Case("tlb-shootdown", {"iterations": 5, "mode": "broadcast"}, vcpus=8, apic="xapic"),
     Case("hackbench", {"iterations": 20}, vcpus=4, apic="xapic"),
+    Case("table-churn", {"rounds": 20}, vcpus=4, apic="xapic", l1_vcpus=2),
 )
 
 
@@ -104,7 +109,8 @@ def scenario_dict(case: Case, cfg: ConfigSpec) -> dict[str, Any]:
         "seed": case.seed,
         "max_time_us": case.max_time_us,
         "host": {"cpu": cfg.cpu, "virt": cfg.virt, "pcpus": max(vcpus, 2)},
-        "l1": {"vcpus": vcpus, "apic": case.apic if cfg.level == 1 else case.l1_apic},
+        "l1": {"vcpus": vcpus if cfg.level == 1 else case.l1_vcpus or vcpus,
+               "apic": case.apic if cfg.level == 1 else case.l1_apic},
         "workload": {"kind": case.workload, **case.params},
     }
     l0 = dict(cfg.l0)
@@ -151,6 +157,7 @@ def row_metrics(case: Case, cfg: ConfigSpec, result: dict[str, Any]) -> dict[str
         "exit_reasons": {f"{lvl}:{r}": per(c) for lvl, rs in sorted(exits.items()) for r, c in sorted(rs.items())},
         "world_switches_per_ipi": per(counters.get("vmruns", 0) + counters.get("nested_vmrun", 0)),
         "doorbells_per_ipi": per(counters.get("doorbells_sent", 0)),
+        "write_tracking_per_ipi": per(counters.get("npf_write_tracking", 0)),
         "latency_ns": {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)},
         "latencies_ns": lat,
         "cycles_per_ipi": {"l0": per(counters.get("l0_cycles", 0)), "l1": per(counters.get("l1_cycles", 0))},
@@ -212,7 +219,8 @@ def load_suite(path: str | Path) -> tuple[Case, ...]:
         raise ScenarioError(src, "case", "expected one or more [[case]] tables, got none")
     for i, raw in enumerate(raw_cases):
         p = f"case[{i}]"
-        keys = {"workload", "params", "vcpus", "apic", "configs", "max_time_us", "seed", "name", "l1_apic"}
+        keys = {"workload", "params", "vcpus", "apic", "configs", "max_time_us", "seed", "name", "l1_apic",
+                "l1_vcpus"}
         unknown = set(raw) - keys
         if unknown:
             raise ScenarioError(src, f"{p}.{sorted(unknown)[0]}",
@@ -226,7 +234,8 @@ def load_suite(path: str | Path) -> tuple[Case, ...]:
                                     f"expected one of {', '.join(CONFIGS)}, got {c!r}")
         case = Case(raw["workload"], dict(raw.get("params", {})), int(raw.get("vcpus", 2)),
                     raw.get("apic", "x2apic"), configs, float(raw.get("max_time_us", 50_000.0)),
-                    int(raw.get("seed", 1)), str(raw.get("name", "")), raw.get("l1_apic", "x2apic"))
+                    int(raw.get("seed", 1)), str(raw.get("name", "")), raw.get("l1_apic", "x2apic"),
+                    int(raw.get("l1_vcpus", 0)))
         # Validate through the scenario checker once (names the key path on error).
         try:
             parse_scenario(scenario_dict(case, CONFIGS["bare"]), f"{src}: {p}")

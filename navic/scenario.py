@@ -89,7 +89,7 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 MAX_VCPUS = 4096
 MAX_PCPUS = 4096
 WAIT_HOWS = ("spin", "hlt")
-NESTED_APICV = ("none", "shadow", "dummy", "shadow-x2avic")
+NESTED_APICV = ("none", "shadow", "dummy", "shadow-x2avic", "runcache")
 SHADOW_VARIANTS = ("navic", "rfc-v3")
 
 # --------------------------------------------------------------------------------------------
@@ -501,7 +501,7 @@ SECTION_KEYS: dict[str, tuple[Key, ...]] = {
             doc="SVM: post the APIC timer interrupt to a running vCPU (kvm_use_posted_timer_interrupt); default false"),
         Key("errata", Errata(), doc='"auto" or a list of erratum numbers as strings'),
         Key("nested_apicv", Choice(NESTED_APICV),
-            doc='"none", "shadow", "dummy" or "shadow-x2avic"; default "none"'),
+            doc='"none", "shadow", "dummy", "shadow-x2avic" or "runcache"; default "none"'),
         Key("doorbell_strict", Bool(),
             doc="RFC v3 avic_doorbell_strict: false = only blocking clears IsRunning; default true"),
         Key("shadow_variant", Choice(SHADOW_VARIANTS),

@@ -44,7 +44,7 @@ from navic.sim.chooser import Chooser, ReplayChooser
 from navic.sim.engine import Handle, _label
 
 SCHEDULE_FORMAT = 1
-DESIGNS = ("none", "shadow", "dummy", "shadow-x2avic")
+DESIGNS = ("none", "shadow", "dummy", "shadow-x2avic", "runcache")
 
 DEFAULT_MAX_STEPS = 20_000
 DEFAULT_PREEMPTIONS = 2

@@ -6,7 +6,7 @@ so they are valid by construction. Every run is bounded by ``max_time_us``; wait
 unsatisfied wait (TPR left high, a send ordered after the wait of its own sender's peer) ends
 quiescent or at the time bound — at worst a ``stalled`` warning, never a violation. Properties:
 no crash, no violation for the correct designs, on bare metal, at L1 (zen4 AVIC, zen2, spr) and at
-L2 (none / shadow / dummy on zen4 and zen2).
+L2 (none / shadow / dummy / runcache on zen4 and zen2).
 
 Programs mix fixed IPIs (physical ``to``, logical masks after an LDR write — the write L1's/L0's
 KVM mirrors into its AVIC logical table —, the ``others`` shorthand, self), halts, TPR changes,
@@ -158,7 +158,7 @@ def l2_nested(draw: Any) -> dict[str, Any]:
     apic1 = draw(st.sampled_from(["xapic", "x2apic"]))
     apic2 = draw(st.sampled_from(["xapic", "x2apic"]))
     cpu = draw(st.sampled_from(["zen4", "zen2"]))
-    l0 = {"nested_apicv": draw(st.sampled_from(["none", "shadow", "dummy"])),
+    l0 = {"nested_apicv": draw(st.sampled_from(["none", "shadow", "dummy", "runcache"])),
           "halt_poll_ns": draw(st.sampled_from([0, 200000]))}
     if cpu == "zen2":
         l0["avic"] = True   # kvm_amd avic "auto" is off before Zen4

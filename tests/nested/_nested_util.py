@@ -12,7 +12,7 @@ from navic.hw import avic as A
 from navic.scenario import loads_scenario
 
 INCOMPLETE_IPI = "avic_incomplete_ipi"
-DESIGNS = ("none", "shadow", "dummy")
+DESIGNS = ("none", "shadow", "dummy", "runcache")
 
 
 def prog(cpu: str, ops: list[str] | str, handlers: dict[int, str] | None = None) -> str:

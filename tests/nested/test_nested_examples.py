@@ -25,7 +25,7 @@ def _navic_run(path: Path, hashseed: str) -> bytes:
     return res.stdout
 
 
-@pytest.mark.parametrize("design", ["none", "shadow", "dummy"])
+@pytest.mark.parametrize("design", ["none", "shadow", "dummy", "runcache"])
 def test_nested_example_runs_twice_identically(design):
     path = EXAMPLES / f"nested-{design}.toml"
     outs = [_navic_run(path, seed) for seed in ("1", "2")]

@@ -159,6 +159,23 @@ def _device(p: dict[str, Any], level: int, ncpus: int, rng: random.Random):
     return programs, devices
 
 
+def _table_churn(p: dict[str, Any], level: int, ncpus: int, rng: random.Random):
+    """A token ring over every CPU: CPU c waits for the token (halting), computes, passes it to
+    c + 1. Run as L2 with more L2 vCPUs than L1 vCPUs, each hop blocks one L2 vCPU and unblocks
+    another in L1, and L1's KVM rewrites their physical APIC ID table entries (IsRunning off/on,
+    ``avic_vcpu_blocking`` / ``avic_vcpu_unblocking``) — the writes a shadowing L0 must track."""
+    b = _B()
+    vector, work, rounds, how = p["vector"], p["work_cycles"], p["rounds"], p["how"]
+    programs = []
+    for c in range(ncpus):
+        nxt = (c + 1) % ncpus
+        hop = (b(O.Compute, cycles=work), b(O.Ipi, vector=vector, to=nxt))
+        wait = b(O.Wait, vector=vector, how=how)
+        body = (*hop, wait) if c == 0 else (wait, *hop)
+        programs.append(_prog(level, c, [b(O.Sti), b(O.Repeat, times=rounds, ops=body)]))
+    return programs, []
+
+
 _VEC = dict(kind="int", lo=16, hi=255)
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
@@ -187,6 +204,12 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
         Param("work_cycles", 20_000, lo=1, hi=10**9),
         Param("idle_fraction", 0.3, kind="float", lo=0.0, hi=1.0, doc="chance to halt after a send")),
         _hackbench, min_cpus=2),
+    Workload("table-churn", "a token ring with halting waiters: as L2 on fewer L1 vCPUs, every hop "
+             "rewrites L1's physical APIC ID table", (
+        Param("rounds", 20, lo=1, hi=10**6, doc="times the token goes round the ring"),
+        Param("vector", 0xF4, **_VEC), Param("work_cycles", 3_000, lo=0, hi=10**9, doc="work per hop"),
+        Param("how", "hlt", kind="choice", choices=("spin", "hlt"), doc="how a CPU waits for the token")),
+        _table_churn, min_cpus=2),
     Workload("timer", "per-CPU periodic or TSC-deadline timer interrupts", (
         Param("mode", "periodic", kind="choice", choices=("periodic", "tsc-deadline")),
         Param("ticks", 20, lo=1, hi=10**6), Param("period_ticks", 1000, lo=1, hi=2**32 - 1,

@@ -27,6 +27,7 @@ class Design:
 
     name = "base"
     offers_avic = False     # whether AVIC is in L1's CPUID
+    offers_x2avic = False   # whether x2AVIC (and X2AVIC_EXT where the CPU has it) is too
 
     def __init__(self, core: NestedSvm) -> None:
         self.core = core
@@ -63,4 +64,5 @@ class Design:
         """L0 puts an L1 vCPU."""
 
     def nested_vmexit(self, vcpu: Vcpu) -> None:
-        """Nested #VMEXIT of ``vcpu`` (shadow: the table's usecount drops)."""
+        """Nested #VMEXIT of ``vcpu``, before anything is synced back or L1 runs again (shadow: the
+        table's usecount drops; runcache: the L2 vCPU's entry is unpublished)."""

@@ -26,7 +26,6 @@ from navic.sim.engine import Engine
 from navic.sim.record import Recorder
 from navic.sim.trace import Trace
 
-
 def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr: Trace,
                  l2_guest: Callable[[int], GuestCpu], unsupported: type[Exception]) -> tuple[Kvm, Kvm]:
     assert scn.l2 is not None
@@ -69,7 +68,7 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
         v.ctx01.npt = npt           # L1 runs on L0's nested page table (write tracking)
 
     # ---- L1's KVM -------------------------------------------------------------------------------
-    offers_x2avic = nested.design.offers_avic and design in ("dummy", "shadow-x2avic")
+    offers_x2avic = nested.design.offers_avic and nested.design.offers_x2avic   # shadow (RFC v3): xAVIC only
     l1_features = dataclasses.replace(
         features, avic=nested.design.offers_avic, avic_enumerated=nested.design.offers_avic,
         x2avic=features.x2avic and offers_x2avic, x2avic_ext=features.x2avic_ext and offers_x2avic)

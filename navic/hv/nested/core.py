@@ -172,6 +172,7 @@ class NestedSvm:
         vmcb12 = st.vmcb12
         vmcb02 = st.vmcb02
         l2 = st.l2
+        self.design.nested_vmexit(vcpu)
         vmcb12.set_exit(code, info1, info2)
         vmcb12.v_tpr = vmcb02.v_tpr
         if vmcb02.event_inj & (1 << 31):      # not delivered: give it back to L1 (exit_int_info)
@@ -183,7 +184,6 @@ class NestedSvm:
         l2.ctx.exit_insn = st.ctx02.exit_insn
         st.ctx02.exit_insn = None
         st.active = False
-        self.design.nested_vmexit(vcpu)
         vcpu.ctx = vcpu.ctx01
         vcpu.nested_inhibit = False
         kvm.inhibits.clear_vcpu("NESTED", vcpu.name)

@@ -41,6 +41,7 @@ DUMMY_ENTRIES = 4096
 class DummyDesign(Design):
     name = "dummy"
     offers_avic = True
+    offers_x2avic = True    # the dummy table works for x2AVIC L2s as for xAVIC ones
 
     def __init__(self, core: NestedSvm) -> None:
         super().__init__(core)
