@@ -26,6 +26,7 @@ from navic.sim.engine import Engine
 from navic.sim.record import Recorder
 from navic.sim.trace import Trace
 
+
 def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr: Trace,
                  l2_guest: Callable[[int], GuestCpu], unsupported: type[Exception]) -> tuple[Kvm, Kvm]:
     assert scn.l2 is not None
