@@ -13,6 +13,7 @@ the row metrics are computed from its result only, so a row can always be reprod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -397,8 +398,7 @@ def write_traces(cases: Iterable[Case], outdir: Path, iterations: int = 20) -> l
     case = next((c for c in cases if c.workload == "ipi-pingpong"), None)
     if case is None:
         return []
-    small = Case(case.workload, {**case.params, "iterations": iterations}, case.vcpus, case.apic, case.configs,
-                 case.max_time_us, case.seed, case.name, case.l1_apic)
+    small = dataclasses.replace(case, params={**case.params, "iterations": iterations})
     out = []
     for cfg_name in small.configs:
         cfg = CONFIGS[cfg_name]

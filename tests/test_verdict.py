@@ -74,6 +74,20 @@ def test_recommendation_follows_the_numbers() -> None:
     assert "Recommended on zen4: **dummy**" in text and "Unsafe within bound 1: shadow" in text
 
 
+def test_recommendation_prefers_a_much_smaller_design_within_ten_percent() -> None:
+    rows = [_row("none", 10_000, 9), _row("shadow", 1_000, 0), _row("dummy", 1_080, 1)]
+    cx = {"none": {"navic_lines": 0}, "shadow": {"navic_lines": 200, "kernel_lines_estimate": 1507},
+          "dummy": {"navic_lines": 100, "kernel_lines_estimate": 750}}
+    safe = [{"scenario": "explore-nested-pingpong.toml", "design": d, "result": "proven within bound"}
+            for d in cx]
+    opts = V.VerdictOptions(cpus=("zen4",))
+    text = " ".join(V.recommendation(rows, safe, {d: {"vmx_shared_lines": 0, **c} for d, c in cx.items()}, opts))
+    assert "Recommended on zen4: **dummy** — within 10% of the fastest (shadow)" in text
+    rows[2] = _row("dummy", 1_200, 1)     # 20 % slower: the fastest stays recommended
+    text = " ".join(V.recommendation(rows, safe, {d: {"vmx_shared_lines": 0, **c} for d, c in cx.items()}, opts))
+    assert "Recommended on zen4: **shadow**" in text
+
+
 def test_wins_per_category() -> None:
     rows = [_row("none", 9_000, 9, "ipi-halt"), _row("shadow", 3_000, 2, "ipi-halt"),
             _row("dummy", 4_000, 1, "ipi-halt")]

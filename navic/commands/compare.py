@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 import sys
@@ -33,8 +34,7 @@ def compare_cmd(suite_file: str | None, outdir: str, as_json: bool, jobs: int | 
     command = "navic " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "navic compare"
     cases = C.load_suite(suite_file) if suite_file else C.DEFAULT_SUITE
     if configs:
-        cases = tuple(C.Case(c.workload, c.params, c.vcpus, c.apic, tuple(x for x in c.configs if x in configs),
-                             c.max_time_us, c.seed, c.name, c.l1_apic) for c in cases)
+        cases = tuple(dataclasses.replace(c, configs=tuple(x for x in c.configs if x in configs)) for c in cases)
     total = sum(len(c.configs) for c in cases)
     err = Console(stderr=True)
     t0 = time.monotonic()
