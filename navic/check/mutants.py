@@ -47,9 +47,15 @@ k         ``erratum1235-ipiv-on`` — enable_ipiv is not forced off on erratum-1
 l         ``id1-wake-only`` — avic_kick_target_vcpus() only wakes the targets (before
           66fa226c131f): an L1 vCPU running L2 (its AVIC off) is not kicked out to take the
           interrupt L1's KVM sent it (lost).
+m         ``refresh-no-put`` — svm_refresh_apicv_exec_ctrl() only rewrites the VMCB (before
+          df7e4827c549): a vCPU whose AVIC goes off (here: an L1 vCPU entering L2) keeps
+          IsRunning = 1, so a sender's AVIC rings a doorbell instead of exiting (lost).
+n         ``logical-aliased-no-inhibit`` — no LOGICAL_ID_ALIASED inhibit (before 9a364857ab4f):
+          two vCPUs sharing an xAPIC logical ID share one logical-table entry, and a logical IPI
+          to that ID reaches only the vCPU the entry names (lost).
 ========  ==============================================================================
 
-Mutants ``g``–``l`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
+Mutants ``g``–``n`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
 a real upstream KVM fix (``commit`` and ``subject`` name it; for ``b``, whose fix is a revert
 whose id was not found, ``introduced`` names the commit that brought the bug in; ``source`` says
 where the commit was read), with a scenario that exercises it (``examples/corpus/`` or an
@@ -321,6 +327,39 @@ def _make_id1_wake_only(orig: Any) -> Any:
     return kick_target_vcpus
 
 
+# --- (m) APICv refresh does not put/load the AVIC entry ------------------------------------------
+def _make_refresh_no_put_load(orig: Any) -> Any:
+    def refresh_apicv_exec_ctrl(self: Any, vcpu: Any) -> None:
+        # BUG (before df7e4827c549): svm_refresh_apicv_exec_ctrl() only rewrites the VMCB's AVIC
+        # controls; it neither avic_vcpu_put()s on deactivation nor avic_vcpu_load()s on
+        # activation, so a vCPU whose AVIC goes off keeps IsRunning = 1 in the physical ID table.
+        active = self.apicv_allowed(vcpu)
+        if active == vcpu.apicv_active:
+            if active:
+                self.activate_vmcb(vcpu)
+            return
+        vcpu.apicv_active = active
+        if active:
+            self.avic.handle_dfr_update(vcpu)
+            self.avic.handle_ldr_update(vcpu)
+            self.activate_vmcb(vcpu)
+        else:
+            self.deactivate_vmcb(vcpu)
+        self.kvm.rec.count("apicv_toggles")
+
+    return refresh_apicv_exec_ctrl
+
+
+# --- (n) no LOGICAL_ID_ALIASED inhibit ------------------------------------------------------------
+def _make_logical_aliased_no_inhibit(orig: Any) -> Any:
+    def recalc_logical_aliasing(self: Any) -> None:
+        # BUG (before 9a364857ab4f): AVIC stays active when two vCPUs share a logical ID; the
+        # logical table's one entry for that ID names only the last vCPU that wrote its LDR.
+        return None
+
+    return recalc_logical_aliasing
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
@@ -404,6 +443,27 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
                   "diff: avic_kick_target_vcpus() went from kvm_vcpu_wake_up() to "
                   "svm_complete_interrupt_delivery()) and kvm.git post-receive log with the full id",
            scenario="examples/explore-nested-spin.toml", design="none"),
+    Mutant("m", "refresh-no-put",
+           "svm_refresh_apicv_exec_ctrl() does not avic_vcpu_put() a vCPU whose AVIC goes off: "
+           "IsRunning stays 1 and senders' doorbells reach a pCPU that no longer runs it with AVIC",
+           "navic.hv.svm:SvmVendor.refresh_apicv_exec_ctrl", "lost", _make_refresh_no_put_load,
+           commit="df7e4827c5490a6a0cc41341497f5267712511cf",
+           subject="KVM: SVM: call avic_vcpu_load/avic_vcpu_put when enabling/disabling AVIC",
+           source="kvm@vger.kernel.org [PATCH v4 15/16] (Maxim Levitsky, 2021-08-10; message and "
+                  "diff: avic_vcpu_load()/avic_vcpu_put() added to svm_refresh_apicv_exec_ctrl()), "
+                  "a kvm.git log with the full id and Paolo Bonzini's reply naming df7e4827c549",
+           scenario="examples/explore-nested-spin.toml", design="none"),
+    Mutant("n", "logical-aliased-no-inhibit",
+           "AVIC is not inhibited when vCPUs share an xAPIC logical ID: the logical table names one of "
+           "them and a logical IPI to that ID reaches only that one",
+           "navic.hv.svm:SvmVendor.recalc_logical_aliasing", "lost", _make_logical_aliased_no_inhibit,
+           commit="9a364857ab4f8d59d417eca88a39ddf9b308237b",
+           subject="KVM: SVM: Inhibit AVIC if vCPUs are aliased in logical mode",
+           source="kvm@vger.kernel.org patch mail (Sean Christopherson; message and diff: "
+                  "APICV_INHIBIT_REASON_LOGICAL_ID_ALIASED set from kvm_recalculate_apic_map() when "
+                  "the logical map is disabled, Fixes: 18f40c53e10f), a kvm.git log with the full id "
+                  "and a stable FAILED-patch mail listing 9a364857ab4f (code index)",
+           scenario="examples/corpus/avic-logical-aliased.toml"),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 
