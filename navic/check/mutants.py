@@ -53,9 +53,12 @@ m         ``refresh-no-put`` — svm_refresh_apicv_exec_ctrl() only rewrites the
 n         ``logical-aliased-no-inhibit`` — no LOGICAL_ID_ALIASED inhibit (before 9a364857ab4f):
           two vCPUs sharing an xAPIC logical ID share one logical-table entry, and a logical IPI
           to that ID reaches only the vCPU the entry names (lost).
+o         ``physical-aliased-no-inhibit`` — no PHYSICAL_ID_ALIASED inhibit when xAPIC IDs alias
+          through vcpu_id truncation (before 5063c41bebac): IPIv (or AVIC) indexes its table with
+          the 8-bit destination and reaches only one of the aliased vCPUs (lost).
 ========  ==============================================================================
 
-Mutants ``g``–``n`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
+Mutants ``g``–``o`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
 a real upstream KVM fix (``commit`` and ``subject`` name it; for ``b``, whose fix is a revert
 whose id was not found, ``introduced`` names the commit that brought the bug in; ``source`` says
 where the commit was read), with a scenario that exercises it (``examples/corpus/`` or an
@@ -360,6 +363,19 @@ def _make_logical_aliased_no_inhibit(orig: Any) -> Any:
     return recalc_logical_aliasing
 
 
+# --- (o) no PHYSICAL_ID_ALIASED inhibit for truncated xAPIC IDs --------------------------------------
+def _make_physical_aliased_no_inhibit(orig: Any) -> Any:
+    def recalc_apic_map(self: Any) -> None:
+        # BUG (before 5063c41bebac): kvm_recalculate_apic_map() does not inhibit APICv/AVIC when the
+        # optimized physical map is disabled; two vCPUs whose xAPIC IDs alias (vcpu_id 256 truncates
+        # to xAPIC ID 0) keep APICv, and the hardware delivers a physical IPI only to the vCPU whose
+        # table entry the 8-bit destination indexes.
+        orig(self)
+        self.clear_apicv_inhibit("PHYSICAL_ID_ALIASED")
+
+    return recalc_apic_map
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
@@ -464,6 +480,16 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
                   "the logical map is disabled, Fixes: 18f40c53e10f), a kvm.git log with the full id "
                   "and a stable FAILED-patch mail listing 9a364857ab4f (code index)",
            scenario="examples/corpus/avic-logical-aliased.toml"),
+    Mutant("o", "physical-aliased-no-inhibit",
+           "APICv is not inhibited when xAPIC IDs alias through vcpu_id truncation: a physical IPI "
+           "to the aliased ID reaches only the vCPU the accelerated table names",
+           "navic.hv.kvm:Kvm.recalc_apic_map", "lost", _make_physical_aliased_no_inhibit,
+           commit="5063c41bebac8d18a83ac7b5d54782d73a9ab5f7",
+           subject="KVM: x86: Inhibit APICv/AVIC if the optimized physical map is disabled",
+           source="kvm@vger.kernel.org [PATCH v4 24/32] and its v5 (Sean Christopherson; message and "
+                  "diff: PHYSICAL_ID_ALIASED set when kvm_recalculate_apic_map() has no optimized map, "
+                  "added to the SVM and VMX required inhibits) and a kvm.git log with the full id",
+           scenario="examples/corpus/ipiv-xapic-id-alias.toml"),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 
