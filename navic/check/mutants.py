@@ -331,24 +331,26 @@ def _make_id1_wake_only(orig: Any) -> Any:
 
 
 # --- (m) APICv refresh does not put/load the AVIC entry ------------------------------------------
+def _skip_avic_put_load(*_args: Any, **_kw: Any) -> None:
+    """Stands in for AvicVm.vcpu_put / AvicVm._load while mutant ``m`` runs the refresh."""
+
+
 def _make_refresh_no_put_load(orig: Any) -> Any:
     def refresh_apicv_exec_ctrl(self: Any, vcpu: Any) -> None:
         # BUG (before df7e4827c549): svm_refresh_apicv_exec_ctrl() only rewrites the VMCB's AVIC
         # controls; it neither avic_vcpu_put()s on deactivation nor avic_vcpu_load()s on
         # activation, so a vCPU whose AVIC goes off keeps IsRunning = 1 in the physical ID table.
-        active = self.apicv_allowed(vcpu)
-        if active == vcpu.apicv_active:
-            if active:
-                self.activate_vmcb(vcpu)
+        # (The real refresh runs with the AvicVm's put/load shadowed for the call, so the mutant
+        # follows any other change to that method.)
+        avic = self.avic
+        if avic.vcpu_put is _skip_avic_put_load:   # already shadowed (the mutant applied twice)
+            orig(self, vcpu)
             return
-        vcpu.apicv_active = active
-        if active:
-            self.avic.handle_dfr_update(vcpu)
-            self.avic.handle_ldr_update(vcpu)
-            self.activate_vmcb(vcpu)
-        else:
-            self.deactivate_vmcb(vcpu)
-        self.kvm.rec.count("apicv_toggles")
+        avic.vcpu_put = avic._load = _skip_avic_put_load
+        try:
+            orig(self, vcpu)
+        finally:
+            del avic.vcpu_put, avic._load
 
     return refresh_apicv_exec_ctrl
 
