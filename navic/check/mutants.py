@@ -56,9 +56,12 @@ n         ``logical-aliased-no-inhibit`` — no LOGICAL_ID_ALIASED inhibit (befo
 o         ``physical-aliased-no-inhibit`` — no PHYSICAL_ID_ALIASED inhibit when xAPIC IDs alias
           through vcpu_id truncation (before 5063c41bebac): IPIv (or AVIC) indexes its table with
           the 8-bit destination and reaches only one of the aliased vCPUs (lost).
+p         ``pi-load-no-on-recompute`` — vmx_vcpu_pi_load() clears SN without setting ON again
+          (before c112b5f50232): a vector posted by IPI virtualisation while the target was
+          preempted (SN = 1: PIR set, ON not) stays in the PIR, and the target blocks (stuck).
 ========  ==============================================================================
 
-Mutants ``g``–``o`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
+Mutants ``g``–``p`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
 a real upstream KVM fix (``commit`` and ``subject`` name it; for ``b``, whose fix is a revert
 whose id was not found, ``introduced`` names the commit that brought the bug in; ``source`` says
 where the commit was read), with a scenario that exercises it (``examples/corpus/`` or an
@@ -378,6 +381,21 @@ def _make_physical_aliased_no_inhibit(orig: Any) -> Any:
     return recalc_apic_map
 
 
+# --- (p) vmx_vcpu_pi_load() clears SN without recomputing ON ----------------------------------------
+def _make_pi_load_no_on_recompute(orig: Any) -> Any:
+    def pi_load(self: Any, vcpu: Any, cpu: int) -> None:
+        # BUG (before c112b5f50232): SN is cleared, but ON is not set again for PIR bits that a
+        # poster (VT-d, or here IPI virtualisation) set while SN = 1 without setting ON; the
+        # pending vector stays in the PIR, which vmx_sync_pir_to_irr() reads only when ON = 1.
+        pid = getattr(vcpu, "pid", None)
+        was_on = pid is not None and pid.on
+        orig(self, vcpu, cpu)
+        if pid is not None and not was_on:
+            pid.on = False
+
+    return pi_load
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
@@ -492,6 +510,19 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
                   "diff: PHYSICAL_ID_ALIASED set when kvm_recalculate_apic_map() has no optimized map, "
                   "added to the SVM and VMX required inhibits) and a kvm.git log with the full id",
            scenario="examples/corpus/ipiv-xapic-id-alias.toml"),
+    Mutant("p", "pi-load-no-on-recompute",
+           "vmx_vcpu_pi_load() clears SN but does not set ON for PIR bits posted while SN = 1: a vCPU "
+           "that was not loaded when IPI virtualisation posted to it never sees the vector",
+           "navic.hv.vmx:VmxVendor.pi_load", "stuck", _make_pi_load_no_on_recompute,
+           commit="c112b5f50232",
+           subject="KVM: x86: Recompute PID.ON when clearing PID.SN",
+           source="commit page on a kernel-tree mirror (git.cdn.openwrt.org, staging/blogic.git, "
+                  "h=c112b5f50232a257056903040c66d97efb536889; Luwei Kang's message: \"If a posted "
+                  "interrupt comes at this time, the irq remapping facility will set the bit of PIR "
+                  "... but not ON ... To fix this, restore the invariant after PID.SN is cleared\"); "
+                  "the resulting code (clear SN, barrier, set ON if the PIR is not empty) in later "
+                  "vmx_vcpu_pi_load() versions (code index)",
+           scenario="examples/corpus/ipiv-preempted-target.toml"),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 
