@@ -47,9 +47,21 @@ k         ``erratum1235-ipiv-on`` — enable_ipiv is not forced off on erratum-1
 l         ``id1-wake-only`` — avic_kick_target_vcpus() only wakes the targets (before
           66fa226c131f): an L1 vCPU running L2 (its AVIC off) is not kicked out to take the
           interrupt L1's KVM sent it (lost).
+m         ``refresh-no-put`` — svm_refresh_apicv_exec_ctrl() only rewrites the VMCB (before
+          df7e4827c549): a vCPU whose AVIC goes off (here: an L1 vCPU entering L2) keeps
+          IsRunning = 1, so a sender's AVIC rings a doorbell instead of exiting (lost).
+n         ``logical-aliased-no-inhibit`` — no LOGICAL_ID_ALIASED inhibit (before 9a364857ab4f):
+          two vCPUs sharing an xAPIC logical ID share one logical-table entry, and a logical IPI
+          to that ID reaches only the vCPU the entry names (lost).
+o         ``physical-aliased-no-inhibit`` — no PHYSICAL_ID_ALIASED inhibit when xAPIC IDs alias
+          through vcpu_id truncation (before 5063c41bebac): IPIv (or AVIC) indexes its table with
+          the 8-bit destination and reaches only one of the aliased vCPUs (lost).
+p         ``pi-load-no-on-recompute`` — vmx_vcpu_pi_load() clears SN without setting ON again
+          (before c112b5f50232): a vector posted by IPI virtualisation while the target was
+          preempted (SN = 1: PIR set, ON not) stays in the PIR, and the target blocks (stuck).
 ========  ==============================================================================
 
-Mutants ``g``–``l`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
+Mutants ``g``–``p`` (and ``b``) are the *regression corpus*: each one is the pre-fix behaviour of
 a real upstream KVM fix (``commit`` and ``subject`` name it; for ``b``, whose fix is a revert
 whose id was not found, ``introduced`` names the commit that brought the bug in; ``source`` says
 where the commit was read), with a scenario that exercises it (``examples/corpus/`` or an
@@ -321,6 +333,69 @@ def _make_id1_wake_only(orig: Any) -> Any:
     return kick_target_vcpus
 
 
+# --- (m) APICv refresh does not put/load the AVIC entry ------------------------------------------
+def _skip_avic_put_load(*_args: Any, **_kw: Any) -> None:
+    """Stands in for AvicVm.vcpu_put / AvicVm._load while mutant ``m`` runs the refresh."""
+
+
+def _make_refresh_no_put_load(orig: Any) -> Any:
+    def refresh_apicv_exec_ctrl(self: Any, vcpu: Any) -> None:
+        # BUG (before df7e4827c549): svm_refresh_apicv_exec_ctrl() only rewrites the VMCB's AVIC
+        # controls; it neither avic_vcpu_put()s on deactivation nor avic_vcpu_load()s on
+        # activation, so a vCPU whose AVIC goes off keeps IsRunning = 1 in the physical ID table.
+        # (The real refresh runs with the AvicVm's put/load shadowed for the call, so the mutant
+        # follows any other change to that method.)
+        avic = self.avic
+        if avic.vcpu_put is _skip_avic_put_load:   # already shadowed (the mutant applied twice)
+            orig(self, vcpu)
+            return
+        avic.vcpu_put = avic._load = _skip_avic_put_load
+        try:
+            orig(self, vcpu)
+        finally:
+            del avic.vcpu_put, avic._load
+
+    return refresh_apicv_exec_ctrl
+
+
+# --- (n) no LOGICAL_ID_ALIASED inhibit ------------------------------------------------------------
+def _make_logical_aliased_no_inhibit(orig: Any) -> Any:
+    def recalc_logical_aliasing(self: Any) -> None:
+        # BUG (before 9a364857ab4f): AVIC stays active when two vCPUs share a logical ID; the
+        # logical table's one entry for that ID names only the last vCPU that wrote its LDR.
+        return None
+
+    return recalc_logical_aliasing
+
+
+# --- (o) no PHYSICAL_ID_ALIASED inhibit for truncated xAPIC IDs --------------------------------------
+def _make_physical_aliased_no_inhibit(orig: Any) -> Any:
+    def recalc_apic_map(self: Any) -> None:
+        # BUG (before 5063c41bebac): kvm_recalculate_apic_map() does not inhibit APICv/AVIC when the
+        # optimized physical map is disabled; two vCPUs whose xAPIC IDs alias (vcpu_id 256 truncates
+        # to xAPIC ID 0) keep APICv, and the hardware delivers a physical IPI only to the vCPU whose
+        # table entry the 8-bit destination indexes.
+        orig(self)
+        self.clear_apicv_inhibit("PHYSICAL_ID_ALIASED")
+
+    return recalc_apic_map
+
+
+# --- (p) vmx_vcpu_pi_load() clears SN without recomputing ON ----------------------------------------
+def _make_pi_load_no_on_recompute(orig: Any) -> Any:
+    def pi_load(self: Any, vcpu: Any, cpu: int) -> None:
+        # BUG (before c112b5f50232): SN is cleared, but ON is not set again for PIR bits that a
+        # poster (VT-d, or here IPI virtualisation) set while SN = 1 without setting ON; the
+        # pending vector stays in the PIR, which vmx_sync_pir_to_irr() reads only when ON = 1.
+        pid = getattr(vcpu, "pid", None)
+        was_on = pid is not None and pid.on
+        orig(self, vcpu, cpu)
+        if pid is not None and not was_on:
+            pid.on = False
+
+    return pi_load
+
+
 MUTANTS: dict[str, Mutant] = {m.name: m for m in (
     Mutant("a", "block-reads-virr-first",
            "L0 block path reads vIRR before clearing IsRunning (the barrier bug)",
@@ -404,6 +479,50 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
                   "diff: avic_kick_target_vcpus() went from kvm_vcpu_wake_up() to "
                   "svm_complete_interrupt_delivery()) and kvm.git post-receive log with the full id",
            scenario="examples/explore-nested-spin.toml", design="none"),
+    Mutant("m", "refresh-no-put",
+           "svm_refresh_apicv_exec_ctrl() does not avic_vcpu_put() a vCPU whose AVIC goes off: "
+           "IsRunning stays 1 and senders' doorbells reach a pCPU that no longer runs it with AVIC",
+           "navic.hv.svm:SvmVendor.refresh_apicv_exec_ctrl", "lost", _make_refresh_no_put_load,
+           commit="df7e4827c5490a6a0cc41341497f5267712511cf",
+           subject="KVM: SVM: call avic_vcpu_load/avic_vcpu_put when enabling/disabling AVIC",
+           source="kvm@vger.kernel.org [PATCH v4 15/16] (Maxim Levitsky, 2021-08-10; message and "
+                  "diff: avic_vcpu_load()/avic_vcpu_put() added to svm_refresh_apicv_exec_ctrl()), "
+                  "a kvm.git log with the full id and Paolo Bonzini's reply naming df7e4827c549",
+           scenario="examples/explore-nested-spin.toml", design="none"),
+    Mutant("n", "logical-aliased-no-inhibit",
+           "AVIC is not inhibited when vCPUs share an xAPIC logical ID: the logical table names one of "
+           "them and a logical IPI to that ID reaches only that one",
+           "navic.hv.svm:SvmVendor.recalc_logical_aliasing", "lost", _make_logical_aliased_no_inhibit,
+           commit="9a364857ab4f8d59d417eca88a39ddf9b308237b",
+           subject="KVM: SVM: Inhibit AVIC if vCPUs are aliased in logical mode",
+           source="kvm@vger.kernel.org patch mail (Sean Christopherson; message and diff: "
+                  "APICV_INHIBIT_REASON_LOGICAL_ID_ALIASED set from kvm_recalculate_apic_map() when "
+                  "the logical map is disabled, Fixes: 18f40c53e10f), a kvm.git log with the full id "
+                  "and a stable FAILED-patch mail listing 9a364857ab4f (code index)",
+           scenario="examples/corpus/avic-logical-aliased.toml"),
+    Mutant("o", "physical-aliased-no-inhibit",
+           "APICv is not inhibited when xAPIC IDs alias through vcpu_id truncation: a physical IPI "
+           "to the aliased ID reaches only the vCPU the accelerated table names",
+           "navic.hv.kvm:Kvm.recalc_apic_map", "lost", _make_physical_aliased_no_inhibit,
+           commit="5063c41bebac8d18a83ac7b5d54782d73a9ab5f7",
+           subject="KVM: x86: Inhibit APICv/AVIC if the optimized physical map is disabled",
+           source="kvm@vger.kernel.org [PATCH v4 24/32] and its v5 (Sean Christopherson; message and "
+                  "diff: PHYSICAL_ID_ALIASED set when kvm_recalculate_apic_map() has no optimized map, "
+                  "added to the SVM and VMX required inhibits) and a kvm.git log with the full id",
+           scenario="examples/corpus/ipiv-xapic-id-alias.toml"),
+    Mutant("p", "pi-load-no-on-recompute",
+           "vmx_vcpu_pi_load() clears SN but does not set ON for PIR bits posted while SN = 1: a vCPU "
+           "that was not loaded when IPI virtualisation posted to it never sees the vector",
+           "navic.hv.vmx:VmxVendor.pi_load", "stuck", _make_pi_load_no_on_recompute,
+           commit="c112b5f50232",
+           subject="KVM: x86: Recompute PID.ON when clearing PID.SN",
+           source="commit page on a kernel-tree mirror (git.cdn.openwrt.org, staging/blogic.git, "
+                  "h=c112b5f50232a257056903040c66d97efb536889; Luwei Kang's message: \"If a posted "
+                  "interrupt comes at this time, the irq remapping facility will set the bit of PIR "
+                  "... but not ON ... To fix this, restore the invariant after PID.SN is cleared\"); "
+                  "the resulting code (clear SN, barrier, set ON if the PIR is not empty) in later "
+                  "vmx_vcpu_pi_load() versions (code index)",
+           scenario="examples/corpus/ipiv-preempted-target.toml"),
 )}
 _ALIASES = {m.alias: m.name for m in MUTANTS.values()}
 
