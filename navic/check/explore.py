@@ -94,6 +94,11 @@ def _apic(a: Any, now: int) -> tuple[Any, ...]:
 
 def state_hash(run: Any) -> bytes:
     """A digest of everything that determines how the run continues (see the module docstring)."""
+    return hashlib.blake2b(repr(state_parts(run)).encode(), digest_size=16).digest()
+
+
+def state_parts(run: Any) -> list[Any]:
+    """The state as a list of plain-data parts (what :func:`state_hash` digests)."""
     eng = run.engine
     now = eng.now
     parts: list[Any] = []
@@ -122,7 +127,7 @@ def state_hash(run: Any) -> bytes:
         m = run.machine
         for i, a in enumerate(m.apics):
             parts.append((i, _apic(a, now), getattr(m.pcpus[i], "halted", None)))
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+    return parts
 
 
 def _insn(x: Any) -> Any:
@@ -288,14 +293,21 @@ class ExploreChooser(Chooser):
         return out
 
 
-def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int) -> list[int] | None:
-    """Depth-first backtracking: the deepest decision point with an untried alternative that keeps
-    the schedule within ``budget`` deviations."""
-    for i in range(len(trail) - 1, -1, -1):
+def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0) -> list[int] | None:
+    """Depth-first backtracking: the deepest decision point (at or after ``floor``: the points
+    before it are a subtree's fixed root) with an untried alternative that keeps the schedule
+    within ``budget`` deviations."""
+    for i in range(len(trail) - 1, floor - 1, -1):
         _kind, labels, c, cost_before = trail[i]
         if c + 1 < len(labels) and cost_before + 1 <= budget:
             return [t[2] for t in trail[:i]] + [c + 1]
     return None
+
+
+def frontier(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0) -> int:
+    """How many untried alternatives within ``budget`` the current DFS path still has (the
+    progress line's "frontier"; each is the root of a subtree still to search)."""
+    return sum(max(0, len(labels) - 1 - c) for _k, labels, c, cost in trail[floor:] if cost + 1 <= budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +353,8 @@ class Options:
     mutant: str | None = None
     design: str | None = None
     time_limit: float | None = None
+    jobs: int = 1                     # local worker processes (navic.check.parallel when > 1)
+    scheduler: Any = None             # a dask.distributed scheduler address or Client
 
 
 @dataclasses.dataclass
@@ -352,6 +366,21 @@ class Progress:
     truncated: int = 0
     seconds: float = 0.0
     complete_bound: int = -1   # highest bound whose space was exhausted
+    frontier: int = 0          # subtrees still to search in this bound (DFS alternatives or tasks)
+
+    @property
+    def rate(self) -> float:
+        """States per second so far."""
+        return self.states / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a search stands, for a resumable checkpoint: the bound being searched and either the
+    DFS prefix about to run (serial) or the finished subtree tasks (parallel)."""
+    bound: int = 0
+    prefix: list[int] | None = None
+    done_tasks: list[list[int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -365,6 +394,8 @@ class Outcome:
     raw_decisions: list[list[Any]] | None = None  # as found
     schedule_file: str | None = None
     replay_ok: bool | None = None
+    position: Position | None = None              # where an interrupted search stopped
+    checkpoint_file: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         p = self.progress
@@ -379,17 +410,30 @@ class Outcome:
             v = self.violation
             doc["violation"] = {"kind": v.get("kind"), "cpu": v.get("cpu"), "vector": v.get("vector"),
                                 "detail": v.get("detail"), "schedule_file": self.schedule_file}
+        if self.checkpoint_file is not None:
+            doc["checkpoint_file"] = self.checkpoint_file
         return doc
+
+
+@dataclasses.dataclass
+class Found:
+    """A violating run found by :meth:`Explorer.search`."""
+    violation: dict[str, Any]
+    decisions: list[list[Any]]
 
 
 class Explorer:
     def __init__(self, scn: Scenario, opts: Options, *,
-                 on_progress: Callable[[Progress], None] | None = None) -> None:
+                 on_progress: Callable[[Progress], None] | None = None,
+                 resume: Position | None = None) -> None:
         self.scn = apply_design(scn, opts.design)
         self.opts = opts
         self.on_progress = on_progress
+        self.resume = resume
         # Width >= 2 keeps the numbering of decision points the same for every bound (and replay).
         self.width = max(2, opts.width)
+        self.all_states: set[bytes] = set()
+        self.position = Position()
 
     def _chooser(self, prefix: list[int], budget: int, visited: dict[bytes, int] | None) -> ExploreChooser:
         o = self.opts
@@ -400,54 +444,73 @@ class Explorer:
         o = self.opts
         return ReplayChooser(decisions, window=True, horizon=o.horizon, width=self.width, max_steps=o.max_steps)
 
+    def search(self, bound: int, prefix: list[int], prog: Progress, *, floor: int = 0,
+               visited: dict[bytes, int] | None = None, deadline: float | None = None,
+               start: float = 0.0) -> Found | None:
+        """Depth-first search of the schedules within ``bound`` deviations that begin with
+        ``prefix`` and then backtrack no higher than decision point ``floor`` (``floor = 0``: the
+        whole bound; a parallel worker searches one subtree). Counts go to ``prog``; raises
+        :class:`TimeoutError` past ``deadline`` (``self.position`` then says where it stood)."""
+        cur: list[int] | None = prefix
+        while cur is not None:
+            self.position.prefix = cur
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError
+            ch = self._chooser(cur, bound, visited)
+            try:
+                run = _simulate(self.scn, ch)
+            except Pruned:
+                run = None
+                prog.pruned += 1
+            prog.schedules += 1
+            prog.states = len(self.all_states) if visited is not None else prog.states + ch.new_states
+            if run is not None:
+                if run.engine.truncated:
+                    prog.truncated += 1
+                if run.recorder.violations:
+                    return Found(run.recorder.violations[0], ch.decisions())
+            cur = next_prefix(ch.trail, bound, floor)
+            prog.seconds = time.monotonic() - start
+            if self.on_progress is not None:
+                prog.frontier = frontier(ch.trail, bound, floor)
+                self.on_progress(prog)
+        return None
+
     def run(self) -> Outcome:
         o = self.opts
+        if o.jobs > 1 or o.scheduler is not None:
+            from navic.check import parallel
+
+            return parallel.run(self)
         prog = Progress()
         start = time.monotonic()
-        self.all_states: set[bytes] = set()
-        outcome: Outcome | None = None
+        deadline = start + o.time_limit if o.time_limit is not None else None
+        first = self.resume.bound if self.resume is not None else 0
+        found: Found | None = None
         try:
             with _mutant(o.mutant):
-                for bound in range(o.preemptions + 1):
-                    prog.bound = bound
+                for bound in range(first, o.preemptions + 1):
+                    prog.bound = self.position.bound = bound
+                    prog.complete_bound = bound - 1
                     visited: dict[bytes, int] | None = {} if o.hashing else None
-                    prefix: list[int] | None = []
-                    while prefix is not None:
-                        if o.time_limit is not None and time.monotonic() - start > o.time_limit:
-                            prog.seconds = time.monotonic() - start
-                            return Outcome(prog, complete=False, timed_out=True)
-                        ch = self._chooser(prefix, bound, visited)
-                        try:
-                            run = _simulate(self.scn, ch)
-                        except Pruned:
-                            run = None
-                            prog.pruned += 1
-                        prog.schedules += 1
-                        prog.states = len(self.all_states) if visited is not None else prog.states + ch.new_states
-                        if run is not None:
-                            if run.engine.truncated:
-                                prog.truncated += 1
-                            if run.recorder.violations:
-                                prog.seconds = time.monotonic() - start
-                                outcome = Outcome(prog, complete=False, violation=run.recorder.violations[0],
-                                                  raw_decisions=ch.decisions())
-                                break
-                        prefix = next_prefix(ch.trail, bound)
-                        prog.seconds = time.monotonic() - start
-                        if self.on_progress is not None:
-                            self.on_progress(prog)
-                    if outcome is not None:
+                    prefix = [] if self.resume is None or bound != first else list(self.resume.prefix or [])
+                    found = self.search(bound, prefix, prog, visited=visited, deadline=deadline, start=start)
+                    if found is not None:
                         break
                     prog.complete_bound = bound
-                if outcome is None:
-                    prog.seconds = time.monotonic() - start
+                prog.seconds = time.monotonic() - start
+                if found is None:
                     return Outcome(prog, complete=True)
-                outcome.decisions = self.minimize(outcome.raw_decisions or [], outcome.violation or {})
+                outcome = Outcome(prog, complete=False, violation=found.violation, raw_decisions=found.decisions)
+                outcome.decisions = self.minimize(found.decisions, found.violation)
                 prog.seconds = time.monotonic() - start
                 return outcome
+        except TimeoutError:
+            prog.seconds = time.monotonic() - start
+            return Outcome(prog, complete=False, timed_out=True, position=self.position)
         except KeyboardInterrupt:
             prog.seconds = time.monotonic() - start
-            return Outcome(prog, complete=False, interrupted=True)
+            return Outcome(prog, complete=False, interrupted=True, position=self.position)
 
     # -- counterexamples ----------------------------------------------------------------------
     def reproduces(self, decisions: list[list[Any]], want: tuple[Any, Any, Any]) -> list[list[Any]] | None:
@@ -557,3 +620,48 @@ def check_replay(scn: Scenario, path: str | Path, violation: dict[str, Any]) -> 
     run = replay(scn, doc)
     want = violation_key(violation)
     return any(violation_key(v) == want for v in run.recorder.violations)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (an interrupted search resumes where it stopped: `navic explore --resume FILE`)
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1
+_RESUME_KEYS = ("max_steps", "preemptions", "horizon", "width", "hashing", "mutant", "design")
+
+
+def checkpoint_doc(explorer: Explorer, outcome: Outcome) -> dict[str, Any]:
+    """A resumable checkpoint of an interrupted or timed-out search: the scenario (and its sha256),
+    the bounds that define the search, the position (bound + DFS prefix, or finished tasks) and
+    the counts so far. Visited states are not saved: a resumed search re-explores some states,
+    which costs time but never coverage."""
+    src = Path(explorer.scn.source) if explorer.scn.source else None
+    sha = hashlib.sha256(src.read_bytes()).hexdigest() if src is not None and src.is_file() else None
+    pos = outcome.position or Position()
+    return {"navic_explore_checkpoint": CHECKPOINT_FORMAT, "scenario": str(src) if src else None,
+            "scenario_sha256": sha,
+            "options": {k: getattr(explorer.opts, k) for k in _RESUME_KEYS},
+            "position": {"bound": pos.bound, "prefix": pos.prefix, "done_tasks": pos.done_tasks},
+            "progress": dataclasses.asdict(outcome.progress)}
+
+
+def load_checkpoint(path: str | Path, scn: Scenario, opts: Options) -> Position:
+    """The position to resume from; :class:`ScheduleError` if the file is not a checkpoint of
+    this scenario under these bounds."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScheduleError(f"{path}: cannot read checkpoint: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("navic_explore_checkpoint") != CHECKPOINT_FORMAT:
+        raise ScheduleError(f"{path}: not a navic explore checkpoint")
+    src = Path(scn.source) if scn.source else None
+    sha = hashlib.sha256(src.read_bytes()).hexdigest() if src is not None and src.is_file() else None
+    if doc.get("scenario_sha256") != sha:
+        raise ScheduleError(f"{path}: scenario_sha256: the checkpoint is of another scenario file")
+    want = {k: getattr(opts, k) for k in _RESUME_KEYS}
+    got = doc.get("options") or {}
+    for k in _RESUME_KEYS:
+        if got.get(k) != want[k]:
+            raise ScheduleError(f"{path}: options.{k}: checkpoint has {got.get(k)!r}, this search {want[k]!r}")
+    pos = doc.get("position") or {}
+    return Position(bound=int(pos.get("bound", 0)), prefix=[int(x) for x in pos.get("prefix") or []],
+                    done_tasks=[[int(a), int(b)] for a, b in pos.get("done_tasks") or []])
