@@ -8,7 +8,9 @@ point i + 1 — exactly the subtree the serial search visits under that prefix. 
 task, for a local process pool or a dask.distributed cluster. A worker keeps one visited-state
 table per (search, bound) across the tasks it runs (so, as in the serial search, a state explored
 in one of its subtrees cuts the others); states are counted as the union of the hashes the workers
-report. Tasks go out biggest first (shallow first deviations have the most points below them).
+report. Tasks go out in the serial search's order (deepest first deviation first): a violation
+is then found about as early as serially, and the imbalance at the end is small (the last, biggest
+subtree — a first deviation at point 0 — holds about K / n of the n-point search's schedules).
 
 Results equal the serial search's: same verdict, and on a violation the first one in the serial
 search's order (deepest first deviation first, alternatives in index order) — tasks after it in
@@ -237,8 +239,8 @@ def run(explorer: Explorer) -> Outcome:
                 pool.table.clear()      # one table per bound, as in the serial search
             jobs = [{"token": token, "scn": explorer.scn, "opts": o, "bound": bound, "point": i, "alt": a,
                      "seconds_left": left, "shared": pool.shared}
-                    for i, (_kind, labels, _c, _cost) in enumerate(ch.trail) for a in range(1, len(labels))
-                    if (i, a) not in done]
+                    for i, (_kind, labels, _c, _cost) in reversed(list(enumerate(ch.trail)))
+                    for a in range(1, len(labels)) if (i, a) not in done]
             prog.frontier = len(jobs)
             hits: list[tuple[tuple[int, int], Found]] = []
             timed_out = False
