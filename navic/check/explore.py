@@ -62,17 +62,28 @@ class Pruned(Exception):
 _PLAIN = (int, bool, str, float, type(None))
 
 
-def _locals(frame: Any) -> tuple[Any, ...]:
+# Locals of model generators that hold an engine timestamp across a yield, by (code qualname,
+# local): hashed relative to now, as pending events are (a state and its translate in time are
+# one state; the code only ever uses them as ``now - t`` or against ``now``). A generator that
+# keeps ``engine.now`` in a local across a ``yield`` is listed here.
+TIME_LOCALS = frozenset({
+    ("Kvm.kvm_vcpu_halt", "start"), ("Kvm.kvm_vcpu_halt", "deadline"),   # halt-poll window
+    ("Kvm.kvm_vcpu_block", "off"), ("Kvm.preempt", "off"),              # host_off_cpu accounting
+})
+
+
+def _locals(frame: Any, now: int) -> tuple[Any, ...]:
     out = []
+    qual = frame.f_code.co_qualname
     for k, v in frame.f_locals.items():
         if type(v) in _PLAIN:
-            out.append((k, v))
+            out.append((k, now - v if type(v) is int and (qual, k) in TIME_LOCALS else v))
         elif hasattr(v, "index") and type(v).__module__.endswith("ops"):
             out.append((k, type(v).__name__, v.index))   # a guest op: which one
     return tuple(out)
 
 
-def _pc(gen: Any) -> tuple[Any, ...]:
+def _pc(gen: Any, now: int) -> tuple[Any, ...]:
     """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals."""
     out = []
     while gen is not None:
@@ -80,7 +91,7 @@ def _pc(gen: Any) -> tuple[Any, ...]:
         if f is None:
             out.append(None)
             break
-        out.append((f.f_code, f.f_lasti, _locals(f)))
+        out.append((f.f_code, f.f_lasti, _locals(f, now)))
         gen = getattr(gen, "gi_yieldfrom", None)
     return tuple(out)
 
@@ -105,7 +116,7 @@ def state_parts(run: Any) -> list[Any]:
     # Pending events relative to now, in the order they would run (not their sequence numbers).
     parts.append(tuple((e[0] - now, _label(e[2])) for e in sorted(eng._q)
                        if not (type(e[2]) is Handle and e[2].cancelled)))
-    parts.append(tuple((p.name, _pc(p.gen), p.waiting_on.name if p.waiting_on else None)
+    parts.append(tuple((p.name, _pc(p.gen, now), p.waiting_on.name if p.waiting_on else None)
                        for p in eng.processes if p.alive))
     for g in run.guests:
         parts.append((g.name, g.IF, g.nmi_blocked, g.wait_for_sipi, g.finished,
@@ -122,7 +133,7 @@ def state_parts(run: Any) -> list[Any]:
         kvm2 = getattr(run, "kvm2", None)
         if kvm2 is not None:
             _kvm_state(kvm2, now, parts)
-            _nested_state(kvm, kvm2, parts)
+            _nested_state(kvm, kvm2, now, parts)
     else:
         m = run.machine
         for i, a in enumerate(m.apics):
@@ -192,7 +203,7 @@ def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
         parts.append(tuple(sorted(inh.active)))
 
 
-def _nested_state(kvm0: Any, kvm2: Any, parts: list[Any]) -> None:
+def _nested_state(kvm0: Any, kvm2: Any, now: int, parts: list[Any]) -> None:
     """What a nested run adds: the L1 kernel on each L1 vCPU (its threads — L1 KVM's vCPU threads —
     with their positions, queued instructions and waits; handler frames; run queues), L0's nested
     state per L1 vCPU (vmcb02) and the design's tables (shadow tables and their cached guest
@@ -200,10 +211,10 @@ def _nested_state(kvm0: Any, kvm2: Any, parts: list[Any]) -> None:
     l1host = kvm2.host
     for c in getattr(l1host, "cpus", ()):
         parts.append((c.name, c.IF, c.nmi_blocked, tuple(sorted(c.handled.items())),
-                      tuple((f.saved_if, _pc(f.gen)) for f in c.frames),
+                      tuple((f.saved_if, _pc(f.gen, now)) for f in c.frames),
                       tuple(t.vcpu.name for t in c.runnable)))
     for name, t in sorted(getattr(l1host, "threads", {}).items()):
-        parts.append((name, _pc(t.gen), t.waiting.name if t.waiting is not None else None,
+        parts.append((name, _pc(t.gen, now), t.waiting.name if t.waiting is not None else None,
                       tuple(_insn(i) for i in t.pending),
                       t.result if type(t.result) in _PLAIN else _insn(t.result)))
     hmem = kvm0.mem
