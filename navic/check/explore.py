@@ -72,7 +72,7 @@ TIME_LOCALS = frozenset({
 })
 
 
-def _locals(frame: Any, now: int) -> tuple[Any, ...]:
+def _locals(frame: Any, now: int = 0) -> tuple[Any, ...]:
     out = []
     qual = frame.f_code.co_qualname
     for k, v in frame.f_locals.items():
@@ -83,8 +83,9 @@ def _locals(frame: Any, now: int) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _pc(gen: Any, now: int) -> tuple[Any, ...]:
-    """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals."""
+def _pc(gen: Any, now: int = 0) -> tuple[Any, ...]:
+    """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals
+    (the :data:`TIME_LOCALS` ones relative to ``now``)."""
     out = []
     while gen is not None:
         f = getattr(gen, "gi_frame", None)

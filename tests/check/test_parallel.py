@@ -48,13 +48,6 @@ def test_two_workers_give_the_serial_result(path, kw):
         assert par.decisions is not None and par.decisions == serial.decisions
 
 
-@pytest.mark.slow
-def test_two_workers_find_mutant_a_like_the_serial_search():
-    serial, want = result(PINGPONG, preemptions=3, mutant="a")
-    _par, got = result(PINGPONG, preemptions=3, mutant="a", jobs=2)
-    assert want[1] is not None and got == want
-
-
 def test_dask_local_cluster_gives_the_serial_result():
     pytest.importorskip("distributed", reason="dask.distributed is not installed")
     from distributed import LocalCluster
@@ -148,3 +141,24 @@ def test_timestamps_in_suspended_frames_are_hashed_relative_to_now():
     next(g1), next(g2)
     assert X._pc(g1, 1200) == X._pc(g2, 5200)      # halted 200 cycles ago, both
     assert X._pc(g1, 1200) != X._pc(g2, 5300)
+
+
+# ---- every explore example and every mutant: -j 2 gives the serial result (long: slow) -----------
+EXAMPLES = sorted(EX.glob("explore-*.toml"))
+MUTANT_BOUNDS = [("a", PINGPONG, None, 3), ("b", PINGPONG, None, 4), ("c", EX / "explore-nested-spin.toml", "dummy", 1),
+                 ("d", NESTED, "shadow", 1), ("e", NESTED, "dummy", 1),
+                 ("f", EX / "explore-nested-broadcast.toml", "dummy", 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_explore_example_two_workers_match_serial_at_bound_1(path):
+    assert result(path, preemptions=1, jobs=2)[1] == result(path, preemptions=1)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "path", "design", "k"), MUTANT_BOUNDS, ids=[m[0] for m in MUTANT_BOUNDS])
+def test_every_mutant_two_workers_match_serial(name, path, design, k):
+    want = result(path, preemptions=k, design=design, mutant=name)[1]
+    assert want[1] is not None
+    assert result(path, preemptions=k, design=design, mutant=name, jobs=2)[1] == want
