@@ -26,6 +26,10 @@ Method (docs/verification.md has the full description and the bounds):
 * **Counterexamples.** The first violating schedule is minimised (delta debugging over its
   non-default decisions, keeping those needed for the same violation kind, CPU and vector) and
   written as a schedule file that ``navic run SCENARIO --schedule FILE`` replays.
+* **Parallel, checkpoints.** :meth:`Explorer.search` searches one subtree of prefixes; with
+  ``jobs > 1`` or a dask ``scheduler`` :mod:`navic.check.parallel` hands the subtrees of each bound
+  (one per first deviation) to workers. An interrupted search returns its :class:`Position`,
+  which :func:`checkpoint_doc` writes and :func:`load_checkpoint` reads back for ``resume``.
 """
 
 from __future__ import annotations
