@@ -221,9 +221,14 @@ def run(explorer: Explorer) -> Outcome:
             prog.complete_bound = bound - 1
             done = {tuple(t) for t in resume.done_tasks} if resume is not None and bound == first else set()
             position.done_tasks = [list(t) for t in sorted(done)]
-            # The default run (the root of every subtree), here.
+            # The default run (the root of every subtree), here; locally its states go into the
+            # shared table first, as in the serial search (where they cut the subtrees too).
+            table: Any = {}
+            if isinstance(pool, _LocalPool):
+                pool.table.clear()      # one table per bound, as in the serial search
+                table = pool.table
             ch = ExploreChooser([], budget=bound, horizon=o.horizon, width=explorer.width,
-                                max_steps=o.max_steps, visited={} if o.hashing else None, all_states=states)
+                                max_steps=o.max_steps, visited=table if o.hashing else None, all_states=states)
             with _mutant(o.mutant):
                 root = _simulate(explorer.scn, ch)
             prog.schedules += 1
@@ -235,8 +240,6 @@ def run(explorer: Explorer) -> Outcome:
                 prog.complete_bound = 0
                 continue
             left = None if o.time_limit is None else o.time_limit - (time.monotonic() - start)
-            if isinstance(pool, _LocalPool):
-                pool.table.clear()      # one table per bound, as in the serial search
             jobs = [{"token": token, "scn": explorer.scn, "opts": o, "bound": bound, "point": i, "alt": a,
                      "seconds_left": left, "shared": pool.shared}
                     for i, (_kind, labels, _c, _cost) in reversed(list(enumerate(ch.trail)))
