@@ -162,3 +162,16 @@ def test_every_mutant_two_workers_match_serial(name, path, design, k):
     want = result(path, preemptions=k, design=design, mutant=name)[1]
     assert want[1] is not None
     assert result(path, preemptions=k, design=design, mutant=name, jobs=2)[1] == want
+
+
+def test_bench_explore_prints_a_line_per_case_bound_and_jobs():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "bench/explore.py", "--only", "erratum1235", "--k", "1"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = [x for x in p.stdout.splitlines() if x.startswith("erratum1235")]
+    assert len(lines) == 2 and all("stuck l1.0 0x41" in x for x in lines)
+    assert "speed-up" in lines[1] and "efficiency" in lines[1]
