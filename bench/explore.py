@@ -92,9 +92,9 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def measure(name: str, k: int, jobs: int, time_limit: float | None) -> dict[str, Any]:
+def measure(name: str, k: int, jobs: int, time_limit: float | None, leaf_hashing: bool = True) -> dict[str, Any]:
     scn, design = CASES[name][0]()
-    opts = Options(preemptions=k, design=design, jobs=jobs, time_limit=time_limit)
+    opts = Options(preemptions=k, design=design, jobs=jobs, time_limit=time_limit, leaf_hashing=leaf_hashing)
     cpu0, t0 = _cpu(), time.monotonic()
     out = Explorer(scn, opts).run()
     wall, cpu = time.monotonic() - t0, _cpu() - cpu0
@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, action="append", help="only these bounds (default: each case's)")
     ap.add_argument("--jobs", type=int, action="append", help="worker counts (default: 1 and 2)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per search (default 300)")
+    ap.add_argument("--no-leaf-hash", action="store_true", help="as navic explore --no-leaf-hash")
     a = ap.parse_args()
     names = a.only or (list(QUICK) if a.quick else list(CASES))
     jobs = a.jobs or [1, 2]
@@ -126,7 +127,7 @@ def main() -> None:
         for k in bounds:
             serial: dict[str, Any] | None = None
             for j in jobs:
-                r = measure(name, k, j, a.time_limit)
+                r = measure(name, k, j, a.time_limit, leaf_hashing=not a.no_leaf_hash)
                 extra = ""
                 if j == 1:
                     serial = r

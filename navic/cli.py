@@ -324,6 +324,9 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 @click.option("--width", type=click.IntRange(min=2), default=3, show_default=True,
               help="Candidates per decision point (the earliest event and up to WIDTH-1 others).")
 @click.option("--no-hash", "no_hash", is_flag=True, help="Do not prune revisited states (purely stateless search).")
+@click.option("--no-leaf-hash", "no_leaf_hash", is_flag=True,
+              help="Do not hash states where no deviation is left (same schedules and verdict, about a third "
+                   "less CPU; `states` then counts only states with budget left).")
 @click.option("--mutant", default=None, help="Explore a deliberately broken model (see navic/check/mutants.py).")
 @click.option("--time-limit", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
 @click.option("--schedule-out", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -339,8 +342,8 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
                    "(default: SCENARIO-STEM.checkpoint.json here).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def explore(file: str, design: str | None, max_steps: int, preemptions: int, horizon: int, width: int,
-            no_hash: bool, mutant: str | None, time_limit: float | None, schedule_out: str | None,
-            jobs: int, scheduler: str | None, resume_file: str | None, checkpoint_out: str | None,
+            no_hash: bool, no_leaf_hash: bool, mutant: str | None, time_limit: float | None,
+            schedule_out: str | None, jobs: int, scheduler: str | None, resume_file: str | None, checkpoint_out: str | None,
             as_json: bool) -> None:
     """Search the schedules of scenario FILE systematically for oracle violations (stuck, lost,
     duplicated, misrouted) within bounds; write the first one found as a replayable schedule."""
@@ -358,8 +361,8 @@ def explore(file: str, design: str | None, max_steps: int, preemptions: int, hor
         except KeyError as exc:
             raise click.BadParameter(str(exc.args[0]), param_hint="--mutant") from None
     opts = X.Options(max_steps=max_steps, preemptions=preemptions, horizon=horizon, width=width,
-                     hashing=not no_hash, mutant=mutant, design=design, time_limit=time_limit,
-                     jobs=jobs, scheduler=scheduler)
+                     hashing=not no_hash, leaf_hashing=not no_leaf_hash, mutant=mutant, design=design,
+                     time_limit=time_limit, jobs=jobs, scheduler=scheduler)
     resume = None
     if resume_file is not None:
         try:

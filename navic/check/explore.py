@@ -255,8 +255,12 @@ class ExploreChooser(Chooser):
     wants_window = True
 
     def __init__(self, prefix: list[int], *, budget: int, horizon: int, width: int, max_steps: int,
-                 visited: dict[bytes, int] | None = None, all_states: set[bytes] | None = None) -> None:
+                 visited: dict[bytes, int] | None = None, all_states: set[bytes] | None = None,
+                 leaf_hashing: bool = True) -> None:
         self.prefix = prefix
+        # False: no hashing where no deviation is left (the rest of the run is the default
+        # continuation, cheaper to simulate than to hash; same schedules, same verdicts).
+        self.leaf_hashing = leaf_hashing
         self.budget = budget
         self.horizon = horizon
         self.width = width
@@ -277,7 +281,7 @@ class ExploreChooser(Chooser):
             c = self.prefix[i]
         else:
             c = 0
-            if self.visited is not None and self.run is not None:
+            if self.visited is not None and self.run is not None and (self.leaf_hashing or self.cost < self.budget):
                 h = state_hash(self.run)
                 remaining = self.budget - self.cost
                 seen = self.visited.get(h)
@@ -287,7 +291,7 @@ class ExploreChooser(Chooser):
                     self.new_states += 1
                     self.all_states.add(h)
                 self.visited[h] = remaining
-            else:
+            elif self.visited is None or self.run is None:
                 self.new_states += 1
         self.trail.append((kind, labels, c, self.cost))
         if c:
@@ -366,6 +370,7 @@ class Options:
     horizon: int = DEFAULT_HORIZON
     width: int = DEFAULT_WIDTH
     hashing: bool = True
+    leaf_hashing: bool = True         # False: do not hash where the budget is spent (see ExploreChooser)
     mutant: str | None = None
     design: str | None = None
     time_limit: float | None = None
@@ -454,7 +459,8 @@ class Explorer:
     def _chooser(self, prefix: list[int], budget: int, visited: dict[bytes, int] | None) -> ExploreChooser:
         o = self.opts
         return ExploreChooser(prefix, budget=budget, horizon=o.horizon, width=self.width,
-                              max_steps=o.max_steps, visited=visited, all_states=self.all_states)
+                              max_steps=o.max_steps, visited=visited, all_states=self.all_states,
+                              leaf_hashing=o.leaf_hashing)
 
     def replay_chooser(self, decisions: list[list[Any]]) -> ReplayChooser:
         o = self.opts

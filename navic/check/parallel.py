@@ -228,7 +228,8 @@ def run(explorer: Explorer) -> Outcome:
                 pool.table.clear()      # one table per bound, as in the serial search
                 table = pool.table
             ch = ExploreChooser([], budget=bound, horizon=o.horizon, width=explorer.width,
-                                max_steps=o.max_steps, visited=table if o.hashing else None, all_states=states)
+                                max_steps=o.max_steps, visited=table if o.hashing else None, all_states=states,
+                                leaf_hashing=o.leaf_hashing)
             with _mutant(o.mutant):
                 root = _simulate(explorer.scn, ch)
             prog.schedules += 1

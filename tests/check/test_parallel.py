@@ -175,3 +175,14 @@ def test_bench_explore_prints_a_line_per_case_bound_and_jobs():
     lines = [x for x in p.stdout.splitlines() if x.startswith("erratum1235")]
     assert len(lines) == 2 and all("stuck l1.0 0x41" in x for x in lines)
     assert "speed-up" in lines[1] and "efficiency" in lines[1]
+
+
+@pytest.mark.parametrize(("path", "kw"), [(PINGPONG, {"preemptions": 2}), (ERRATUM, {"preemptions": 1}),
+                                          (PINGPONG, {"preemptions": 3, "mutant": "a"})],
+                         ids=["pingpong-k2", "erratum-k1", "mutant-a-k3"])
+def test_without_leaf_hashing_the_same_schedules_run(path, kw):
+    full, want = result(path, **kw)
+    lean, got = result(path, leaf_hashing=False, **kw)
+    assert got == want and lean.decisions == full.decisions
+    assert lean.progress.schedules == full.progress.schedules
+    assert lean.progress.states < full.progress.states
