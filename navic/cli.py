@@ -343,8 +343,8 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def explore(file: str, design: str | None, max_steps: int, preemptions: int, horizon: int, width: int,
             no_hash: bool, no_leaf_hash: bool, mutant: str | None, time_limit: float | None,
-            schedule_out: str | None, jobs: int, scheduler: str | None, resume_file: str | None, checkpoint_out: str | None,
-            as_json: bool) -> None:
+            schedule_out: str | None, jobs: int, scheduler: str | None, resume_file: str | None,
+            checkpoint_out: str | None, as_json: bool) -> None:
     """Search the schedules of scenario FILE systematically for oracle violations (stuck, lost,
     duplicated, misrouted) within bounds; write the first one found as a replayable schedule."""
     from rich.progress import Progress as Bar
