@@ -326,7 +326,7 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 @click.option("--no-hash", "no_hash", is_flag=True, help="Do not prune revisited states (purely stateless search).")
 @click.option("--no-leaf-hash", "no_leaf_hash", is_flag=True,
               help="Do not hash states where no deviation is left (same schedules and verdict, less CPU: "
-                   "-36%% at K=2 on the nested ping-pong; `states` then counts only states with budget left).")
+                   "-36% at K=2 on the nested ping-pong; `states` then counts only states with budget left).")
 @click.option("--mutant", default=None, help="Explore a deliberately broken model (see navic/check/mutants.py).")
 @click.option("--time-limit", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
 @click.option("--schedule-out", type=click.Path(dir_okay=False, writable=True), default=None,
