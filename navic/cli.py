@@ -324,14 +324,27 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 @click.option("--width", type=click.IntRange(min=2), default=3, show_default=True,
               help="Candidates per decision point (the earliest event and up to WIDTH-1 others).")
 @click.option("--no-hash", "no_hash", is_flag=True, help="Do not prune revisited states (purely stateless search).")
+@click.option("--no-leaf-hash", "no_leaf_hash", is_flag=True,
+              help="Do not hash states where no deviation is left (same schedules and verdict, less CPU: "
+                   "-36% at K=2 on the nested ping-pong; `states` then counts only states with budget left).")
 @click.option("--mutant", default=None, help="Explore a deliberately broken model (see navic/check/mutants.py).")
 @click.option("--time-limit", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
 @click.option("--schedule-out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Where to write a violation's schedule (default: SCENARIO-STEM.schedule.json here).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local worker processes (the subtrees of each bound are searched in parallel).")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+              help="Search on a dask.distributed cluster instead of local processes.")
+@click.option("--resume", "resume_file", type=click.Path(dir_okay=False), default=None,
+              help="Continue an interrupted search from its checkpoint file.")
+@click.option("--checkpoint", "checkpoint_out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Where an interrupted or timed-out search writes its checkpoint "
+                   "(default: SCENARIO-STEM.checkpoint.json here).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def explore(file: str, design: str | None, max_steps: int, preemptions: int, horizon: int, width: int,
-            no_hash: bool, mutant: str | None, time_limit: float | None, schedule_out: str | None,
-            as_json: bool) -> None:
+            no_hash: bool, no_leaf_hash: bool, mutant: str | None, time_limit: float | None,
+            schedule_out: str | None, jobs: int, scheduler: str | None, resume_file: str | None,
+            checkpoint_out: str | None, as_json: bool) -> None:
     """Search the schedules of scenario FILE systematically for oracle violations (stuck, lost,
     duplicated, misrouted) within bounds; write the first one found as a replayable schedule."""
     from rich.progress import Progress as Bar
@@ -348,7 +361,15 @@ def explore(file: str, design: str | None, max_steps: int, preemptions: int, hor
         except KeyError as exc:
             raise click.BadParameter(str(exc.args[0]), param_hint="--mutant") from None
     opts = X.Options(max_steps=max_steps, preemptions=preemptions, horizon=horizon, width=width,
-                     hashing=not no_hash, mutant=mutant, design=design, time_limit=time_limit)
+                     hashing=not no_hash, leaf_hashing=not no_leaf_hash, mutant=mutant, design=design,
+                     time_limit=time_limit, jobs=jobs, scheduler=scheduler)
+    resume = None
+    if resume_file is not None:
+        try:
+            resume = X.load_checkpoint(resume_file, scn, opts)
+        except X.ScheduleError as exc:
+            click.echo(str(exc), err=True)
+            raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
     err = Console(file=sys.stderr, highlight=False)
     bar = Bar(SpinnerColumn(), TextColumn("[bold]exploring[/bold] {task.description}"), TimeElapsedColumn(),
               console=err, transient=True, disable=not err.is_terminal)
@@ -356,19 +377,28 @@ def explore(file: str, design: str | None, max_steps: int, preemptions: int, hor
 
     def tick(p: X.Progress) -> None:
         bar.update(task, description=(f"bound {p.bound}/{preemptions}  schedules {p.schedules}  "
-                                      f"states {p.states}  pruned {p.pruned}"))
+                                      f"states {p.states} ({p.rate:.0f}/s)  frontier {p.frontier}  "
+                                      f"pruned {p.pruned}"))
 
     runner = importlib.import_module("navic.runner")
-    explorer = X.Explorer(scn, opts, on_progress=tick)
+    explorer = X.Explorer(scn, opts, on_progress=tick, resume=resume)
     try:
         with bar:
             outcome = explorer.run()
+    except OSError as exc:
+        if scheduler is None:
+            raise
+        click.echo(f"navic explore: {scheduler}: {' '.join(str(exc).split())}", err=True)
+        raise click.exceptions.Exit(EXIT_FAILURE) from None
     except (runner.UnsupportedScenario, NotImplementedError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         if not message.startswith(f"{scn.source}:"):
             message = f"{scn.source}: not supported yet: {message}"
         click.echo(message, err=True)
         raise click.exceptions.Exit(EXIT_SCENARIO_ERROR) from None
+    if outcome.interrupted or outcome.timed_out:
+        outcome.checkpoint_file = checkpoint_out or f"{Path(file).stem}.checkpoint.json"
+        X.write_schedule(outcome.checkpoint_file, X.checkpoint_doc(explorer, outcome))
     if outcome.violation is not None:
         target = schedule_out or f"{Path(file).stem}.schedule.json"
         X.write_schedule(target, explorer.schedule_doc(target, outcome))
@@ -397,6 +427,8 @@ def _render_explore(outcome: Any, opts: Any, file: str) -> None:
         why = "interrupted" if outcome.interrupted else "time limit reached"
         done = (f"bounds 0..{p.complete_bound} exhausted" if p.complete_bound >= 0 else "no bound exhausted")
         con.print(f"[yellow]{why}[/yellow]: {done}; bound {p.bound} partly explored")
+        if outcome.checkpoint_file:
+            con.print(f"  checkpoint: {outcome.checkpoint_file} (continue with --resume {outcome.checkpoint_file})")
         return
     v = outcome.violation
     if v is None:

@@ -26,6 +26,10 @@ Method (docs/verification.md has the full description and the bounds):
 * **Counterexamples.** The first violating schedule is minimised (delta debugging over its
   non-default decisions, keeping those needed for the same violation kind, CPU and vector) and
   written as a schedule file that ``navic run SCENARIO --schedule FILE`` replays.
+* **Parallel, checkpoints.** :meth:`Explorer.search` searches one subtree of prefixes; with
+  ``jobs > 1`` or a dask ``scheduler`` :mod:`navic.check.parallel` hands the subtrees of each bound
+  (one per first deviation) to workers. An interrupted search returns its :class:`Position`,
+  which :func:`checkpoint_doc` writes and :func:`load_checkpoint` reads back for ``resume``.
 """
 
 from __future__ import annotations
@@ -62,25 +66,37 @@ class Pruned(Exception):
 _PLAIN = (int, bool, str, float, type(None))
 
 
-def _locals(frame: Any) -> tuple[Any, ...]:
+# Locals of model generators that hold an engine timestamp across a yield, by (code qualname,
+# local): hashed relative to now, as pending events are (a state and its translate in time are
+# one state; the code only ever uses them as ``now - t`` or against ``now``). A generator that
+# keeps ``engine.now`` in a local across a ``yield`` is listed here.
+TIME_LOCALS = frozenset({
+    ("Kvm.kvm_vcpu_halt", "start"), ("Kvm.kvm_vcpu_halt", "deadline"),   # halt-poll window
+    ("Kvm.kvm_vcpu_block", "off"), ("Kvm.preempt", "off"),              # host_off_cpu accounting
+})
+
+
+def _locals(frame: Any, now: int = 0) -> tuple[Any, ...]:
     out = []
+    qual = frame.f_code.co_qualname
     for k, v in frame.f_locals.items():
         if type(v) in _PLAIN:
-            out.append((k, v))
+            out.append((k, now - v if type(v) is int and (qual, k) in TIME_LOCALS else v))
         elif hasattr(v, "index") and type(v).__module__.endswith("ops"):
             out.append((k, type(v).__name__, v.index))   # a guest op: which one
     return tuple(out)
 
 
-def _pc(gen: Any) -> tuple[Any, ...]:
-    """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals."""
+def _pc(gen: Any, now: int = 0) -> tuple[Any, ...]:
+    """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals
+    (the :data:`TIME_LOCALS` ones relative to ``now``)."""
     out = []
     while gen is not None:
         f = getattr(gen, "gi_frame", None)
         if f is None:
             out.append(None)
             break
-        out.append((f.f_code, f.f_lasti, _locals(f)))
+        out.append((f.f_code, f.f_lasti, _locals(f, now)))
         gen = getattr(gen, "gi_yieldfrom", None)
     return tuple(out)
 
@@ -94,13 +110,18 @@ def _apic(a: Any, now: int) -> tuple[Any, ...]:
 
 def state_hash(run: Any) -> bytes:
     """A digest of everything that determines how the run continues (see the module docstring)."""
+    return hashlib.blake2b(repr(state_parts(run)).encode(), digest_size=16).digest()
+
+
+def state_parts(run: Any) -> list[Any]:
+    """The state as a list of plain-data parts (what :func:`state_hash` digests)."""
     eng = run.engine
     now = eng.now
     parts: list[Any] = []
     # Pending events relative to now, in the order they would run (not their sequence numbers).
     parts.append(tuple((e[0] - now, _label(e[2])) for e in sorted(eng._q)
                        if not (type(e[2]) is Handle and e[2].cancelled)))
-    parts.append(tuple((p.name, _pc(p.gen), p.waiting_on.name if p.waiting_on else None)
+    parts.append(tuple((p.name, _pc(p.gen, now), p.waiting_on.name if p.waiting_on else None)
                        for p in eng.processes if p.alive))
     for g in run.guests:
         parts.append((g.name, g.IF, g.nmi_blocked, g.wait_for_sipi, g.finished,
@@ -118,12 +139,12 @@ def state_hash(run: Any) -> bytes:
         kvm2 = getattr(run, "kvm2", None)
         if kvm2 is not None:
             _kvm_state(kvm2, now, parts)
-            _nested_state(kvm, kvm2, parts)
+            _nested_state(kvm, kvm2, now, parts)
     else:
         m = run.machine
         for i, a in enumerate(m.apics):
             parts.append((i, _apic(a, now), getattr(m.pcpus[i], "halted", None)))
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+    return parts
 
 
 def _insn(x: Any) -> Any:
@@ -189,7 +210,7 @@ def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
         parts.append(tuple(sorted(inh.active)))
 
 
-def _nested_state(kvm0: Any, kvm2: Any, parts: list[Any]) -> None:
+def _nested_state(kvm0: Any, kvm2: Any, now: int, parts: list[Any]) -> None:
     """What a nested run adds: the L1 kernel on each L1 vCPU (its threads — L1 KVM's vCPU threads —
     with their positions, queued instructions and waits; handler frames; run queues), L0's nested
     state per L1 vCPU (vmcb02) and the design's tables (shadow tables and their cached guest
@@ -197,10 +218,10 @@ def _nested_state(kvm0: Any, kvm2: Any, parts: list[Any]) -> None:
     l1host = kvm2.host
     for c in getattr(l1host, "cpus", ()):
         parts.append((c.name, c.IF, c.nmi_blocked, tuple(sorted(c.handled.items())),
-                      tuple((f.saved_if, _pc(f.gen), repr(f.resume)) for f in c.frames),
+                      tuple((f.saved_if, _pc(f.gen, now), repr(f.resume)) for f in c.frames),
                       tuple(t.vcpu.name for t in c.runnable)))
     for name, t in sorted(getattr(l1host, "threads", {}).items()):
-        parts.append((name, _pc(t.gen), t.waiting.name if t.waiting is not None else None,
+        parts.append((name, _pc(t.gen, now), t.waiting.name if t.waiting is not None else None,
                       tuple(_insn(i) for i in t.pending),
                       t.result if type(t.result) in _PLAIN else _insn(t.result)))
     hmem = kvm0.mem
@@ -236,8 +257,12 @@ class ExploreChooser(Chooser):
     wants_window = True
 
     def __init__(self, prefix: list[int], *, budget: int, horizon: int, width: int, max_steps: int,
-                 visited: dict[bytes, int] | None = None, all_states: set[bytes] | None = None) -> None:
+                 visited: dict[bytes, int] | None = None, all_states: set[bytes] | None = None,
+                 leaf_hashing: bool = True) -> None:
         self.prefix = prefix
+        # False: no hashing where no deviation is left (the rest of the run is the default
+        # continuation, cheaper to simulate than to hash; same schedules, same verdicts).
+        self.leaf_hashing = leaf_hashing
         self.budget = budget
         self.horizon = horizon
         self.width = width
@@ -258,7 +283,7 @@ class ExploreChooser(Chooser):
             c = self.prefix[i]
         else:
             c = 0
-            if self.visited is not None and self.run is not None:
+            if self.visited is not None and self.run is not None and (self.leaf_hashing or self.cost < self.budget):
                 h = state_hash(self.run)
                 remaining = self.budget - self.cost
                 seen = self.visited.get(h)
@@ -268,7 +293,7 @@ class ExploreChooser(Chooser):
                     self.new_states += 1
                     self.all_states.add(h)
                 self.visited[h] = remaining
-            else:
+            elif self.visited is None or self.run is None:
                 self.new_states += 1
         self.trail.append((kind, labels, c, self.cost))
         if c:
@@ -290,14 +315,21 @@ class ExploreChooser(Chooser):
         return out
 
 
-def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int) -> list[int] | None:
-    """Depth-first backtracking: the deepest decision point with an untried alternative that keeps
-    the schedule within ``budget`` deviations."""
-    for i in range(len(trail) - 1, -1, -1):
+def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0) -> list[int] | None:
+    """Depth-first backtracking: the deepest decision point (at or after ``floor``: the points
+    before it are a subtree's fixed root) with an untried alternative that keeps the schedule
+    within ``budget`` deviations."""
+    for i in range(len(trail) - 1, floor - 1, -1):
         _kind, labels, c, cost_before = trail[i]
         if c + 1 < len(labels) and cost_before + 1 <= budget:
             return [t[2] for t in trail[:i]] + [c + 1]
     return None
+
+
+def frontier(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0) -> int:
+    """How many untried alternatives within ``budget`` the current DFS path still has (the
+    progress line's "frontier"; each is the root of a subtree still to search)."""
+    return sum(max(0, len(labels) - 1 - c) for _k, labels, c, cost in trail[floor:] if cost + 1 <= budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,9 +372,12 @@ class Options:
     horizon: int = DEFAULT_HORIZON
     width: int = DEFAULT_WIDTH
     hashing: bool = True
+    leaf_hashing: bool = True         # False: do not hash where the budget is spent (see ExploreChooser)
     mutant: str | None = None
     design: str | None = None
     time_limit: float | None = None
+    jobs: int = 1                     # local worker processes (navic.check.parallel when > 1)
+    scheduler: Any = None             # a dask.distributed scheduler address or Client
 
 
 @dataclasses.dataclass
@@ -354,6 +389,21 @@ class Progress:
     truncated: int = 0
     seconds: float = 0.0
     complete_bound: int = -1   # highest bound whose space was exhausted
+    frontier: int = 0          # subtrees still to search in this bound (DFS alternatives or tasks)
+
+    @property
+    def rate(self) -> float:
+        """States per second so far."""
+        return self.states / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a search stands, for a resumable checkpoint: the bound being searched and either the
+    DFS prefix about to run (serial) or the finished subtree tasks (parallel)."""
+    bound: int = 0
+    prefix: list[int] | None = None
+    done_tasks: list[list[int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -367,6 +417,8 @@ class Outcome:
     raw_decisions: list[list[Any]] | None = None  # as found
     schedule_file: str | None = None
     replay_ok: bool | None = None
+    position: Position | None = None              # where an interrupted search stopped
+    checkpoint_file: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         p = self.progress
@@ -381,75 +433,108 @@ class Outcome:
             v = self.violation
             doc["violation"] = {"kind": v.get("kind"), "cpu": v.get("cpu"), "vector": v.get("vector"),
                                 "detail": v.get("detail"), "schedule_file": self.schedule_file}
+        if self.checkpoint_file is not None:
+            doc["checkpoint_file"] = self.checkpoint_file
         return doc
+
+
+@dataclasses.dataclass
+class Found:
+    """A violating run found by :meth:`Explorer.search`."""
+    violation: dict[str, Any]
+    decisions: list[list[Any]]
 
 
 class Explorer:
     def __init__(self, scn: Scenario, opts: Options, *,
-                 on_progress: Callable[[Progress], None] | None = None) -> None:
+                 on_progress: Callable[[Progress], None] | None = None,
+                 resume: Position | None = None) -> None:
         self.scn = apply_design(scn, opts.design)
         self.opts = opts
         self.on_progress = on_progress
+        self.resume = resume
         # Width >= 2 keeps the numbering of decision points the same for every bound (and replay).
         self.width = max(2, opts.width)
+        self.all_states: set[bytes] = set()
+        self.position = Position()
 
     def _chooser(self, prefix: list[int], budget: int, visited: dict[bytes, int] | None) -> ExploreChooser:
         o = self.opts
         return ExploreChooser(prefix, budget=budget, horizon=o.horizon, width=self.width,
-                              max_steps=o.max_steps, visited=visited, all_states=self.all_states)
+                              max_steps=o.max_steps, visited=visited, all_states=self.all_states,
+                              leaf_hashing=o.leaf_hashing)
 
     def replay_chooser(self, decisions: list[list[Any]]) -> ReplayChooser:
         o = self.opts
         return ReplayChooser(decisions, window=True, horizon=o.horizon, width=self.width, max_steps=o.max_steps)
 
+    def search(self, bound: int, prefix: list[int], prog: Progress, *, floor: int = 0,
+               visited: dict[bytes, int] | None = None, deadline: float | None = None,
+               start: float = 0.0) -> Found | None:
+        """Depth-first search of the schedules within ``bound`` deviations that begin with
+        ``prefix`` and then backtrack no higher than decision point ``floor`` (``floor = 0``: the
+        whole bound; a parallel worker searches one subtree). Counts go to ``prog``; raises
+        :class:`TimeoutError` past ``deadline`` (``self.position`` then says where it stood)."""
+        cur: list[int] | None = prefix
+        while cur is not None:
+            self.position.prefix = cur
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError
+            ch = self._chooser(cur, bound, visited)
+            try:
+                run = _simulate(self.scn, ch)
+            except Pruned:
+                run = None
+                prog.pruned += 1
+            prog.schedules += 1
+            prog.states = len(self.all_states) if visited is not None else prog.states + ch.new_states
+            if run is not None:
+                if run.engine.truncated:
+                    prog.truncated += 1
+                if run.recorder.violations:
+                    return Found(run.recorder.violations[0], ch.decisions())
+            cur = next_prefix(ch.trail, bound, floor)
+            prog.seconds = time.monotonic() - start
+            if self.on_progress is not None:
+                prog.frontier = frontier(ch.trail, bound, floor)
+                self.on_progress(prog)
+        return None
+
     def run(self) -> Outcome:
         o = self.opts
+        if o.jobs > 1 or o.scheduler is not None:
+            from navic.check import parallel
+
+            return parallel.run(self)
         prog = Progress()
         start = time.monotonic()
-        self.all_states: set[bytes] = set()
-        outcome: Outcome | None = None
+        deadline = start + o.time_limit if o.time_limit is not None else None
+        first = self.resume.bound if self.resume is not None else 0
+        found: Found | None = None
         try:
             with _mutant(o.mutant):
-                for bound in range(o.preemptions + 1):
-                    prog.bound = bound
+                for bound in range(first, o.preemptions + 1):
+                    prog.bound = self.position.bound = bound
+                    prog.complete_bound = bound - 1
                     visited: dict[bytes, int] | None = {} if o.hashing else None
-                    prefix: list[int] | None = []
-                    while prefix is not None:
-                        if o.time_limit is not None and time.monotonic() - start > o.time_limit:
-                            prog.seconds = time.monotonic() - start
-                            return Outcome(prog, complete=False, timed_out=True)
-                        ch = self._chooser(prefix, bound, visited)
-                        try:
-                            run = _simulate(self.scn, ch)
-                        except Pruned:
-                            run = None
-                            prog.pruned += 1
-                        prog.schedules += 1
-                        prog.states = len(self.all_states) if visited is not None else prog.states + ch.new_states
-                        if run is not None:
-                            if run.engine.truncated:
-                                prog.truncated += 1
-                            if run.recorder.violations:
-                                prog.seconds = time.monotonic() - start
-                                outcome = Outcome(prog, complete=False, violation=run.recorder.violations[0],
-                                                  raw_decisions=ch.decisions())
-                                break
-                        prefix = next_prefix(ch.trail, bound)
-                        prog.seconds = time.monotonic() - start
-                        if self.on_progress is not None:
-                            self.on_progress(prog)
-                    if outcome is not None:
+                    prefix = [] if self.resume is None or bound != first else list(self.resume.prefix or [])
+                    found = self.search(bound, prefix, prog, visited=visited, deadline=deadline, start=start)
+                    if found is not None:
                         break
                     prog.complete_bound = bound
-                if outcome is None:
-                    prog.seconds = time.monotonic() - start
+                prog.seconds = time.monotonic() - start
+                if found is None:
                     return Outcome(prog, complete=True)
-                outcome.decisions = self.minimize(outcome.raw_decisions or [], outcome.violation or {})
+                outcome = Outcome(prog, complete=False, violation=found.violation, raw_decisions=found.decisions)
+                outcome.decisions = self.minimize(found.decisions, found.violation)
                 prog.seconds = time.monotonic() - start
                 return outcome
+        except TimeoutError:
+            prog.seconds = time.monotonic() - start
+            return Outcome(prog, complete=False, timed_out=True, position=self.position)
         except KeyboardInterrupt:
             prog.seconds = time.monotonic() - start
-            return Outcome(prog, complete=False, interrupted=True)
+            return Outcome(prog, complete=False, interrupted=True, position=self.position)
 
     # -- counterexamples ----------------------------------------------------------------------
     def reproduces(self, decisions: list[list[Any]], want: tuple[Any, Any, Any]) -> list[list[Any]] | None:
@@ -559,3 +644,48 @@ def check_replay(scn: Scenario, path: str | Path, violation: dict[str, Any]) -> 
     run = replay(scn, doc)
     want = violation_key(violation)
     return any(violation_key(v) == want for v in run.recorder.violations)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (an interrupted search resumes where it stopped: `navic explore --resume FILE`)
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1
+_RESUME_KEYS = ("max_steps", "preemptions", "horizon", "width", "hashing", "mutant", "design")
+
+
+def checkpoint_doc(explorer: Explorer, outcome: Outcome) -> dict[str, Any]:
+    """A resumable checkpoint of an interrupted or timed-out search: the scenario (and its sha256),
+    the bounds that define the search, the position (bound + DFS prefix, or finished tasks) and
+    the counts so far. Visited states are not saved: a resumed search re-explores some states,
+    which costs time but never coverage."""
+    src = Path(explorer.scn.source) if explorer.scn.source else None
+    sha = hashlib.sha256(src.read_bytes()).hexdigest() if src is not None and src.is_file() else None
+    pos = outcome.position or Position()
+    return {"navic_explore_checkpoint": CHECKPOINT_FORMAT, "scenario": str(src) if src else None,
+            "scenario_sha256": sha,
+            "options": {k: getattr(explorer.opts, k) for k in _RESUME_KEYS},
+            "position": {"bound": pos.bound, "prefix": pos.prefix, "done_tasks": pos.done_tasks},
+            "progress": dataclasses.asdict(outcome.progress)}
+
+
+def load_checkpoint(path: str | Path, scn: Scenario, opts: Options) -> Position:
+    """The position to resume from; :class:`ScheduleError` if the file is not a checkpoint of
+    this scenario under these bounds."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScheduleError(f"{path}: cannot read checkpoint: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("navic_explore_checkpoint") != CHECKPOINT_FORMAT:
+        raise ScheduleError(f"{path}: not a navic explore checkpoint")
+    src = Path(scn.source) if scn.source else None
+    sha = hashlib.sha256(src.read_bytes()).hexdigest() if src is not None and src.is_file() else None
+    if doc.get("scenario_sha256") != sha:
+        raise ScheduleError(f"{path}: scenario_sha256: the checkpoint is of another scenario file")
+    want = {k: getattr(opts, k) for k in _RESUME_KEYS}
+    got = doc.get("options") or {}
+    for k in _RESUME_KEYS:
+        if got.get(k) != want[k]:
+            raise ScheduleError(f"{path}: options.{k}: checkpoint has {got.get(k)!r}, this search {want[k]!r}")
+    pos = doc.get("position") or {}
+    return Position(bound=int(pos.get("bound", 0)), prefix=[int(x) for x in pos.get("prefix") or []],
+                    done_tasks=[[int(a), int(b)] for a, b in pos.get("done_tasks") or []])
