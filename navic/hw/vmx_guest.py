@@ -78,6 +78,10 @@ VIRT_WRITES = frozenset((0x20, APIC_TPR, APIC_EOI, 0xD0, 0xE0, 0xF0, 0x280, APIC
 # ... and when only "virtual-interrupt delivery" is 1.
 VID_WRITES = frozenset((APIC_TPR, APIC_EOI, APIC_ICR))
 
+# x2APIC ICR bits that must be 0 (SDM §11.12.9; KVM's X2APIC_ICR_RESERVED_BITS). BUSY (bit 12) is
+# not among them: Intel ignores it in x2APIC mode.
+X2APIC_ICR_RESERVED = (0xFFF << 20) | (3 << 16) | (1 << 13)
+
 # Host-IPI kinds (navic.hv.host) by physical vector.
 HOST_IPI_KIND = {X.POSTED_INTR_VECTOR: "posted_intr", X.POSTED_INTR_WAKEUP_VECTOR: "pi_wakeup"}
 
@@ -453,6 +457,12 @@ class Vmx:
             self._self_ipi(ctx, value & 0xFF)
             return None
         if off == APIC_ICR and ctx.vid:
+            if value & X2APIC_ICR_RESERVED:
+                # SDM §30.5: the virtualised WRMSR to ICR checks the reserved bits itself (#GP, no
+                # APIC-write exit; KVM's kvm_apic_write_nodecode WARNs should one bring them).
+                g.retire(Fault("#GP", "x2APIC ICR reserved bits (31:20, 17:16, 13) set"))
+                yield costs.APIC_ACCESS
+                return None
             g.retire(None)
             yield costs.APIC_ACCESS
             return (yield from self._icr_write(pcpu, ctx, value & 0xFFFFFFFF, value >> 32, True))
