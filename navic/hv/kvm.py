@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from navic.apic import dest as apic_dest
 from navic.apic.icr import Icr
 from navic.apic.lapic import ApicHooks, GPFault, LocalApic
-from navic.apic.registers import APIC_LDR as APIC_LDR_OFFSET
 from navic.apic.registers import APIC_ID, APIC_TDCR, MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
+from navic.apic.registers import APIC_LDR as APIC_LDR_OFFSET
 from navic.guest.kernel import GuestCpu
 from navic.hv.inhibit import Inhibits
 from navic.hw import isa
