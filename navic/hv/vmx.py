@@ -107,10 +107,7 @@ class VmxVendor:
             pages = (self.max_vcpu_ids * 8 + 4095) // 4096
             self.pid_table_hpa = kvm.mem.alloc(pages)
             self.pid_table_pages = pages
-        # kvm_alloc_apic_access_page(): the VM's APIC-access page, a private memslot at 0xFEE00000
-        # (flexpriority, on every APICv CPU). Zero-filled memory the CPU never reads while
-        # "virtualize APIC accesses" is 1.
-        self.apic_access_page = kvm.mem.alloc(1)
+        self.apic_access_page = 0   # kvm_alloc_apic_access_page(), at post_create
         # Per-pCPU wake-up lists (wakeup_vcpus_on_cpu) and the wake-up vector's handler.
         self.wakeup_list: dict[int, list[Vcpu]] = {p.index: [] for p in host.pcpus}
         host.pi_wakeup_handler = self.pi_wakeup_handler
@@ -137,6 +134,12 @@ class VmxVendor:
             mem.write64(self.pid_table_hpa + 8 * vcpu.vcpu_id, X.pid_table_entry(pid.hpa))
 
     def post_create(self) -> None:
+        # kvm_alloc_apic_access_page(): the VM's APIC-access page, a private memslot at 0xFEE00000
+        # (flexpriority, on every APICv CPU): zero-filled memory the CPU never reads while
+        # "virtualize APIC accesses" is 1. (KVM allocates it with the first vCPU; allocated after
+        # the vCPUs' pages here, it leaves their addresses as they were.)
+        if not self.apic_access_page:
+            self.apic_access_page = self.kvm.mem.alloc(1)
         if not self.enable_apicv:
             self.kvm.set_apicv_inhibit("DISABLED")
         for v in self.kvm.vcpus:
