@@ -6,7 +6,7 @@ page, which then behaves as memory (docs/model.md)."""
 from __future__ import annotations
 
 import pytest
-from _peer import cpu, errors, reads, run
+from _peer import LEVELS, cpu, errors, reads, run
 
 SVM_LEVELS = ["zen4", "zen2", "noapicv", "l2"]
 # VMX where KVM emulates the APIC page of a disabled / x2APIC-mode APIC: APICv not activated for
@@ -114,3 +114,16 @@ def test_vmx_x2apic_mode_apic_page_is_the_apic_access_page() -> None:
     res = run("spr", [(ops, None)], apic="x2apic")
     assert reads(res, "l1.0") == {"tpr": 0x30, "ver": 0, "msr_tpr": 0}
     assert set(res["exits"]["l0"]) == {"hlt"}, res["exits"]
+
+
+def test_vmx_nested_l2_x2apic_page_is_l1s_apic_access_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nested VMX, design dummy (L1's KVM has APICv): vmcs02 maps what L1's EPT maps at 0xFEE00000,
+    L1's APIC-access page, so an x2APIC-mode L2 reads and writes it as memory with no exit at all;
+    under design none (L1 without APICv) the same accesses are L1's EPT violations, emulated
+    (test_x2apic_mode_mmio_reads_all_ones[l2-spr])."""
+    monkeypatch.setitem(LEVELS, "l2-spr-dummy", ("spr", "kvm", 2, 'nested_apicv = "dummy"\n'))
+    ops = ['{op="mmio_write", offset=0x80, value=0x30}', '{op="mmio_read", offset=0x80, into="tpr"}',
+           '{op="mmio_read", offset=0x30, into="ver"}', '{op="read", reg="TPR", into="msr_tpr"}']
+    res = run("l2-spr-dummy", [(ops, None)], apic="x2apic")
+    assert reads(res, "l2.0") == {"tpr": 0x30, "ver": 0, "msr_tpr": 0}
+    assert "ept_violation" not in res["exits"].get("l1", {}) and "l0_l2" not in res["exits"]
