@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from navic.apic import dest as apic_dest
 from navic.apic.icr import Icr
 from navic.apic.lapic import ApicHooks, GPFault, LocalApic
+from navic.apic.registers import APIC_ID, APIC_TDCR, MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
 from navic.apic.registers import APIC_LDR as APIC_LDR_OFFSET
-from navic.apic.registers import APIC_TDCR, MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
 from navic.guest.kernel import GuestCpu
 from navic.hv.inhibit import Inhibits
 from navic.hw import isa
@@ -571,6 +571,30 @@ class Kvm:
             return Fault("#GP", f"MSR {msr:#x} not implemented")
         except GPFault as e:
             return Fault("#GP", str(e))
+
+    def emulate_apic_mmio(self, vcpu: Vcpu, insn: Any) -> Gen:
+        """An emulated guest MMIO access (x86_emulate_instruction -> vcpu_mmio_read/write -> the
+        local APIC's kvm_io_device): ``apic_mmio_in_range()`` decodes it against the APIC's own base
+        (``apic->base_address``: a relocated APIC decodes at its new base). In range,
+        ``apic_mmio_read()`` / ``apic_mmio_write()`` with the LAPIC_MMIO_HOLE quirk (a
+        hardware-disabled or x2APIC-mode APIC reads all-ones and drops writes: LocalApic.mmio_read /
+        mmio_write); outside it, -EOPNOTSUPP: a KVM_EXIT_MMIO for userspace, which has nothing there
+        (QEMU's unassigned memory: reads 0, writes dropped; counter ``mmio_userspace``)."""
+        yield self.costs.MMIO_EMULATE
+        a = vcpu.apic
+        write = type(insn) is isa.MmioWrite
+        off = insn.addr - (a.apic_base & 0xFFFFF000)
+        if not 0 <= off < 0x1000:
+            self.rec.count("mmio_userspace")
+            vcpu.guest.retire(None if write else 0)
+            return
+        if write:
+            old_id = a.read_reg(APIC_ID)
+            a.mmio_write(off, insn.value)
+            self.vendor._after_apic_write(vcpu, off, old_id)
+            vcpu.guest.retire(None)
+        else:
+            vcpu.guest.retire(a.mmio_read(off))
 
     def defer_apic_timer(self, vcpu: Vcpu) -> None:
         """apic_timer_expired(from_timer_fn = true) without a posted timer interrupt: bump

@@ -106,6 +106,7 @@ class L1Host:
         self.silicon: Any = VirtualSvm(self)   # VirtualVmx for a VMX host (navic.hv.nested.vmx_core)
         self.iommu = None
         self.pi_wakeup_handler: Any = None      # set by L1's VmxVendor (vector 0xF1 at L1)
+        self.l0_nested: Any = None              # L0's NestedSvm (its doorbell-write emulation)
 
     # -- threads ------------------------------------------------------------------------------
     def spawn(self, vcpu: Vcpu, gen: Generator[Any, Any, Any]) -> L1Thread:
@@ -138,8 +139,15 @@ class L1Host:
             self._issue(isa.MmioWrite(base + 0x300, vector), cpu, vector)
 
     def doorbell(self, host_apic_id: int, src: int | None = None) -> None:
-        """avic_ring_doorbell() at L1: WRMSR(C001_011B), which L0 intercepts and emulates."""
+        """avic_ring_doorbell() at L1: WRMSR(C001_011B), which L0 intercepts and emulates. Rung
+        from outside L1 code — an L1 hrtimer callback, e.g. a posted L2 APIC timer interrupt
+        (kvm_use_posted_timer_interrupt) — the write runs on an L1 CPU navic does not step (the
+        housekeeping CPU the timer fires on, as for L0's own posted timer): L0's emulation of
+        it, without the instruction (docs/model.md "L1 timer callbacks")."""
         self.rec.count("l1_doorbells")
+        if self.stepping is None and self.l0_nested is not None:
+            self.l0_nested.doorbell_write_outside_l1(host_apic_id)
+            return
         self._issue(isa.Wrmsr(MSR_DOORBELL, host_apic_id), None)
 
     def _issue(self, insn: Insn, target_cpu: int | None, vector: int = RESCHEDULE_VECTOR) -> None:

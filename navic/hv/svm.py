@@ -479,24 +479,7 @@ class SvmVendor:
             yield from self.nested.design.on_tracked_write(vcpu, insn.gpa, insn.size, insn.value)
             vcpu.guest.retire(None)
             return "continue"
-        yield self.kvm.costs.MMIO_EMULATE
-        a = vcpu.apic
-        off = insn.addr - (a.apic_base & 0xFFFFF000)
-        if not 0 <= off < 0x1000:
-            # apic_mmio_in_range() fails: -EOPNOTSUPP, a KVM_EXIT_MMIO for userspace, which has
-            # nothing there (QEMU's unassigned memory: reads 0, writes dropped).
-            self.kvm.rec.count("mmio_userspace")
-            vcpu.guest.retire(None if type(insn) is isa.MmioWrite else 0)
-            return "continue"
-        # apic_mmio_read()/apic_mmio_write(): hardware-disabled or x2APIC mode reads all-ones and
-        # drops writes (the LAPIC_MMIO_HOLE quirk, LocalApic.mmio_read / mmio_write).
-        if type(insn) is isa.MmioWrite:
-            old_id = a.read_reg(APIC_ID)
-            a.mmio_write(off, insn.value)
-            self._after_apic_write(vcpu, off, old_id)
-            vcpu.guest.retire(None)
-        else:
-            vcpu.guest.retire(a.mmio_read(off))
+        yield from self.kvm.emulate_apic_mmio(vcpu, insn)
         return "continue"
 
     def _after_apic_write(self, vcpu: Vcpu, off: int, old_id: int) -> None:

@@ -107,6 +107,7 @@ class VmxVendor:
             pages = (self.max_vcpu_ids * 8 + 4095) // 4096
             self.pid_table_hpa = kvm.mem.alloc(pages)
             self.pid_table_pages = pages
+        self.apic_access_page = 0   # kvm_alloc_apic_access_page(), at post_create
         # Per-pCPU wake-up lists (wakeup_vcpus_on_cpu) and the wake-up vector's handler.
         self.wakeup_list: dict[int, list[Vcpu]] = {p.index: [] for p in host.pcpus}
         host.pi_wakeup_handler = self.pi_wakeup_handler
@@ -133,6 +134,12 @@ class VmxVendor:
             mem.write64(self.pid_table_hpa + 8 * vcpu.vcpu_id, X.pid_table_entry(pid.hpa))
 
     def post_create(self) -> None:
+        # kvm_alloc_apic_access_page(): the VM's APIC-access page, a private memslot at 0xFEE00000
+        # (flexpriority, on every APICv CPU): zero-filled memory the CPU never reads while
+        # "virtualize APIC accesses" is 1. (KVM allocates it with the first vCPU; allocated after
+        # the vCPUs' pages here, it leaves their addresses as they were.)
+        if not self.apic_access_page:
+            self.apic_access_page = self.kvm.mem.alloc(1)
         if not self.enable_apicv:
             self.kvm.set_apicv_inhibit("DISABLED")
         for v in self.kvm.vcpus:
@@ -140,16 +147,30 @@ class VmxVendor:
             self.program_controls(v)
 
     # -- activation ----------------------------------------------------------------------------
-    def apicv_allowed(self, vcpu: Vcpu) -> bool:
+    def apicv_activated(self) -> bool:
+        """kvm_apicv_activated(): APICv for the VM (no inhibit VMX requires)."""
         return self.enable_apicv and not (set(self.kvm.inhibits.active) & VMX_REQUIRED_APICV_INHIBITS)
 
+    def apicv_allowed(self, vcpu: Vcpu) -> bool:
+        """__kvm_vcpu_update_apicv(): the VM's APICv, and off while the vCPU's APIC is
+        hardware-disabled (LAPIC_MODE_DISABLED)."""
+        return self.apicv_activated() and vcpu.apic.hw_enabled
+
     def program_controls(self, vcpu: Vcpu) -> None:
-        """vmx_refresh_apicv_exec_ctrl() + vmx_set_virtual_apic_mode() + the x2APIC MSR bitmap."""
+        """vmx_refresh_apicv_exec_ctrl() + vmx_set_virtual_apic_mode() + the x2APIC MSR bitmap.
+        "Virtualize APIC accesses" only in LAPIC_MODE_XAPIC (flexpriority), "virtualize x2APIC
+        mode" only in LAPIC_MODE_X2APIC, neither while the APIC is disabled. The EPT maps the
+        APIC-access page only while APICv is activated for the VM (kvm_mmu_faultin_pfn: the
+        APIC_ACCESS_PAGE_PRIVATE_MEMSLOT with !kvm_apicv_activated() is RET_PF_EMULATE, and the
+        SPTE is zapped when that changes): a vCPU whose control is 0 then reads and writes it as
+        memory, otherwise its accesses there are emulated MMIO."""
         ctx: VmcsContext = getattr(vcpu, "ctx01", vcpu.ctx)   # vmcs01 (vcpu.ctx is vmcs02 while in L2)
         active = vcpu.apicv_active
-        x2 = vcpu.apic.mode == "x2apic"
-        ctx.virt_apic_accesses = not x2
+        mode = vcpu.apic.mode
+        x2 = mode == "x2apic"
+        ctx.virt_apic_accesses = mode == "xapic"
         ctx.virt_x2apic_mode = x2
+        ctx.ept_apic_page_hpa = self.apic_access_page if self.apicv_activated() else 0
         ctx.apic_reg_virt = ctx.vid = ctx.posted_intr = active
         ctx.ipiv = active and self.enable_ipiv
         ctx.msr_rd, ctx.msr_wr = _msr_bitmap(x2=x2, active=active, ipiv=bool(self.enable_ipiv))
@@ -452,8 +473,13 @@ class VmxVendor:
 
     def _apic_base_changed(self, vcpu: Vcpu, old: int) -> None:
         a = vcpu.apic
-        if (old ^ a.apic_base) & 0xFFFFF000:
+        if a.hw_enabled and a.apic_base & 0xFFFFF000 != 0xFEE00000:
+            # __kvm_apic_set_base(): only an enabled APIC away from APIC_DEFAULT_PHYS_BASE (sticky).
             self.kvm.set_apicv_inhibit("APIC_BASE_MODIFIED")
+        if (old ^ a.apic_base) & (1 << 11):
+            # EN toggled: kvm_lapic_set_base() -> kvm_vcpu_update_apicv() (LAPIC_MODE_DISABLED
+            # deactivates APICv for this vCPU) and vmx_set_virtual_apic_mode().
+            vcpu.requests.add(REQ_APICV_UPDATE)
         if (old ^ a.apic_base) & (1 << 10):
             # xAPIC <-> x2APIC: vmx_set_virtual_apic_mode() and a new MSR bitmap.
             vcpu.requests.add(REQ_APICV_UPDATE)
@@ -494,14 +520,19 @@ class VmxVendor:
             a.eoi()
             vcpu.guest.retire(None)
             return "continue"
-        yield kvm.costs.MMIO_EMULATE
-        if write:
-            old_id = a.read_reg(APIC_ID)
-            a.mmio_write(off, insn.value)
-            self._after_apic_write(vcpu, off, old_id)
-            vcpu.guest.retire(None)
-        else:
-            vcpu.guest.retire(a.mmio_read(off))
+        # kvm_emulate_instruction(): an MMIO access at the APIC-access address, which the APIC
+        # decodes against its own base (a relocated APIC does not claim this page).
+        yield from kvm.emulate_apic_mmio(vcpu, insn)
+        return "continue"
+
+    def _exit_ept_violation(self, vcpu: Vcpu) -> Gen:
+        """handle_ept_violation() -> kvm_mmu_page_fault(): an APIC page access with nothing mapped
+        (no memslot, or the APIC-access page while APICv is not activated: RET_PF_EMULATE) is
+        emulated MMIO. (KVM's MMIO SPTEs make later accesses to a no-memslot GPA EPT
+        misconfigurations; navic takes the violation each time, same handler cost.)"""
+        insn = vcpu.ctx.exit_insn
+        vcpu.ctx.exit_insn = None
+        yield from self.kvm.emulate_apic_mmio(vcpu, insn)
         return "continue"
 
     def _exit_eoi_induced(self, vcpu: Vcpu) -> Gen:
@@ -534,6 +565,7 @@ class VmxVendor:
         X.EXIT_REASON_MSR_WRITE: _exit_msr,
         X.EXIT_REASON_APIC_WRITE: _exit_apic_write,
         X.EXIT_REASON_APIC_ACCESS: _exit_apic_access,
+        X.EXIT_REASON_EPT_VIOLATION: _exit_ept_violation,
         X.EXIT_REASON_EOI_INDUCED: _exit_eoi_induced,
         X.EXIT_REASON_TPR_BELOW_THRESHOLD: _exit_tpr_below_threshold,
     }

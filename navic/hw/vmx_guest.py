@@ -5,7 +5,9 @@ APIC virtualisation (SDM vol. 3C ch. 30 "APIC Virtualization and Virtual Interru
 
 * **virtual-APIC page** = the vCPU's :class:`~navic.apic.lapic.LocalApic` page (KVM points
   VIRTUAL_APIC_PAGE_ADDR at ``apic->regs``); the guest-interrupt status RVI/SVI lives in the context;
-* **xAPIC** ("virtualize APIC accesses", APIC-access page at 0xFEE00000): reads of the registers of
+* **xAPIC** ("virtualize APIC accesses", APIC-access page at 0xFEE00000; with the control 0 an
+  access there goes to whatever the EPT maps — ``ept_apic_page_hpa``, plain memory — or is an EPT
+  violation when nothing is mapped, as every access elsewhere): reads of the registers of
   SDM §30.4.2 come from the page when "APIC-register virtualization" is on (TPR always, with the TPR
   shadow); writes follow §30.4.3: TPR virtualisation, EOI virtualisation, self-IPI / IPI
   virtualisation of ICR low, ICR high written silently, every other virtualised write lands in the
@@ -78,6 +80,10 @@ VIRT_WRITES = frozenset((0x20, APIC_TPR, APIC_EOI, 0xD0, 0xE0, 0xF0, 0x280, APIC
 # ... and when only "virtual-interrupt delivery" is 1.
 VID_WRITES = frozenset((APIC_TPR, APIC_EOI, APIC_ICR))
 
+# x2APIC ICR bits that must be 0 (SDM §11.12.9; KVM's X2APIC_ICR_RESERVED_BITS). BUSY (bit 12) is
+# not among them: Intel ignores it in x2APIC mode.
+X2APIC_ICR_RESERVED = (0xFFF << 20) | (3 << 16) | (1 << 13)
+
 # Host-IPI kinds (navic.hv.host) by physical vector.
 HOST_IPI_KIND = {X.POSTED_INTR_VECTOR: "posted_intr", X.POSTED_INTR_WAKEUP_VECTOR: "pi_wakeup"}
 
@@ -131,6 +137,9 @@ class VmcsContext:
     # A POSTED_INTR_NESTED_VECTOR notification latched for this (vmcs02) context while it runs.
     pi_nested_pending: bool = False
     vmcs_gpa: int = 0                  # a guest hypervisor's VMCS: its guest-physical address (vmcs12)
+    # EPT: the page mapped at the APIC-access address 0xFEE00000 (KVM's APIC-access page; vmcs12:
+    # an L1 GPA), 0 when nothing is (KVM emulates accesses there: an EPT violation).
+    ept_apic_page_hpa: int = 0
 
 
 class Vmx:
@@ -215,15 +224,24 @@ class Vmx:
                 yield from isa.run_compute(insn, g, pcpu.wake, recognisable)
             elif t is isa.MmioWrite or t is isa.MmioRead:
                 off = insn.addr - APIC_ACCESS_PAGE
-                if ctx.virt_apic_accesses and 0 <= off < APIC_PAGE_SIZE and not g.x2apic:
+                in_page = 0 <= off < APIC_PAGE_SIZE
+                if ctx.virt_apic_accesses and in_page:
                     r = yield from self._apic_page_access(pcpu, ctx, insn, off)
                     if r is None:
                         continue
                     reason, qual = r
                     break
-                # Plain memory (x2APIC guests: the xAPIC page is not an APIC).
-                g.retire(None if t is isa.MmioWrite else 0)
-                yield costs.INSN
+                if in_page and ctx.ept_apic_page_hpa:
+                    # "Virtualize APIC accesses" is 0: the address means nothing special (SDM
+                    # §30.4) and the access goes to what the EPT maps there — plain memory.
+                    self._plain_access(ctx, insn, off)
+                    yield costs.INSN
+                    continue
+                # Nothing mapped there: an EPT violation (qualification bit 0 read, bit 1 write);
+                # the hypervisor emulates the access. Guest MMIO ops only address an APIC page.
+                ctx.exit_insn = insn
+                reason, qual = X.EXIT_REASON_EPT_VIOLATION, 2 if t is isa.MmioWrite else 1
+                break
             elif t is isa.Wrmsr or t is isa.Rdmsr:
                 write = t is isa.Wrmsr
                 msr = insn.msr
@@ -370,6 +388,16 @@ class Vmx:
         yield self.costs.IPIV_SEND
         return None
 
+    def _plain_access(self, ctx: VmcsContext, insn: Any, off: int) -> None:
+        """A 32-bit access to the page the EPT maps at the APIC-access address (KVM's APIC-access
+        page, ``ept_apic_page_hpa``), as memory."""
+        hpa = ctx.ept_apic_page_hpa + (off & ~3)
+        if type(insn) is isa.MmioWrite:
+            self.mem.write32(hpa, insn.value & 0xFFFFFFFF)
+            ctx.guest.retire(None)
+        else:
+            ctx.guest.retire(self.mem.read32(hpa))
+
     # -- xAPIC: the APIC-access page (SDM §30.4) -----------------------------------------------
     def _apic_page_access(self, pcpu: HostCpu, ctx: VmcsContext, insn: Any, off: int
                           ) -> Generator[Any, Any, tuple[int, int] | None]:
@@ -453,6 +481,12 @@ class Vmx:
             self._self_ipi(ctx, value & 0xFF)
             return None
         if off == APIC_ICR and ctx.vid:
+            if value & X2APIC_ICR_RESERVED:
+                # SDM §30.5: the virtualised WRMSR to ICR checks the reserved bits itself (#GP, no
+                # APIC-write exit; KVM's kvm_apic_write_nodecode WARNs should one bring them).
+                g.retire(Fault("#GP", "x2APIC ICR reserved bits (31:20, 17:16, 13) set"))
+                yield costs.APIC_ACCESS
+                return None
             g.retire(None)
             yield costs.APIC_ACCESS
             return (yield from self._icr_write(pcpu, ctx, value & 0xFFFFFFFF, value >> 32, True))

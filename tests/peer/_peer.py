@@ -15,6 +15,7 @@ LEVELS: dict[str, tuple[str, str, int, str]] = {
     "zen2": ("zen2", "kvm", 1, ""),
     "spr": ("spr", "kvm", 1, ""),
     "noapicv": ("zen4", "kvm", 1, "apicv = false\n"),
+    "spr-noapicv": ("spr", "kvm", 1, "apicv = false\n"),
     "l2": ("zen4", "kvm", 2, 'nested_apicv = "shadow"\n'),
     "l2-none": ("zen4", "kvm", 2, ""),
     "l2-spr": ("spr", "kvm", 2, ""),

@@ -104,8 +104,8 @@ def test_pending_nmi(level: str) -> None:
     assert len(got(res, cpu(level, 0), 2)) == 2, res["deliveries"]
 
 
-# "l2" (shadow) lost the timer interrupt while L1's KVM posted it through the AVIC doorbell; with
-# KVM's default (apic_timer_expired kicks, injection at the next entry) it arrives.
+# KVM's default timer path (apic_timer_expired kicks, injection at the next entry); the posted
+# path at L2 is test_l2_apic_timer_one_shot_posted_by_l1.
 TIMER_LEVELS = [*L1_LEVELS, "l2-none", "l2-spr", "l2"]
 
 
@@ -120,6 +120,27 @@ def test_apic_timer_one_shot(level: str) -> None:
     r = reads(res, cpu(level, 0))
     assert len(got(res, cpu(level, 0), 0xEE)) == 1
     assert r["t2"] - r["t1"] >= 0x10000
+
+
+@pytest.mark.parametrize("design", ["shadow", "dummy"])
+def test_l2_apic_timer_one_shot_posted_by_l1(design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[l0] posted_timer = true, which L1's KVM copies: its hrtimer callback finds the L2 vCPU
+    IN_GUEST_MODE (kvm_use_posted_timer_interrupt) and posts — IRR in the L2 backing page and
+    avic_ring_doorbell(), a doorbell WRMSR that L0 emulates toward the L1 vCPU running L2 (a real
+    doorbell to its pCPU). The interrupt arrives once, without any exit (no kick, no #VMEXIT(INTR)),
+    and nothing is left pending. The doorbell used to be dropped (rung outside L1 code)."""
+    monkeypatch.setitem(LEVELS, "l2-posted", ("zen4", "kvm", 2, f'nested_apicv = "{design}"\nposted_timer = true\n'))
+    ops = ['{op="write", reg="LVT_TIMER", value=0xEE}', '{op="write", reg="TIMER_DIVIDE", value=0xB}',
+           '{op="rdtsc", into="t1"}', '{op="write", reg="TIMER_INITIAL", value=0x10000}', '{op="sti"}',
+           '{op="wait", vector=0xEE}', '{op="rdtsc", into="t2"}', '{op="compute", cycles=3000000}']
+    res = run("l2-posted", [(ops, None)], max_time_us=3000)
+    r = reads(res, "l2.0")
+    assert res["violations"] == []
+    assert len(got(res, "l2.0", 0xEE)) == 1
+    assert r["t2"] - r["t1"] >= 0x10000
+    c = res["counters"]
+    assert (c.get("l1_doorbells"), c.get("emulated_doorbells"), c.get("doorbells_received")) == (1, 1, 1)
+    assert "l0_l2" not in res["exits"] and "interrupt" not in res["exits"]["l1"]
 
 
 @pytest.mark.parametrize("level", ALL_LEVELS)

@@ -64,6 +64,7 @@ def build_nested(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder,
 
     l1host = _l1_vcpus(scn, kvm0, l1mem)
     nested.l1host = l1host
+    l1host.l0_nested = nested
     l1_vcpus = kvm0.vcpus
     for v in l1_vcpus:
         v.ctx01.npt = npt           # L1 runs on L0's nested page table (write tracking)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE
+from navic.hv.kvm import IN_GUEST_MODE, REQ_APICV_UPDATE, drain
 from navic.hv.nested import make_design
 from navic.hv.nested.base import HANDLED, Gen
 from navic.hw import vmcb as V
@@ -201,7 +201,13 @@ class NestedSvm:
         return "continue"
 
     # -- doorbells toward an L1 vCPU ---------------------------------------------------------------
-    def emulate_doorbell(self, src: Vcpu, l1_apic_id: int) -> None:
+    def doorbell_write_outside_l1(self, value: int) -> None:
+        """L1 wrote the doorbell MSR on an L1 CPU navic does not step (an L1 timer callback,
+        :meth:`navic.hv.l1.L1Host.doorbell`): the design's emulation of that WRMSR, with no source
+        vCPU (its exit's cost falls on that CPU, not on a modelled one)."""
+        drain(self.design.on_doorbell_write(None, value))
+
+    def emulate_doorbell(self, src: Vcpu | None, l1_apic_id: int) -> None:
         """avic_emulate_doorbell_write(): the target L1 vCPU is running L2 → a real doorbell to its
         pCPU (the silicon evaluates vmcb02's backing page); it is in L2 but not in guest mode right
         now → wake it up; not running L2 → nothing (its next VMRUN evaluates IRR)."""
@@ -214,8 +220,8 @@ class NestedSvm:
         if st is None or not st.active:
             return
         if target.mode == IN_GUEST_MODE and target.cpu is not None:
-            if src.cpu != target.cpu:
-                self.host.doorbell(self.host.pcpus[target.cpu].apic_id, src=src.cpu)
+            if src is None or src.cpu != target.cpu:
+                self.host.doorbell(self.host.pcpus[target.cpu].apic_id, src=src.cpu if src else None)
             else:
                 target.pcpu.doorbell_pending = True
         else:

@@ -89,7 +89,7 @@ class DummyDesign(Design):
         return self.ipis.emulate(vcpu, (code, info1, info2), apm_algorithm, self.emulate_doorbell,
                                  _avic_exit_info)
 
-    def emulate_doorbell(self, src: Vcpu, l1_apic_id: int) -> None:
+    def emulate_doorbell(self, src: Vcpu | None, l1_apic_id: int) -> None:
         """avic_emulate_doorbell_write(): the shared notification with AVIC's signal — a real
         doorbell to the pCPU of an L1 vCPU running L2 (its AVIC evaluates vmcb02's backing page);
         an L1 vCPU not in L2 needs nothing (its next VMRUN evaluates IRR)."""
@@ -97,9 +97,9 @@ class DummyDesign(Design):
         self.ipis.notify_l1_vcpu(src, l1_apic_id, runs=None, signal=partial(self._doorbell, src),
                                  otherwise=_nothing)
 
-    def _doorbell(self, src: Vcpu, target: Vcpu) -> None:
-        if src.cpu != target.cpu:
-            self.host.doorbell(self.host.pcpus[target.cpu].apic_id, src=src.cpu)
+    def _doorbell(self, src: Vcpu | None, target: Vcpu) -> None:
+        if src is None or src.cpu != target.cpu:
+            self.host.doorbell(self.host.pcpus[target.cpu].apic_id, src=src.cpu if src else None)
         else:
             target.pcpu.doorbell_pending = True
 

@@ -152,6 +152,10 @@ class NestedVmx:
             setattr(ctx02, f, getattr(ctx12, f))
         ctx02.msr_rd = ctx12.msr_rd   # immutable policy sets: shared, not copied
         ctx02.msr_wr = ctx12.msr_wr
+        # EPT02 at 0xFEE00000: what L1's EPT maps for L2 there (its APIC-access page, an L1 GPA)
+        # through L0's map of L1 memory; nothing mapped → the EPT violation goes to L1.
+        gpa = ctx12.ept_apic_page_hpa
+        ctx02.ept_apic_page_hpa = self.l1mem.hpa(gpa) if gpa else 0
         ctx02.entry_intr_info = ctx12.entry_intr_info   # consumed: vmcs12's is cleared at entry
         ctx12.entry_intr_info = 0
         ctx02.pi_nested_pending = False
