@@ -148,7 +148,9 @@ class Tracker:
         # selected APIC that is enabled now (hardware and software); lowest priority: at least
         # one enabled candidate.
         must: Any = ()
-        if (mode == DM_FIXED or mode == DM_LOWEST) and icr.vector >= 16:
+        # (A level-triggered de-assert, level = 0 with trigger = level, is accepted by nobody:
+        # KVM __apic_accept_irq drops it for fixed and lowest priority.)
+        if (mode == DM_FIXED or mode == DM_LOWEST) and icr.vector >= 16 and (icr.level or not icr.trigger):
             if n_sel == 1:   # (allowed is then the name of selected[0])
                 a = selected[0]
                 ok = allowed if a._hw_enabled and a.regs[_W_SVR] & SVR_APIC_ENABLED else ()
