@@ -39,7 +39,7 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
         apic, guest, halted, scheduled = cpus[cpu]
         if not halted and not scheduled and not quiescent:
             continue
-        if kind in ("nmi", "init", "sipi", "smi"):
+        if kind in ("nmi", "init", "sipi", "smi", "extint"):   # latched events, not IRR bits
             continue
         pid = getattr(views_vcpu.get(cpu), "pid", None) if views_vcpu else None
         in_pir = pid is not None and pid.pir_test(vector)   # VMX: posted but not yet synced to vIRR
@@ -90,19 +90,32 @@ def _violation(kind: str, cpu: str, vector: int, sent_by: Any, t_sent: int, now:
 
 def _cpu_views(run: Any) -> dict[str, tuple[Any, Any, bool, bool]]:
     """cpu name -> (apic, guest, halted, scheduled). A vCPU that is neither halted nor scheduled
-    is preempted: waiting for it is a scheduling delay, not a loss (unless the run went quiet)."""
+    is preempted: waiting for it is a scheduling delay, not a loss (unless the run went quiet).
+
+    *Halted* is asleep in kvm_vcpu_block (``blocked`` and nobody has fired its wake-up yet), or
+    on its way in or out of it while still on a CPU. A vCPU that was woken (kvm_vcpu_wake_up) and
+    now waits for a CPU — in the host's run queue, or, for an L2 vCPU, for an L1 vCPU that is
+    itself preempted — is runnable, i.e. preempted, not halted."""
     views: dict[str, tuple[Any, Any, bool, bool]] = {}
     if run.kvm is not None:
         l1 = list(run.kvm.vcpus)
         for v in l1:
-            views[v.name] = (v.apic, v.guest, bool(v.blocked or v.blocking), v.cpu is not None)
+            on_cpu = v.cpu is not None
+            views[v.name] = (v.apic, v.guest, _halted(v, on_cpu), on_cpu)
         for v in (run.kvm2.vcpus if getattr(run, "kvm2", None) is not None else ()):
             host_vcpu = l1[v.cpu] if v.cpu is not None else None
             on_cpu = host_vcpu is not None and host_vcpu.cpu is not None
-            views[v.name] = (v.apic, v.guest, bool(v.blocked or v.blocking), on_cpu)
+            views[v.name] = (v.apic, v.guest, _halted(v, on_cpu), on_cpu)
         return views
     m = run.machine
     for i, g in enumerate(m.guests):
         if g is not None:
             views[g.name] = (m.apics[i], g, m.pcpus[i].halted, True)
     return views
+
+
+def _halted(v: Any, on_cpu: bool) -> bool:
+    """Asleep in kvm_vcpu_block with no wake-up fired yet, or blocking/unblocking on a CPU."""
+    wakeup = getattr(v, "wakeup", None)
+    asleep = bool(v.blocked) and (wakeup is None or bool(wakeup.waiters))
+    return asleep or (bool(v.blocking) and on_cpu)
