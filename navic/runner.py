@@ -162,6 +162,18 @@ def _collector_paused() -> Iterator[Callable[[], None]]:
             gc.enable()
 
 
+def _refuse_unrun_nested_parts(scn: Scenario) -> None:
+    """With [l2], L1's vCPUs run L1's KVM, and devices are attached only to non-nested VMs: an
+    l1 program (or an l1 workload) or a [[device]] would silently not run, so refuse it."""
+    for p in scn.programs:
+        if p.level == 1:
+            raise UnsupportedScenario(f"{scn.source}: {p.cpu}: a program on an L1 vCPU in a nested scenario "
+                                      "(with [l2], L1's vCPUs run L1's KVM; give programs to l2.N CPUs)")
+    if scn.devices:
+        raise UnsupportedScenario(f"{scn.source}: device: devices in a nested scenario (only a VM without "
+                                  "[l2] has device interrupts)")
+
+
 def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = False,
              schedule: list[tuple[str, str, int]] | None = None, limits: Limits | None = None) -> Run:
     limits = limits or Limits()
@@ -178,6 +190,8 @@ def _simulate(scn: Scenario, chooser: Chooser | None, trace: bool,
               limits: Limits = Limits(), clock: _WallClock | None = None) -> Run:
     if scn.l2 is not None and scn.host.virt != "kvm":
         raise UnsupportedScenario(f'{scn.source}: l2: a nested guest needs host.virt = "kvm"')
+    if scn.l2 is not None:
+        _refuse_unrun_nested_parts(scn)
     if schedule is not None:
         chooser = ReplayChooser(schedule)
     engine = Engine(seed=scn.seed, chooser=chooser)

@@ -197,6 +197,7 @@ class LocalApic:
         self._apic_base = 0
         self._hw_enabled = False
         self._x2apic = False
+        self.cleared_at = -1   # time (hooks.now) IRR/ISR were last cleared by a reset, INIT or disable
         self.reset()
         if mode == "x2apic":
             self.set_apic_base(self._apic_base | R.APIC_BASE_EXTD)
@@ -274,6 +275,7 @@ class LocalApic:
             self.regs[_W_LDR] = R.x2apic_ldr(saved_id)
 
     def _reset_state(self, *, xapic_id: bool) -> None:
+        self.cleared_at = self.hooks.now()   # pending and in-service interrupts are discarded
         self._stop_timer()
         self.page[0 : R.PAGE_SIZE] = _ZERO_PAGE
         regs = self.regs

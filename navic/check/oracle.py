@@ -43,6 +43,8 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
             continue
         pid = getattr(views_vcpu.get(cpu), "pid", None) if views_vcpu else None
         in_pir = pid is not None and pid.pir_test(vector)   # VMX: posted but not yet synced to vIRR
+        if t_sent <= getattr(apic, "cleared_at", -1):
+            continue   # discarded by a RESET, INIT or hardware disable of the APIC (SDM §11.4.7)
         if not (apic.test_irr(vector) or in_pir):
             if not apic.test_isr(vector) or halted or quiescent:
                 # Accepted, left IRR, and no handler ever ran for it: it vanished.
@@ -54,6 +56,8 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
             continue
         if not guest.IF or (vector & 0xF0) <= (apic.regs[0xA0 >> 2] & 0xF0):
             continue
+        if apic.highest_irr() > vector:
+            continue   # queued behind a higher vector the APIC presents first (SDM §11.8.4)
         out.append({
             "kind": "stuck" if halted else "lost",
             "cpu": cpu,

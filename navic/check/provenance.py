@@ -238,6 +238,12 @@ class Tracker:
                         i = bisect_right(times, t_sent) - 1
                         if i >= 0:
                             skey, allowed, _must = sends_of[sent_by][i]
+                            if (i > 0 and times[i] == t_sent and cpu not in allowed
+                                    and sends_of[sent_by][i - 1][0] == vector):
+                                # The AVIC path's IRR set at the very end of the previous ICR
+                                # write, the instant the next one is fetched: it is the previous one's.
+                                i -= 1
+                                skey, allowed, _must = sends_of[sent_by][i]
                             if skey == vector:
                                 key = (sent_by, times[i])
                                 bad = cpu not in allowed
