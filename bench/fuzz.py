@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import fuzzgen  # noqa: E402
 
-GRACE_S = 10.0
+GRACE_S = 30.0   # beyond --limit: building a 4096+4096-vCPU nested VM takes ~10 s
 
 
 def make_input(seed: int, i: int) -> tuple[str, str | bytes]:

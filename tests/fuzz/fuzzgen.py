@@ -97,7 +97,7 @@ def _apic_base(p: Picker) -> int:
 
 
 def _int_value(check: S.Int, p: Picker, name: str) -> int:
-    if name in _SMALL:
+    if name in _SMALL and not p.coin(0.004):   # now and then the key's real bound (limits)
         lo, hi = _SMALL[name]
         return p.int(max(lo, check.lo), hi if check.hi is None else min(hi, check.hi))
     hi = check.hi if check.hi is not None else check.lo + 1_000
@@ -191,20 +191,21 @@ def _ops(p: Picker, vcpus: int, depth: int = 0, n: int | None = None) -> list[di
 def valid_scenario(p: Picker) -> dict[str, Any]:
     """A scenario that passes the checker (by construction), as a TOML-ready dict."""
     doc: dict[str, Any] = {"name": "fuzz", "seed": p.int(0, 1000) if p.coin(0.9) else S.U64,
-                           "max_time_us": p.choice((20, 50, 100, 200.5, 400, 1000))}
+                           "max_time_us": p.choice((20, 50, 100, 200.5, 400, 1000))
+                           if not p.coin(0.01) else p.choice((1e5, 1e7, 1e300))}
     host = _keys(S.SECTION_KEYS["host"], p, "host", 1, skip=("pcpus", "cpu", "virt"))
     host["cpu"] = p.choice(CPU_MODELS)
     host["virt"] = p.choice(VIRT_MODES)
-    host["pcpus"] = p.int(1, 6)
+    host["pcpus"] = p.int(1, 6) if not p.coin(0.01) else p.choice((64, 4096))
     doc["host"] = host
     if p.coin(0.7):
         doc["l0"] = _keys(S.SECTION_KEYS["l0"], p, "l0", 1)
-    l1n = p.int(1, 5)
+    l1n = p.int(1, 5) if not p.coin(0.02) else p.choice((16, 64, 255, 300, 4096))
     doc["l1"] = _keys(S.SECTION_KEYS["l1"], p, "l1", l1n, skip=("vcpus",))
     doc["l1"]["vcpus"] = l1n
     vms = {"l1": l1n}
     if host["virt"] == "kvm" and p.coin(0.3):
-        l2n = p.int(1, 4)
+        l2n = p.int(1, 4) if not p.coin(0.02) else p.choice((16, 64, 4096))
         doc["l2"] = _keys(S.SECTION_KEYS["l2"], p, "l2", l2n, skip=("vcpus",))
         doc["l2"]["vcpus"] = l2n
         vms["l2"] = l2n
@@ -225,6 +226,8 @@ def valid_scenario(p: Picker) -> dict[str, Any]:
         for i in range(n):
             if (vm == level and i in used) or not p.coin(0.8):
                 continue
+            if i >= 8 and not p.coin(0.01):
+                continue   # big VMs: programs on a few CPUs
             prog: dict[str, Any] = {"cpu": f"{vm}.{i}", "ops": _ops(p, n)}
             if p.coin(0.5):
                 prog["handlers"] = {hex(v): _ops(p, n, 1, p.int(0, 3))
