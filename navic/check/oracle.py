@@ -56,6 +56,8 @@ def end_of_run(run: Any, bound_us: float = DEFAULT_BOUND_US, *, quiescent: bool 
             continue
         if not guest.IF or (vector & 0xF0) <= (apic.regs[0xA0 >> 2] & 0xF0):
             continue
+        if not halted and not quiescent and now - max(t_sent, _on_cpu_since(run, cpu)) <= bound:
+            continue   # it got its CPU back only now: waiting until then was a scheduling delay
         if apic.highest_irr() > vector:
             continue   # queued behind a higher vector the APIC presents first (SDM §11.8.4)
         out.append({
@@ -96,8 +98,7 @@ def _cpu_views(run: Any) -> dict[str, tuple[Any, Any, bool, bool]]:
     """cpu name -> (apic, guest, halted, scheduled). A vCPU that is neither halted nor scheduled
     is preempted: waiting for it is a scheduling delay, not a loss (unless the run went quiet).
 
-    *Halted* is asleep in kvm_vcpu_block (``blocked`` and nobody has fired its wake-up yet), or
-    on its way in or out of it while still on a CPU. A vCPU that was woken (kvm_vcpu_wake_up) and
+    *Halted* is asleep in kvm_vcpu_block (``blocked`` and nobody has fired its wake-up yet). A vCPU that was woken (kvm_vcpu_wake_up) and
     now waits for a CPU — in the host's run queue, or, for an L2 vCPU, for an L1 vCPU that is
     itself preempted — is runnable, i.e. preempted, not halted."""
     views: dict[str, tuple[Any, Any, bool, bool]] = {}
@@ -119,7 +120,25 @@ def _cpu_views(run: Any) -> dict[str, tuple[Any, Any, bool, bool]]:
 
 
 def _halted(v: Any, on_cpu: bool) -> bool:
-    """Asleep in kvm_vcpu_block with no wake-up fired yet, or blocking/unblocking on a CPU."""
+    """Asleep in kvm_vcpu_block with no wake-up fired yet. (Entering kvm_vcpu_block takes no time;
+    leaving it, the vCPU is runnable: waiting for a CPU, or about to resume.)"""
     wakeup = getattr(v, "wakeup", None)
-    asleep = bool(v.blocked) and (wakeup is None or bool(wakeup.waiters))
-    return asleep or (bool(v.blocking) and on_cpu)
+    return bool(v.blocked) and (wakeup is None or bool(wakeup.waiters))
+
+
+def _on_cpu_since(run: Any, cpu: str) -> int:
+    """When the vCPU ``cpu`` last got a CPU (L0's scheduler; for an L2 vCPU the later of L1's
+    scheduler and its L1 vCPU's); 0 on bare metal or when unknown."""
+    if run.kvm is None:
+        return 0
+    by_name = {v.name: v for v in run.kvm.vcpus}
+    kvm2 = getattr(run, "kvm2", None)
+    if cpu in by_name:
+        v = by_name[cpu]
+        return run.kvm.host.sched.slice_start[v.cpu] if v.cpu is not None else 0
+    for v in (kvm2.vcpus if kvm2 is not None else ()):
+        if v.name == cpu and v.cpu is not None:
+            sched = getattr(kvm2.host, "sched", None)
+            mine = sched.slice_start[v.cpu] if sched is not None else 0
+            return max(mine, _on_cpu_since(run, run.kvm.vcpus[v.cpu].name))
+    return 0

@@ -188,6 +188,7 @@ class Tracker:
         quiescent = not eng._q
         bound = 0 if quiescent else int(bound_us * run.costs.ghz * 1000)
         need: dict[tuple[str, str, int], tuple[int, int]] = {}   # -> (sends, first such send time)
+        apic_of = getattr(self, "apic_of", {})
         for sender, times in sorted(self.times.items()):
             for t, (key, _allowed, must) in zip(times, self.sends[sender], strict=True):
                 if not must or (not quiescent and now - t <= bound):
@@ -197,6 +198,8 @@ class Tracker:
                         need.setdefault((sender, must[0][0], key), (1 << 30, t))
                     continue
                 for c in must:
+                    if getattr(apic_of.get(c), "cleared_at", -1) >= t:
+                        continue   # the target was reset (INIT, disable) since: it may refuse or drop it
                     n, t0 = need.get((sender, c, key), (0, t))
                     need[(sender, c, key)] = (n + 1, t0)
         out: list[dict[str, Any]] = []
