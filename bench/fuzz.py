@@ -105,6 +105,24 @@ class Pool:
             s["proc"].join(timeout=5)
 
 
+def _alone(args: Any, i: int) -> str:
+    import subprocess
+
+    _family, data = make_input(args.seed, i)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / f"input{i}.toml"
+        f.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run([str(Path(sys.executable).parent / "navic"), "run", str(f), "--json",
+                                "--timeout", str(args.limit), "--max-events", str(args.max_events)],
+                               capture_output=True, timeout=args.limit + GRACE_S)
+        except subprocess.TimeoutExpired:
+            return f"still no answer after {args.limit + GRACE_S:g} s (a real hang)"
+        err = p.stderr.decode(errors="replace").strip().splitlines()
+        return f"exit {p.returncode} in {time.monotonic() - t0:.1f} s{': ' + err[-1][:120] if err else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=1000)
@@ -155,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         pool.close()
     seconds = time.monotonic() - t0
 
+    # A hang is re-run alone, in a fresh `navic run` process: is it the input, or the machine's load?
+    rechecked: list[str] = []
+    for i in sites.get("hang", []):
+        rechecked.append(f"input {i}: {_alone(args, i)}")
+
     total = collections.Counter()
     for (_fam, kind), n in kinds.items():
         total[kind] += n
@@ -172,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"failures: {failures}")
     for site, inputs in sorted(sites.items(), key=lambda kv: -len(kv[1])):
         print(f"  {len(inputs):5}  {site}  inputs {inputs[:args.show]}  e.g. {examples[site][:160]}")
+    for line in rechecked:
+        print(f"  hang re-run alone: {line}")
     print("inputs with violations (runs that completed), by where:kind:",
           ", ".join(f"{k} {n}" for k, n in sorted(viol.items())) or "none")
     for key, inputs in sorted(viol_inputs.items()):

@@ -101,7 +101,8 @@ class Tracker:
                     note(name, src, clock.now, icr)
                 elif msr == _MSR_SELF_IPI:
                     note(name, src, clock.now, Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True))
-            elif t is mmio and insn.addr - g.apic_base == icr_off:
+            elif t is mmio and insn.addr - g.apic_base == icr_off and src.mode == "xapic":
+                # (An x2APIC or disabled APIC does not decode its MMIO page: the store is no send.)
                 lo, hi = insn.value & ICR_LOW_MASK, src.regs[APIC_ICR2 >> 2]
                 icr = decoded.get((lo, hi, False)) or Icr.decode(lo, hi, False)   # (as above)
                 note(name, src, clock.now, icr)
@@ -194,12 +195,14 @@ class Tracker:
                 if not must or (not quiescent and now - t <= bound):
                     continue
                 if isinstance(must[0], tuple):   # lowest priority: any one candidate
+                    if any(getattr(apic_of.get(c), "refusing_at", -1) >= t for c in must[0]):
+                        continue   # a candidate was reset since (see below)
                     if not any(got.get((sender, c, key)) for c in must[0]):
                         need.setdefault((sender, must[0][0], key), (1 << 30, t))
                     continue
                 for c in must:
-                    if getattr(apic_of.get(c), "cleared_at", -1) >= t:
-                        continue   # the target was reset (INIT, disable) since: it may refuse or drop it
+                    if getattr(apic_of.get(c), "refusing_at", -1) >= t:
+                        continue   # the target was reset or software-disabled since: it may refuse it
                     n, t0 = need.get((sender, c, key), (0, t))
                     need[(sender, c, key)] = (n + 1, t0)
         out: list[dict[str, Any]] = []
