@@ -4,13 +4,16 @@ Every acceptance into a target (an IRR bit set, an NMI latched) is registered wi
 :class:`~navic.sim.record.Recorder` together with its send time; a handler run consumes it. At the
 end of the run every acceptance still pending is examined (definitions from the oracle issue):
 
-* **stuck** — pending for longer than the bound while the target sits halted (HLT / blocked) and
-  could take it: IF = 1, APIC enabled, and its priority class above the PPR class. This is the
-  erratum-1235 symptom.
-* **lost** — pending for longer than the bound although the target is running and could take it.
+* **stuck** — pending for longer than the bound while the target sits halted (asleep in HLT /
+  kvm_vcpu_block, no wake-up fired) and could take it: IF = 1, APIC enabled, its priority class
+  above the PPR class, no higher vector pending. This is the erratum-1235 symptom.
+* **lost** — pending for longer than the bound although the target has been running on its CPU
+  for longer than the bound and could take it; or accepted, gone from IRR, and never handled.
 
-Pending interrupts a target cannot take (IF = 0, masked by TPR/PPR, APIC disabled) are
-architectural, not violations.
+Pending interrupts a target cannot take (IF = 0, masked by TPR/PPR, queued behind a higher
+vector, APIC disabled), interrupts a reset / INIT / APIC disable discarded, and targets that are
+preempted (runnable, waiting for a CPU) are architectural or scheduling delays, not violations.
+docs/verification.md, "What stuck and lost mean", has the precise rules.
 """
 
 from __future__ import annotations

@@ -166,3 +166,24 @@ def test_tsc_deadline_delta_near_2_64_wraps_like_u64() -> None:
     scn = loads_scenario('name = "x"\n[host]\nvirt = "none"\n[l1]\nvcpus = 1\n[[program]]\ncpu = "l1.0"\n'
                          'ops = [{ op = "tsc_deadline", delta = 18446744073709551615 }]\n')
     assert runner.run_scenario(scn)["errors"] == []
+
+
+_GP_OPS = ('ops = [{ op = "wrmsr", msr = 0x1B, value = 0xFEE00800 }, { op = "wrmsr", msr = 0x1B, value = 0xFEE00400 },'
+           ' { op = "wrmsr", msr = 0x1B, value = 0xFEE00D01 }, { op = "wrmsr", msr = 0x1B, value = 0 },'
+           ' { op = "wrmsr", msr = 0x1B, value = 0xFEE00C00 }, { op = "add", var = "done" },'
+           ' { op = "read", reg = "ID", into = "id" }]\n')
+
+
+@pytest.mark.parametrize("host, l2", [('virt = "none"', False), ('virt = "kvm"', False), ('virt = "kvm"\ncpu = "spr"', False),
+                                      ('virt = "kvm"', True), ('virt = "kvm"\ncpu = "spr"', True)],
+                         ids=["bare", "l1-avic", "l1-vmx", "l2-svm", "l2-vmx"])
+def test_illegal_apic_base_writes_are_gp_in_the_guest(host: str, l2: bool) -> None:
+    """SDM §11.12.5: x2APIC -> xAPIC directly, EN=0 with EXTD=1, reserved bits, disabled -> x2APIC
+    each raise #GP in the guest (recorded in errors) and the program goes on."""
+    cpu = "l2.0" if l2 else "l1.0"
+    scn = loads_scenario(f'name = "gp"\n[host]\n{host}\n[l1]\nvcpus = 1\n' + ("[l2]\nvcpus = 1\n" if l2 else "")
+                         + f'[[program]]\ncpu = "{cpu}"\n' + _GP_OPS)
+    r = runner.run_scenario(scn)
+    assert [e["index"] for e in r["errors"]] == [0, 1, 2, 4]
+    assert all(e["error"].startswith("#GP: IA32_APIC_BASE: ") for e in r["errors"])
+    assert "id" in r["reads"][cpu]   # the program continued to its end
