@@ -866,7 +866,7 @@ def _toml_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> Scenari
 # Python refuses to convert integers of more than 4300 digits).
 MAX_NESTING = 64
 MAX_DIGITS = 100
-_TOML_TOKEN = re.compile(r'"""|\'\'\'|\\.|["\'#\[\]{}\n]|[0-9][0-9_a-fA-FxXoObB]{%d,}' % (MAX_DIGITS - 1))
+_TOML_TOKEN = re.compile(r'"""|\'\'\'|\\.|["\'#\[\]{}\n]|[0-9][0-9_a-fA-FxXoObB]{' + str(MAX_DIGITS - 1) + ",}")
 
 
 def _position(text: str, offset: int) -> str:

@@ -174,8 +174,9 @@ _GP_OPS = ('ops = [{ op = "wrmsr", msr = 0x1B, value = 0xFEE00800 }, { op = "wrm
            ' { op = "read", reg = "ID", into = "id" }]\n')
 
 
-@pytest.mark.parametrize("host, l2", [('virt = "none"', False), ('virt = "kvm"', False), ('virt = "kvm"\ncpu = "spr"', False),
-                                      ('virt = "kvm"', True), ('virt = "kvm"\ncpu = "spr"', True)],
+@pytest.mark.parametrize("host, l2", [('virt = "none"', False), ('virt = "kvm"', False),
+                                      ('virt = "kvm"\ncpu = "spr"', False), ('virt = "kvm"', True),
+                                      ('virt = "kvm"\ncpu = "spr"', True)],
                          ids=["bare", "l1-avic", "l1-vmx", "l2-svm", "l2-vmx"])
 def test_illegal_apic_base_writes_are_gp_in_the_guest(host: str, l2: bool) -> None:
     """SDM §11.12.5: x2APIC -> xAPIC directly, EN=0 with EXTD=1, reserved bits, disabled -> x2APIC
