@@ -102,8 +102,8 @@ def _cpu_views(run: Any) -> dict[str, tuple[Any, Any, bool, bool]]:
     is preempted: waiting for it is a scheduling delay, not a loss (unless the run went quiet).
 
     *Halted* is asleep in kvm_vcpu_block (``blocked`` and nobody has fired its wake-up yet). A
-    vCPU that was woken (kvm_vcpu_wake_up) and now waits for a CPU — in the host's run queue, or, for an L2 vCPU, for an L1 vCPU that is
-    itself preempted — is runnable, i.e. preempted, not halted."""
+    vCPU that was woken (kvm_vcpu_wake_up) and now waits for a CPU — in the host's run queue,
+    or, for an L2 vCPU, for an L1 vCPU that is itself preempted — is runnable, i.e. preempted, not halted."""
     views: dict[str, tuple[Any, Any, bool, bool]] = {}
     if run.kvm is not None:
         l1 = list(run.kvm.vcpus)
