@@ -248,7 +248,8 @@ def _simulate(scn: Scenario, chooser: Chooser | None, trace: bool,
     if run.kvm is not None:
         for reason in scn.l0.inhibits:   # forced by the scenario (causes navic does not model)
             run.kvm.set_apicv_inhibit(reason)
-    until = int(scn.max_time_us * costs.ghz * 1000)
+    # (max_time_us may be any finite number; beyond 2^62 cycles, about 48 years, is "no limit")
+    until = int(min(scn.max_time_us * costs.ghz * 1000, 2.0**62))
     sends = provenance.track(run)   # send-time destinations for the provenance checks
     getattr(engine.chooser, "attach", lambda _run: None)(run)   # explorer: state hashing
     start_run()

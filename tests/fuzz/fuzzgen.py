@@ -553,6 +553,10 @@ def explain(v: dict[str, Any], scn: Any, errors: Sequence[dict[str, Any]] = ()) 
       IPIv's PID table, indexed by the vCPU ID) disagree with the architectural destination; KVM
       covers part of this with inhibits (APIC_ID_MODIFIED, PHYSICAL_ID_TOO_BIG) that navic models
       only partly. A known, open modelling gap (docs/verification.md, "Fuzzing");
+    * ``l1-apic-id-over-0xfff``: a nested AVIC design (shadow, dummy) whose L1 vCPUs have x2APIC
+      IDs above 0xFFF: L1's KVM writes them as *host* APIC IDs into 12-bit physical-table fields
+      and doorbells, which cannot name them (real KVM WARNs in avic_vcpu_load and never sees such
+      hosts); an unmodelled configuration;
     * ``reserved-bit-send``: a "never accepted" loss whose sender wrote an x2APIC ICR / SELF_IPI
       value with reserved bits — a write that #GPs (or, under IPIv, that KVM's
       kvm_apic_write_nodecode drops), which the provenance tracker still counts as a send (the
@@ -561,6 +565,9 @@ def explain(v: dict[str, Any], scn: Any, errors: Sequence[dict[str, Any]] = ()) 
             vm is not None and vm.apic == "xapic" and any(vm.apic_id(i) > 0xFE for i in range(vm.vcpus))
             for vm in (scn.l1, scn.l2)):
         return "xapic-id-over-254"
+    if scn.l2 is not None and scn.l0.nested_apicv != "none" and scn.host.cpu != "spr" and any(
+            scn.l1.apic_id(i) > 0xFFF for i in range(scn.l1.vcpus)):
+        return "l1-apic-id-over-0xfff"
     if v.get("kind") == "lost" and "never accepted" in v.get("detail", ""):
         for e in errors:
             if e.get("cpu") == v.get("sent_by") and "#GP" in e.get("error", "") and re.search(

@@ -188,3 +188,10 @@ def test_illegal_apic_base_writes_are_gp_in_the_guest(host: str, l2: bool) -> No
     assert [e["index"] for e in r["errors"]] == [0, 1, 2, 4]
     assert all(e["error"].startswith("#GP: IA32_APIC_BASE: ") for e in r["errors"])
     assert "id" in r["reads"][cpu]   # the program continued to its end
+
+
+def test_max_time_us_near_the_float_limit_runs() -> None:
+    """max_time_us = 1e308 is a valid number; its cycle count overflowed to infinity (OverflowError)."""
+    scn = loads_scenario('name = "x"\nmax_time_us = 1e308\n[host]\nvirt = "none"\n[l1]\nvcpus = 1\n'
+                         '[[program]]\ncpu = "l1.0"\nops = [{ op = "compute", cycles = 10 }]\n')
+    assert runner.run_scenario(scn)["violations"] == []
