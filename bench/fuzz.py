@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         sites.pop("hang", None)
     slow_under_load = sites.pop("(slow under load: answered alone)", [])
 
+    kinds = collections.Counter({k: n for k, n in kinds.items() if n > 0})
     total = collections.Counter()
     for (_fam, kind), n in kinds.items():
         total[kind] += n
