@@ -48,7 +48,11 @@ def _worker(conn: Any, seed: int, limit: float, max_events: int) -> None:
         i = conn.recv()
         if i is None:
             return
-        family, data = make_input(seed, i)
+        try:
+            family, data = make_input(seed, i)
+        except Exception as exc:  # noqa: BLE001 - a bug of the generator, not of navic: say so
+            conn.send((i, fuzzgen.Outcome("generator-error", f"{type(exc).__name__}: {exc}"[:200], family="?")))
+            continue
         o = fuzzgen.classify(data, tmp / f"input{i}.toml", timeout_s=limit, max_events=max_events)
         o.family = family
         conn.send((i, o))

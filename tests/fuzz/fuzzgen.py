@@ -14,6 +14,7 @@ key or op added there is fuzzed without touching this file; only the keys whose 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -375,7 +376,7 @@ def mutate_doc(doc: dict[str, Any], p: Picker) -> dict[str, Any]:
             parent[path[-1]] = p.choice((2**64, 2**63 - 1, -(2**63), 10**18, 4097, 4096, 65536, -1,
                                          10**9, 10**10, 1e300, 0))
         elif kind == 5 and path and isinstance(parent, list):   # duplicate an entry
-            parent.append(json.loads(json.dumps(parent[path[-1]])))
+            parent.append(copy.deepcopy(parent[path[-1]]))
         elif kind == 6:                            # odd top-level sections
             doc[p.choice(("l2", "workload", "device", "program", "host", "l3"))] = p.choice(_ODD_VALUES)
     return doc
@@ -545,6 +546,9 @@ def _sends_with_reserved_bits(ops: Sequence[Any]) -> bool:
 def explain(v: dict[str, Any], scn: Any, errors: Sequence[dict[str, Any]] = ()) -> str:
     """The known cause of a violation on a valid scenario, or "" (docs/verification.md, "Fuzzing"):
 
+    * ``erratum-1235``: stuck on a host with AMD erratum 1235 in force (zen2 with ``errata =
+      "auto"``, or listed): the modelled hardware bug (a stale IsRunning read drops the doorbell),
+      what examples/explore-erratum1235*.toml demonstrate;
     * ``gp-send``: a "never accepted" loss whose sender's ICR / SELF_IPI write raised #GP (e.g.
       WRMSR 83Fh in xAPIC mode): the provenance tracker counts the faulting write as a send (the
       false alarm helper "peer" owns, check/provenance.py ``watch``);
@@ -561,6 +565,10 @@ def explain(v: dict[str, Any], scn: Any, errors: Sequence[dict[str, Any]] = ()) 
       value with reserved bits — a write that #GPs (or, under IPIv, that KVM's
       kvm_apic_write_nodecode drops), which the provenance tracker still counts as a send (the
       false alarm helper "peer" owns, check/provenance.py ``watch``)."""
+    errata = scn.l0.errata
+    if v.get("kind") == "stuck" and scn.host.virt == "kvm" and (
+            "1235" in errata if errata != "auto" else scn.host.cpu == "zen2"):
+        return "erratum-1235"
     if scn.host.virt == "kvm" and any(
             vm is not None and vm.apic == "xapic" and any(vm.apic_id(i) > 0xFE for i in range(vm.vcpus))
             for vm in (scn.l1, scn.l2)):
