@@ -226,6 +226,7 @@ class Tracker:
         dups: dict[tuple[str, int], int] = {}
         out: list[dict[str, Any]] = []
         misrouted_seen: set[Any] = set()
+        attributed: set[tuple[str, str, int]] = set()   # (target, sender, send time) with an acceptance
         times_of, sends_of = self.times, self.sends
         bisect_right = bisect.bisect_right
         for n, h in enumerate(hist):
@@ -244,12 +245,16 @@ class Tracker:
                         i = bisect_right(times, t_sent) - 1
                         if i >= 0:
                             skey, allowed, _must = sends_of[sent_by][i]
-                            if (i > 0 and times[i] == t_sent and cpu not in allowed
-                                    and sends_of[sent_by][i - 1][0] == vector):
-                                # The AVIC path's IRR set at the very end of the previous ICR
-                                # write, the instant the next one is fetched: it is the previous one's.
-                                i -= 1
-                                skey, allowed, _must = sends_of[sent_by][i]
+                            if i > 0 and times[i] == t_sent and (cpu, sent_by, times[i - 1]) not in attributed:
+                                # A tie: the AVIC path sets IRR at the very end of an ICR write, the
+                                # instant the next one is fetched (the emulated paths record the
+                                # fetch of the write itself). The earlier send, if it selected this
+                                # CPU with this vector and has no acceptance here yet, is the one.
+                                pkey, pallowed, _pm = sends_of[sent_by][i - 1]
+                                if pkey == vector and cpu in pallowed:
+                                    i -= 1
+                                    skey, allowed = pkey, pallowed
+                            attributed.add((cpu, sent_by, times[i]))
                             if skey == vector:
                                 key = (sent_by, times[i])
                                 bad = cpu not in allowed
