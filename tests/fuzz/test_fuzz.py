@@ -164,7 +164,8 @@ def test_tsc_deadline_delta_near_2_64_wraps_like_u64() -> None:
     """tsc_deadline delta up to 2^64-1 is valid; rdtsc + delta is u64 arithmetic in the guest
     (Linux lapic_next_deadline), so it wraps instead of crashing the MSR model."""
     scn = loads_scenario('name = "x"\n[host]\nvirt = "none"\n[l1]\nvcpus = 1\n[[program]]\ncpu = "l1.0"\n'
-                         'ops = [{ op = "tsc_deadline", delta = 18446744073709551615 }]\n')
+                         'ops = [{ op = "compute", cycles = 1000 },'
+                         ' { op = "tsc_deadline", delta = 18446744073709551615 }]\n')
     assert runner.run_scenario(scn)["errors"] == []
 
 
