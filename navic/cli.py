@@ -254,10 +254,30 @@ def render_result(result: Mapping[str, Any], console: Console, *, max_rows: int 
               help="Print the run's events, one per line, in trace-cmd report's shape (KVM tracepoint names).")
 @click.option("--schedule", "schedule", type=click.Path(dir_okay=False, exists=True),
               help="Replay a schedule written by `navic explore` (deterministic; same violation).")
+@click.option("--max-events", type=click.IntRange(min=1), default=None,
+              help="Stop after this many simulator events (partial results, exit status 1).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many seconds of wall time (partial results, exit status 1).")
 def run(file: str, as_json: bool, out: str | None, max_rows: int, trace_text: bool,
-        schedule: str | None) -> None:
+        schedule: str | None, max_events: int | None, timeout: float | None) -> None:
     """Run the scenario FILE (TOML; see docs/scenarios.md)."""
     scn = load_or_exit(file)
+    if max_events is not None or timeout is not None:
+        if schedule is not None:
+            raise click.UsageError("--max-events / --timeout do not apply to --schedule replays")
+        limits = _runner().Limits(max_events=max_events, timeout_s=timeout)
+        r = simulate_one(scn, trace=trace_text, limits=limits)
+        if trace_text:
+            for line in r.trace.text_lines(r.costs.ghz):
+                click.echo(line)
+            if out is not None:
+                Path(out).write_text(to_json(r.result()), encoding="utf-8")
+        else:
+            emit_result(r.result(), as_json=as_json, out=out, max_rows=max_rows)
+        if r.stopped_by is not None:
+            click.echo(r.stopped_by["message"], err=True)
+            raise click.exceptions.Exit(EXIT_FAILURE)
+        return
     if schedule is not None:
         r = _replay_schedule(scn, schedule, trace=trace_text)
         if trace_text:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,46 @@ from navic.sim.trace import Trace
 
 class UnsupportedScenario(Exception):
     """The scenario is valid but asks for something this version cannot run yet."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of one run besides the scenario's ``max_time_us`` (docs/scenarios.md, "Limits"):
+    ``max_events`` engine events (``navic run --max-events``) and ``timeout_s`` seconds of wall
+    time (``--timeout``). A run that hits one stops there; its result is partial and says so in
+    ``stopped_by``."""
+
+    max_events: int | None = None
+    timeout_s: float | None = None
+
+
+class _WallClock:
+    """``--timeout``: a timer thread that stops the engine (``Engine.stop``) when the wall time is
+    up; the event loop checks the flag before every event."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self.engine: Engine | None = None
+        self._timer: threading.Timer | None = None
+        if seconds is not None:
+            self._timer = threading.Timer(seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self.engine is not None:
+            self.engine.stop()
+
+    def watch(self, engine: Engine) -> None:
+        self.engine = engine
+        if self.fired:
+            engine.stop()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def build_kvm(scn: Scenario, engine: Engine, costs: CostModel, rec: Recorder, tr: Trace,
@@ -87,6 +128,7 @@ class Run:
     kvm: Any = None
     kvm2: Any = None     # L1's KVM (nested scenarios)
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    stopped_by: dict[str, Any] | None = None   # a limit cut the run (Limits): what and where
 
     def result(self) -> dict[str, Any]:
         return build_result(self)
@@ -120,19 +162,41 @@ def _collector_paused() -> Iterator[Callable[[], None]]:
             gc.enable()
 
 
+def _refuse_unrun_nested_parts(scn: Scenario) -> None:
+    """With [l2], L1's vCPUs run L1's KVM, and devices are attached only to non-nested VMs: an
+    l1 program (or an l1 workload) or a [[device]] would silently not run, so refuse it."""
+    for p in scn.programs:
+        if p.level == 1:
+            raise UnsupportedScenario(f"{scn.source}: {p.cpu}: a program on an L1 vCPU in a nested scenario "
+                                      "(with [l2], L1's vCPUs run L1's KVM; give programs to l2.N CPUs)")
+    if scn.devices:
+        raise UnsupportedScenario(f"{scn.source}: device: devices in a nested scenario (only a VM without "
+                                  "[l2] has device interrupts)")
+
+
 def simulate(scn: Scenario, *, chooser: Chooser | None = None, trace: bool = False,
-             schedule: list[tuple[str, str, int]] | None = None) -> Run:
-    with _collector_paused() as start_run:
-        return _simulate(scn, chooser, trace, schedule, start_run)
+             schedule: list[tuple[str, str, int]] | None = None, limits: Limits | None = None) -> Run:
+    limits = limits or Limits()
+    clock = _WallClock(limits.timeout_s)
+    try:
+        with _collector_paused() as start_run:
+            return _simulate(scn, chooser, trace, schedule, start_run, limits, clock)
+    finally:
+        clock.cancel()
 
 
 def _simulate(scn: Scenario, chooser: Chooser | None, trace: bool,
-              schedule: list[tuple[str, str, int]] | None, start_run: Callable[[], None]) -> Run:
+              schedule: list[tuple[str, str, int]] | None, start_run: Callable[[], None],
+              limits: Limits = Limits(), clock: _WallClock | None = None) -> Run:
     if scn.l2 is not None and scn.host.virt != "kvm":
         raise UnsupportedScenario(f'{scn.source}: l2: a nested guest needs host.virt = "kvm"')
+    if scn.l2 is not None:
+        _refuse_unrun_nested_parts(scn)
     if schedule is not None:
         chooser = ReplayChooser(schedule)
     engine = Engine(seed=scn.seed, chooser=chooser)
+    if clock is not None:
+        clock.watch(engine)
     costs = load_costs(scn.host.cpu)
     rec = Recorder(engine)
     tr = Trace(on=trace, clock=engine)
@@ -186,12 +250,15 @@ def _simulate(scn: Scenario, chooser: Chooser | None, trace: bool,
             run.kvm.set_apicv_inhibit(reason)
     if scn.set_lapic:
         _schedule_set_lapic(run, scn, costs.ghz)
-    until = int(scn.max_time_us * costs.ghz * 1000)
+    # (max_time_us may be any finite number; beyond 2^62 cycles, about 48 years, is "no limit")
+    until = int(min(scn.max_time_us * costs.ghz * 1000, 2.0**62))
     sends = provenance.track(run)   # send-time destinations for the provenance checks
     getattr(engine.chooser, "attach", lambda _run: None)(run)   # explorer: state hashing
     start_run()
-    engine.run(until=until)
-    quiescent = not engine._q and engine.now < until
+    engine.run(until=until, max_steps=limits.max_events)
+    if engine.budget_hit or (clock is not None and clock.fired and engine.stopped):
+        run.stopped_by = _stopped_by(scn, engine, limits, costs.ghz)
+    quiescent = not engine._q and engine.now < until and run.stopped_by is None
     rec.violations.extend(oracle.end_of_run(run, quiescent=quiescent))
     notes = getattr(getattr(run.kvm, "vendor", None), "notes", ())   # e.g. a pre-8de4a1c8164e kernel
     run.warnings = [{"kind": "config", "detail": n} for n in notes] + oracle.stalls(run, quiescent=quiescent)
@@ -213,6 +280,16 @@ def _schedule_set_lapic(run: Run, scn: Scenario, ghz: float) -> None:
         else:
             run.engine.call_at(int(cfg.at_us * ghz * 1000), kvm_apic_set_state, kvm, vcpu, cfg.regs,
                                label="set_lapic")
+
+
+def _stopped_by(scn: Scenario, engine: Engine, limits: Limits, ghz: float) -> dict[str, Any]:
+    at = f"at {engine.now / (ghz * 1000):.3f} us of simulated time after {engine.steps} events"
+    if engine.budget_hit:
+        limit, what = "max_events", f"the event budget (--max-events {limits.max_events})"
+    else:
+        limit, what = "timeout", f"the wall-time limit (--timeout {limits.timeout_s:g} s)"
+    return {"limit": limit, "sim_time_cycles": engine.now, "events": engine.steps,
+            "message": f"{scn.source}: stopped by {what} {at}; the results are partial"}
 
 
 def run_scenario(scn: Scenario, *, schedule: list[tuple[str, str, int]] | None = None,
@@ -272,6 +349,8 @@ def build_result(run: Run) -> dict[str, Any]:
         "violations": rec.violations,
         "warnings": run.warnings,
         "inhibits": run.kvm.inhibits.report() if run.kvm is not None else {},
+        # Only when a limit (Limits) cut the run, so that complete runs' JSON is unchanged.
+        **({"stopped_by": run.stopped_by} if run.stopped_by is not None else {}),
     }
 
 

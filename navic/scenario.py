@@ -215,6 +215,13 @@ class _Ctx:
         return ScenarioError(self.source, path, f"expected {expected}, got {describe(value)}{hint}")
 
 
+def _quoted_key(key: str) -> str:
+    """A key as TOML writes it: bare if it can be, else quoted (so "" and "a.b" stay visible)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return key
+    return '"' + key.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -376,12 +383,14 @@ class ApicIds(Check):
         if not isinstance(value, list):
             raise ctx.fail(path, self.expected, value)
         ids: list[int] = []
+        seen: dict[int, int] = {}   # APIC ID -> index (a list search made 4096 IDs take seconds)
         item_check = Int(0, U32 - 1, "an APIC ID")
         for i, item in enumerate(value):
             apic_id = item_check(item, ctx, f"{path}[{i}]")
-            if apic_id in ids:
+            if apic_id in seen:
                 raise ctx.fail(f"{path}[{i}]", "a unique APIC ID", item,
-                               f" (also apic_ids[{ids.index(apic_id)}])")
+                               f" (also apic_ids[{seen[apic_id]}])")
+            seen[apic_id] = i
             ids.append(apic_id)
         return tuple(ids)
 
@@ -719,7 +728,7 @@ def _check_keys(table: Mapping[str, Any], keys: Sequence[Key], ctx: _Ctx, path: 
         if name not in known:
             close = difflib.get_close_matches(name, known, 1)
             hint = f' (did you mean "{close[0]}"?)' if close else ""
-            raise ScenarioError(ctx.source, _join(path, name),
+            raise ScenarioError(ctx.source, _join(path, _quoted_key(name)),
                                 f"unknown key{hint}; expected one of {', '.join(known)}")
     out: dict[str, Any] = {}
     for key in keys:
@@ -883,7 +892,7 @@ def _parse_workload(raw: Any, vms: dict[int, VmConfig], owner: dict[str, int], s
 
     table = _table(raw, ctx, "workload")
     kind = table.get("kind", _MISSING)
-    if kind not in WORKLOADS:
+    if not isinstance(kind, str) or kind not in WORKLOADS:
         raise ctx.fail("workload.kind", _one_of(tuple(WORKLOADS)), kind)
     w = WORKLOADS[kind]
     levels = tuple(f"l{n}" for n in vms)
@@ -947,12 +956,67 @@ def _toml_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> Scenari
     return ScenarioError(source, "", f"invalid TOML: {msg}", location="1:1")
 
 
+# Bounds on the TOML text itself (docs/scenarios.md, "Limits"): arrays and inline tables nested
+# deeper than MAX_NESTING (a scenario needs about 2 levels per `repeat`), and integer literals
+# longer than MAX_DIGITS, are rejected before tomllib sees them (tomllib recurses per level and
+# Python refuses to convert integers of more than 4300 digits).
+MAX_NESTING = 64
+MAX_DIGITS = 100
+_TOML_TOKEN = re.compile(r'"""|\'\'\'|\\.|["\'#\[\]{}\n]|[0-9][0-9_a-fA-FxXoObB]{' + str(MAX_DIGITS - 1) + ",}")
+
+
+def _position(text: str, offset: int) -> str:
+    line = text.count("\n", 0, offset) + 1
+    return f"{line}:{offset - (text.rfind(chr(10), 0, offset) + 1) + 1}"
+
+
+def _check_text_bounds(text: str, source: str) -> None:
+    """Reject nesting deeper than MAX_NESTING and integer literals longer than MAX_DIGITS, with the
+    position where the bound is passed. A light scan (strings and comments skipped); tomllib still
+    judges everything else."""
+    depth = 0
+    quote: str | None = None    # the string delimiter we are inside, if any
+    comment = False
+    for m in _TOML_TOKEN.finditer(text):
+        tok = m.group()
+        if comment:
+            comment = tok != "\n"
+            continue
+        if quote is not None:
+            if tok[0] == "\\" and quote[0] == "'":   # no escapes in literal strings
+                tok = tok[1]
+            if tok == quote or (tok == "\n" and len(quote) == 1):
+                quote = None
+            continue
+        if tok in ('"', "'", '"""', "'''"):
+            quote = tok
+        elif tok == "#":
+            comment = True
+        elif tok in "[{" and len(tok) == 1:
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ScenarioError(source, "", f"invalid TOML: arrays / inline tables nested more than "
+                                    f"{MAX_NESTING} deep", location=_position(text, m.start()))
+        elif tok in "]}" and len(tok) == 1:
+            depth = max(0, depth - 1)
+        elif tok == "\n":
+            pass
+        elif tok[0].isdigit() and len(tok.replace("_", "")) > MAX_DIGITS and not tok.startswith("\\"):
+            start = m.start()
+            if start == 0 or not (text[start - 1].isalnum() or text[start - 1] in "_."):
+                raise ScenarioError(source, "", f"invalid TOML: a number of more than {MAX_DIGITS} digits",
+                                    location=_position(text, start))
+
+
 def loads_scenario(text: str, source: str = "<scenario>") -> Scenario:
     """Parse TOML text (see :func:`load_scenario`)."""
+    _check_text_bounds(text, source)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _toml_error(exc, source, text) from None
+    except (RecursionError, ValueError) as exc:   # what the pre-scan did not catch; no position known
+        raise ScenarioError(source, "", f"invalid TOML: {type(exc).__name__}: {exc}", location="1:1") from None
     return parse_scenario(data, source)
 
 

@@ -199,6 +199,8 @@ class LocalApic:
         self._apic_base = 0
         self._hw_enabled = False
         self._x2apic = False
+        self.cleared_at = -1   # time (hooks.now) IRR/ISR were last cleared by a reset, INIT or disable
+        self.refusing_at = -1  # ... and it last began to refuse fixed interrupts (reset or SVR EN 1 -> 0)
         self.reset()
         if mode == "x2apic":
             self.set_apic_base(self._apic_base | R.APIC_BASE_EXTD)
@@ -276,6 +278,7 @@ class LocalApic:
             self.regs[_W_LDR] = R.x2apic_ldr(saved_id)
 
     def _reset_state(self, *, xapic_id: bool) -> None:
+        self.cleared_at = self.refusing_at = self.hooks.now()   # pending interrupts are discarded
         self._stop_timer()
         self.page[0 : R.PAGE_SIZE] = _ZERO_PAGE
         regs = self.regs
@@ -617,6 +620,8 @@ class LocalApic:
             if x2 and value & ~0x3FF:
                 return False
             val = value & 0x3FF
+            if regs[_W_SVR] & _SVR_EN and not val & _SVR_EN:
+                self.refusing_at = self.hooks.now()
             regs[_W_SVR] = val
             if not val & _SVR_EN:
                 for w in _W_LVTS:

@@ -141,8 +141,9 @@ def offset_to_msr(off: int) -> int:
 
 
 def x2apic_ldr(x2apic_id: int) -> int:
-    """The read-only x2APIC logical ID derived from the x2APIC ID (SDM §11.12.10.2)."""
-    return ((x2apic_id >> 4) << 16) | (1 << (x2apic_id & 0xF))
+    """The read-only x2APIC logical ID derived from the x2APIC ID (SDM §11.12.10.2): cluster =
+    x2APIC ID[19:4] in bits 31:16, member bit x2APIC ID[3:0] (higher ID bits do not take part)."""
+    return (((x2apic_id >> 4) & 0xFFFF) << 16) | (1 << (x2apic_id & 0xF))
 
 
 # --- names used by scenarios ---------------------------------------------------------------------

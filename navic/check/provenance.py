@@ -108,7 +108,8 @@ class Tracker:
                     icr = Icr(insn.value & 0xFF, shorthand=SH_SELF, x2apic=True)
                 else:
                     return
-            elif t is mmio and insn.addr - g.apic_base == icr_off:
+            elif t is mmio and insn.addr - g.apic_base == icr_off and src.mode == "xapic":
+                # (An x2APIC or disabled APIC does not decode its MMIO page: the store is no send.)
                 lo, hi = insn.value & ICR_LOW_MASK, src.regs[APIC_ICR2 >> 2]
                 icr = decoded.get((lo, hi, False)) or Icr.decode(lo, hi, False)   # (as above)
             elif t is hypercall and insn.nr == KVM_HC_SEND_IPI:
@@ -190,7 +191,9 @@ class Tracker:
         # selected APIC that is enabled now (hardware and software); lowest priority: at least
         # one enabled candidate.
         must: Any = ()
-        if (mode == DM_FIXED or mode == DM_LOWEST) and icr.vector >= 16:
+        # (A level-triggered de-assert, level = 0 with trigger = level, is accepted by nobody:
+        # KVM __apic_accept_irq drops it for fixed and lowest priority.)
+        if (mode == DM_FIXED or mode == DM_LOWEST) and icr.vector >= 16 and (icr.level or not icr.trigger):
             if n_sel == 1:   # (allowed is then the name of selected[0])
                 a = selected[0]
                 ok = allowed if a._hw_enabled and a.regs[_W_SVR] & SVR_APIC_ENABLED else ()
@@ -228,15 +231,20 @@ class Tracker:
         quiescent = not eng._q
         bound = 0 if quiescent else int(bound_us * run.costs.ghz * 1000)
         need: dict[tuple[str, str, int], tuple[int, int]] = {}   # -> (sends, first such send time)
+        apic_of = getattr(self, "apic_of", {})
         for sender, times in sorted(self.times.items()):
             for t, (key, _allowed, must) in zip(times, self.sends[sender], strict=True):
                 if not must or (not quiescent and now - t <= bound):
                     continue
                 if isinstance(must[0], tuple):   # lowest priority: any one candidate
+                    if any(getattr(apic_of.get(c), "refusing_at", -1) >= t for c in must[0]):
+                        continue   # a candidate was reset since (see below)
                     if not any(got.get((sender, c, key)) for c in must[0]):
                         need.setdefault((sender, must[0][0], key), (1 << 30, t))
                     continue
                 for c in must:
+                    if getattr(apic_of.get(c), "refusing_at", -1) >= t:
+                        continue   # the target was reset or software-disabled since: it may refuse it
                     n, t0 = need.get((sender, c, key), (0, t))
                     need[(sender, c, key)] = (n + 1, t0)
         out: list[dict[str, Any]] = []
@@ -260,6 +268,7 @@ class Tracker:
         dups: dict[tuple[str, int], int] = {}
         out: list[dict[str, Any]] = []
         misrouted_seen: set[Any] = set()
+        attributed: set[tuple[str, str, int]] = set()   # (target, sender, send time) with an acceptance
         times_of, sends_of = self.times, self.sends
         bisect_right = bisect.bisect_right
         for n, h in enumerate(hist):
@@ -278,6 +287,16 @@ class Tracker:
                         i = bisect_right(times, t_sent) - 1
                         if i >= 0:
                             skey, allowed, _must = sends_of[sent_by][i]
+                            if i > 0 and times[i] == t_sent and (cpu, sent_by, times[i - 1]) not in attributed:
+                                # A tie: the AVIC path sets IRR at the very end of an ICR write, the
+                                # instant the next one is fetched (the emulated paths record the
+                                # fetch of the write itself). The earlier send, if it selected this
+                                # CPU with this vector and has no acceptance here yet, is the one.
+                                pkey, pallowed, _pm = sends_of[sent_by][i - 1]
+                                if pkey == vector and cpu in pallowed:
+                                    i -= 1
+                                    skey, allowed = pkey, pallowed
+                            attributed.add((cpu, sent_by, times[i]))
                             if skey == vector:
                                 key = (sent_by, times[i])
                                 bad = cpu not in allowed

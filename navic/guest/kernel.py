@@ -688,7 +688,7 @@ class GuestCpu:
         if k == _TSC:
             now = self.clock.now if self.clock is not None else 0
             f.loc = now
-            insn = isa.Wrmsr(0x6E0, now + op.delta)
+            insn = isa.Wrmsr(0x6E0, (now + op.delta) & 0xFFFF_FFFF_FFFF_FFFF)   # u64 arithmetic wraps
             f.pc = pc + 1
         elif k == _WRITE:
             if self.x2apic:

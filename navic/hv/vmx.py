@@ -365,6 +365,9 @@ class VmxVendor:
         if vcpu.apicv_active:
             ctx.intr_window_exiting = False
             return
+        # kvm_cpu_has_injectable_intr -> apic_has_interrupt_for_ppr -> vmx_sync_pir_to_irr: interrupts
+        # posted while APICv was still active (before an inhibit took effect) reach IRR first.
+        self.sync_pir_to_irr(vcpu)
         v = a.has_interrupt()
         if v < 0:
             return

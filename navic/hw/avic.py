@@ -210,7 +210,7 @@ def logical_dest_indices(dest: int, flat: bool) -> list[int]:
 
 def x2apic_logical_id(x2apic_id: int) -> int:
     """x2APIC LDR derived from the x2APIC ID: (id[19:4] << 16) | (1 << id[3:0])."""
-    return ((x2apic_id >> 4) << 16) | (1 << (x2apic_id & 0xF))
+    return (((x2apic_id >> 4) & 0xFFFF) << 16) | (1 << (x2apic_id & 0xF))   # ID[19:4] (SDM §11.12.10.2)
 
 
 def x2apic_logical_dest_ids(dest: int) -> list[int]:

@@ -162,6 +162,7 @@ class Engine:
         self.stopped = False
         self.processes: list[Process] = []
         self.truncated = False  # window mode: the run hit chooser.max_steps
+        self.budget_hit = False  # run(max_steps=...): the run hit its event budget
 
     # -- scheduling ------------------------------------------------------------------------
     def _push(self, time: int, target: Any, value: Any) -> None:
@@ -224,16 +225,22 @@ class Engine:
             heapq.heappush(q, e)
         return chosen
 
-    def run(self, until: int | None = None) -> None:
-        """Run until the queue is empty, :meth:`stop` is called, or time would pass ``until``."""
+    def run(self, until: int | None = None, max_steps: int | None = None) -> None:
+        """Run until the queue is empty, :meth:`stop` is called, or time would pass ``until``.
+        ``max_steps``: also stop (with :attr:`budget_hit` set) once :attr:`steps` reaches it
+        (``navic run --max-events``)."""
         if self.chooser.wants_window:
             self._run_window(until)
             return
         q = self._q
+        budget = max_steps if max_steps is not None else 1 << 62
         if self.chooser.wants_ties:
             while q and not self.stopped:
                 if until is not None and q[0][0] > until:
                     self.now = until
+                    return
+                if self.steps >= budget:
+                    self.budget_hit = True
                     return
                 time, _seq, target, value = self._pop()
                 self.now = time
@@ -251,6 +258,9 @@ class Engine:
         while q and not self.stopped:
             if limit is not None and q[0][0] > limit:
                 self.now = limit
+                return
+            if self.steps >= budget:
+                self.budget_hit = True
                 return
             time, _seq, target, value = heappop(q)
             self.now = time
@@ -271,7 +281,8 @@ class Engine:
                 ty = type(y)
                 if ty is int or y is None:
                     t = self.now + y if ty is int else self.now
-                    if (q and q[0][0] <= t) or self.stopped or (limit is not None and t > limit):
+                    if (q and q[0][0] <= t) or self.stopped or (limit is not None and t > limit) \
+                            or self.steps >= budget:
                         self._seq = seq = self._seq + 1
                         heappush(q, (t, seq, target, None))
                         break
