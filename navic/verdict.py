@@ -474,6 +474,13 @@ def markdown(v: Verdict, command: str) -> str:
     return "\n".join(L)
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(v: Verdict, outdir: Path) -> list[Path]:
     import matplotlib
 
@@ -502,11 +509,7 @@ def write_plots(v: Verdict, outdir: Path) -> list[Path]:
                             color="black" if light else "white")
         fig.colorbar(im, ax=ax, label="log10 p50 latency (ns)")
         ax.set_title("L2 IPI p50 latency (ns) per design and workload")
-        fig.tight_layout()
-        p = outdir / "verdict-heatmap.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p)
+        made.append(_save(plt, fig, outdir / "verdict-heatmap.png"))
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for d in designs:
             g = _geomean([_p50(r) for r in l2 if r["design"] == d])
@@ -519,11 +522,7 @@ def write_plots(v: Verdict, outdir: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.set_title("cost against complexity")
-        fig.tight_layout()
-        p = outdir / "verdict-cost-complexity.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p)
+        made.append(_save(plt, fig, outdir / "verdict-cost-complexity.png"))
     return made
 
 

@@ -619,24 +619,25 @@ class Kvm:
         t_expired = vcpu.timer_pending if vcpu.timer_pending is not None else self.engine.now
         vcpu.timer_pending = None
         vcpu.requests.discard(REQ_UNBLOCK)
+        self._fire_lvt_timer(vcpu, t_expired)
+
+    def _fire_lvt_timer(self, vcpu: Vcpu, t_expired: int) -> bool:
+        """kvm_apic_local_deliver(apic, APIC_LVTT): the LVT timer fires into the vCPU's APIC. True
+        when that set a new IRR bit, which is recorded as a timer acceptance from ``t_expired``."""
         a = vcpu.apic
-        vec = a.read_reg(0x320) & 0xFF
-        masked = a.read_reg(0x320) & (1 << 16)
+        lvtt = a.read_reg(0x320)
+        vec = lvtt & 0xFF
         had = a.test_irr(vec)
         a.timer_expired()
-        if not masked and a.test_irr(vec) and not had:
+        if not lvtt & (1 << 16) and a.test_irr(vec) and not had:
             self.rec.accepted(vcpu.name, vec, "timer", None, t_expired)
+            return True
+        return False
 
     def _apic_timer_expired(self, vcpu: Vcpu) -> None:
         """apic_timer_expired() in hrtimer context, delivering at once: the LVT timer fires into the
         vCPU's APIC and the vendor notifies it (VMX: KVM_REQ_EVENT + kick; SVM with a posted timer
         interrupt: a doorbell, see :meth:`navic.hv.svm.SvmVendor.apic_timer_expired`)."""
-        a = vcpu.apic
-        vec = a.read_reg(0x320) & 0xFF
-        masked = a.read_reg(0x320) & (1 << 16)
-        had = a.test_irr(vec)
-        a.timer_expired()
-        if not masked and a.test_irr(vec) and not had:
-            self.rec.accepted(vcpu.name, vec, "timer", None, self.engine.now)
+        if self._fire_lvt_timer(vcpu, self.engine.now):
             vcpu.poll.fire()
             self.vendor.complete_interrupt_delivery(vcpu, from_vcpu=None)
