@@ -275,6 +275,7 @@ class ExploreChooser(Chooser):
         self.sleep: dict[tuple[int, str], frozenset[str]] = {}   # (time, label) -> footprint
         self.asleep: list[frozenset[int]] = []    # per trail entry: the candidates asleep there
         self._steps_seen = -1                     # engine.steps at the last window
+        self._seq_seen = -1                       # engine._seq (events ever scheduled) then
         # False: no hashing where no deviation is left (the rest of the run is the default
         # continuation, cheaper to simulate than to hash; same schedules, same verdicts).
         self.leaf_hashing = leaf_hashing
@@ -341,9 +342,12 @@ class ExploreChooser(Chooser):
         if not self.sleep_sets or self.run is None:
             return self._decide("window", labels)
         eng = self.run.engine
-        if eng.steps != self._steps_seen + 1:
-            self.sleep = {}             # steps ran that no window showed us: forget (conservative)
+        if eng.steps != self._steps_seen + 1 or eng._seq != self._seq_seen:
+            # Steps ran that no window showed us, or the step just taken scheduled an event (its
+            # order among simultaneous events would differ in the swapped run): forget.
+            self.sleep = {}
         self._steps_seen = eng.steps
+        self._seq_seen = eng._seq
         now = eng.now
         asleep = frozenset(j for j, (t, label) in enumerate(candidates) if (t, label) in self.sleep)
         c = self._decide("window", labels, asleep)
@@ -375,16 +379,18 @@ def _footprint(eng: Any, t: int, label: str) -> frozenset[str]:
 
 def _child_sleep(sleep: dict[tuple[int, str], frozenset[str]], candidates: list[tuple[int, str]],
                  feet: list[frozenset[str]], c: int, now: int) -> dict[tuple[int, str], frozenset[str]]:
-    """Godefroid's sleep-set rule for running candidate ``c``: the events asleep here and the
-    candidates tried before ``c`` at this decision point (alternatives are searched in index
-    order) stay asleep after it iff they are independent of it *and* run at the same instant
-    (``max(time, now)`` equal), so that swapping the two changes no event's time."""
+    """Godefroid's sleep-set rule for running candidate ``c``, restricted for the preemption
+    bound: the events asleep here and — of the candidates tried before ``c`` at this decision
+    point — only the time-order one (index 0, whose subtree costs no deviation to enter) stay
+    asleep after it, iff they are independent of it *and* run at the same instant (``max(time,
+    now)`` equal), so that swapping the two changes no event's time. A sibling ``j > 0`` is not
+    put to sleep: its representative would cost one deviation more (docs/verification.md)."""
     t_c, _ = candidates[c]
     eff = max(t_c, now)
     fc = feet[c]
     out: dict[tuple[int, str], frozenset[str]] = {}
-    for j in range(c):
-        sleep.setdefault(candidates[j], feet[j])
+    if c > 0:
+        sleep.setdefault(candidates[0], feet[0])
     for (t, label), f in sleep.items():
         if (t, label) != candidates[c] and max(t, now) == eff and independence.independent(f, fc):
             out[(t, label)] = f
