@@ -178,14 +178,18 @@ def _mutant_cases():
     """Every mutant on its declared scenario, design and bound (mutants without a scenario: the
     cases tests/check/test_explore.py and test_nested_explore.py run them on)."""
     pingpong = EX / "explore-pingpong-zen4.toml"
-    nested = {"c": (EX / "explore-nested-spin.toml", "dummy", 0), "d": (EX / "explore-nested-pingpong.toml", "shadow", 0),
-              "e": (EX / "explore-nested-pingpong.toml", "dummy", 0),
-              "f": (EX / "explore-nested-broadcast.toml", "dummy", 0), "a": (pingpong, None, 3)}
+    # mutant -> (scenario, design, bound, kind) as test_explore.py / test_nested_explore.py run them
+    cases = {"a": (pingpong, None, 3, "stuck"),
+             "c": (EX / "explore-nested-spin.toml", "dummy", 0, "lost"),
+             "d": (EX / "explore-nested-pingpong.toml", "shadow", 0, "stuck"),
+             "e": (EX / "explore-nested-pingpong.toml", "shadow", 0, "lost"),
+             "f": (EX / "explore-nested-broadcast.toml", "dummy", 0, "lost")}
     for m in mutants.MUTANTS.values():
-        path, design, k = nested.get(m.name, (ROOT / m.scenario if m.scenario else None, m.design, m.bound))
+        path, design, k, kind = cases.get(m.name, (ROOT / m.scenario if m.scenario else None, m.design, m.bound,
+                                                   m.expect))
         assert path is not None, m.name
         marks = [pytest.mark.slow] if k > 1 else []
-        yield pytest.param(m.name, path, design, k, m.expect, marks=marks, id=f"{m.name}-{m.alias}")
+        yield pytest.param(m.name, path, design, k, kind, marks=marks, id=f"{m.name}-{m.alias}")
 
 
 @pytest.mark.parametrize(("name", "path", "design", "k", "kind"), list(_mutant_cases()))
