@@ -328,11 +328,13 @@ class ExploreChooser(Chooser):
         out, this one leaves out too). Sleep sets are keyed relative to now, like the hash."""
         now = self.run.engine.now
         mine = frozenset((t - now, label) for t, label in self.sleep)
-        entries = self.visited.get(h)
+        visited = self.visited
+        assert visited is not None
+        entries = visited.get(h)
         if entries is None:
             self.new_states += 1
             self.all_states.add(h)
-            self.visited[h] = entries = []
+            visited[h] = entries = []
         elif any(r >= remaining and z <= mine for r, z in entries):
             raise Pruned
         entries.append((remaining, mine))
