@@ -21,6 +21,10 @@ Method (docs/verification.md has the full description and the bounds):
   tables —, the L1 kernel's threads and handler frames, vmcb02s and the design's tables). A state
   already reached in this bound with at least as much remaining budget is not explored again (the
   run is cut there).
+* **Sleep sets** (``reduction="sleep"``, serial only): the time-order candidate overtaken by an
+  independent same-instant step (:mod:`navic.check.independence`) sleeps until a dependent or
+  event-scheduling step runs; a run whose default is asleep is cut; visited states keep their
+  sleep sets (docs/verification.md, "Partial-order reduction: sleep sets").
 * **Checks.** Every complete run goes through the oracle (stuck, lost) and the provenance checks
   (duplicated, misrouted, never accepted) exactly as ``navic run`` does.
 * **Counterexamples.** The first violating schedule is minimised (delta debugging over its
@@ -777,8 +781,9 @@ def load_checkpoint(path: str | Path, scn: Scenario, opts: Options) -> Position:
     want = {k: getattr(opts, k) for k in _RESUME_KEYS}
     got = doc.get("options") or {}
     for k in _RESUME_KEYS:
-        if got.get(k) != want[k]:
-            raise ScheduleError(f"{path}: options.{k}: checkpoint has {got.get(k)!r}, this search {want[k]!r}")
+        have = got.get(k, "none") if k == "reduction" else got.get(k)   # (checkpoints before --reduction)
+        if have != want[k]:
+            raise ScheduleError(f"{path}: options.{k}: checkpoint has {have!r}, this search {want[k]!r}")
     pos = doc.get("position") or {}
     return Position(bound=int(pos.get("bound", 0)), prefix=[int(x) for x in pos.get("prefix") or []],
                     done_tasks=[[int(a), int(b)] for a, b in pos.get("done_tasks") or []])
