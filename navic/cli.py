@@ -360,11 +360,14 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 @click.option("--checkpoint", "checkpoint_out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Where an interrupted or timed-out search writes its checkpoint "
                    "(default: SCENARIO-STEM.checkpoint.json here).")
+@click.option("--reduction", type=click.Choice(["none", "sleep"]), default="none", show_default=True,
+              help="Partial-order reduction: sleep sets over the declared independence relation "
+                   "(navic/check/independence.py; docs/verification.md). Not with -j/--scheduler.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def explore(file: str, design: str | None, max_steps: int, preemptions: int, horizon: int, width: int,
             no_hash: bool, no_leaf_hash: bool, mutant: str | None, time_limit: float | None,
             schedule_out: str | None, jobs: int, scheduler: str | None, resume_file: str | None,
-            checkpoint_out: str | None, as_json: bool) -> None:
+            checkpoint_out: str | None, reduction: str, as_json: bool) -> None:
     """Search the schedules of scenario FILE systematically for oracle violations (stuck, lost,
     duplicated, misrouted) within bounds; write the first one found as a replayable schedule."""
     from rich.progress import Progress as Bar
@@ -373,6 +376,10 @@ def explore(file: str, design: str | None, max_steps: int, preemptions: int, hor
     from navic.check import explore as X
 
     scn = load_or_exit(file)
+    if reduction != "none" and (jobs > 1 or scheduler is not None):
+        click.echo(f"navic explore: --reduction {reduction}: not supported with --jobs/--scheduler (use -j 1)",
+                   err=True)
+        raise click.exceptions.Exit(EXIT_SCENARIO_ERROR)
     if mutant is not None:
         from navic.check import mutants
 
@@ -382,7 +389,7 @@ def explore(file: str, design: str | None, max_steps: int, preemptions: int, hor
             raise click.BadParameter(str(exc.args[0]), param_hint="--mutant") from None
     opts = X.Options(max_steps=max_steps, preemptions=preemptions, horizon=horizon, width=width,
                      hashing=not no_hash, leaf_hashing=not no_leaf_hash, mutant=mutant, design=design,
-                     time_limit=time_limit, jobs=jobs, scheduler=scheduler)
+                     time_limit=time_limit, jobs=jobs, scheduler=scheduler, reduction=reduction)
     resume = None
     if resume_file is not None:
         try:

@@ -21,6 +21,10 @@ Method (docs/verification.md has the full description and the bounds):
   tables —, the L1 kernel's threads and handler frames, vmcb02s and the design's tables). A state
   already reached in this bound with at least as much remaining budget is not explored again (the
   run is cut there).
+* **Sleep sets** (``reduction="sleep"``, serial only): the time-order candidate overtaken by an
+  independent same-instant step (:mod:`navic.check.independence`) sleeps until a dependent or
+  event-scheduling step runs; a run whose default is asleep is cut; visited states keep their
+  sleep sets (docs/verification.md, "Partial-order reduction: sleep sets").
 * **Checks.** Every complete run goes through the oracle (stuck, lost) and the provenance checks
   (duplicated, misrouted, never accepted) exactly as ``navic run`` does.
 * **Counterexamples.** The first violating schedule is minimised (delta debugging over its
@@ -43,6 +47,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from navic.check import independence
 from navic.config import Scenario
 from navic.sim.chooser import Chooser, ReplayChooser
 from navic.sim.engine import Handle, _label
@@ -58,6 +63,15 @@ DEFAULT_WIDTH = 3
 
 class Pruned(Exception):
     """Raised inside a run when it reaches a state already explored with at least this budget."""
+
+
+class SleepCut(Pruned):
+    """Raised inside a run (``reduction="sleep"``) when its default continuation is asleep: the
+    time-order candidate commutes with the step just taken and its subtree was explored from the
+    earlier decision point. The decision point is on the trail, so its other alternatives are
+    still searched."""
+
+REDUCTIONS = ("none", "sleep")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,9 +271,15 @@ class ExploreChooser(Chooser):
     wants_window = True
 
     def __init__(self, prefix: list[int], *, budget: int, horizon: int, width: int, max_steps: int,
-                 visited: dict[bytes, int] | None = None, all_states: set[bytes] | None = None,
-                 leaf_hashing: bool = True) -> None:
+                 visited: dict[bytes, Any] | None = None, all_states: set[bytes] | None = None,
+                 leaf_hashing: bool = True, reduction: str = "none") -> None:
         self.prefix = prefix
+        # "sleep": sleep sets (docs/verification.md, "Partial-order reduction: sleep sets").
+        self.sleep_sets = reduction == "sleep"
+        self.sleep: dict[tuple[int, str], frozenset[str]] = {}   # (time, label) -> footprint
+        self.asleep: list[frozenset[int]] = []    # per trail entry: the candidates asleep there
+        self._steps_seen = -1                     # engine.steps at the last window
+        self._seq_seen = -1                       # engine._seq (events ever scheduled) then
         # False: no hashing where no deviation is left (the rest of the run is the default
         # continuation, cheaper to simulate than to hash; same schedules, same verdicts).
         self.leaf_hashing = leaf_hashing
@@ -277,7 +297,7 @@ class ExploreChooser(Chooser):
     def attach(self, run: Any) -> None:
         self.run = run
 
-    def _decide(self, kind: str, labels: list[str]) -> int:
+    def _decide(self, kind: str, labels: list[str], asleep: frozenset[int] = frozenset()) -> int:
         i = len(self.trail)
         if i < len(self.prefix):
             c = self.prefix[i]
@@ -286,22 +306,60 @@ class ExploreChooser(Chooser):
             if self.visited is not None and self.run is not None and (self.leaf_hashing or self.cost < self.budget):
                 h = state_hash(self.run)
                 remaining = self.budget - self.cost
-                seen = self.visited.get(h)
-                if seen is not None and seen >= remaining:
-                    raise Pruned
-                if seen is None:
-                    self.new_states += 1
-                    self.all_states.add(h)
-                self.visited[h] = remaining
+                if self.sleep_sets:
+                    self._visit_with_sleep(h, remaining)
+                else:
+                    seen = self.visited.get(h)
+                    if seen is not None and seen >= remaining:
+                        raise Pruned
+                    if seen is None:
+                        self.new_states += 1
+                        self.all_states.add(h)
+                    self.visited[h] = remaining
             elif self.visited is None or self.run is None:
                 self.new_states += 1
         self.trail.append((kind, labels, c, self.cost))
+        self.asleep.append(asleep)
+        if c in asleep:
+            raise SleepCut
         if c:
             self.cost += 1
         return c
 
+    def _visit_with_sleep(self, h: bytes, remaining: int) -> None:
+        """The visited table under sleep sets: a state is cut only if it was explored with at least
+        this budget *and* a sleep set that is a subset of the current one (what that visit left
+        out, this one leaves out too). Sleep sets are keyed relative to now, like the hash."""
+        now = self.run.engine.now
+        mine = frozenset((t - now, label) for t, label in self.sleep)
+        visited = self.visited
+        assert visited is not None
+        entries = visited.get(h)
+        if entries is None:
+            self.new_states += 1
+            self.all_states.add(h)
+            visited[h] = entries = []
+        elif any(r >= remaining and z <= mine for r, z in entries):
+            raise Pruned
+        entries.append((remaining, mine))
+
     def window(self, candidates: list[tuple[int, str]]) -> int:
-        return self._decide("window", [c[1] for c in candidates])
+        labels = [c[1] for c in candidates]
+        if not self.sleep_sets or self.run is None:
+            return self._decide("window", labels)
+        eng = self.run.engine
+        if eng.steps != self._steps_seen + 1 or eng._seq != self._seq_seen:
+            # Steps ran that no window showed us, or the step just taken scheduled an event (its
+            # order among simultaneous events would differ in the swapped run): forget.
+            self.sleep = {}
+        self._steps_seen = eng.steps
+        self._seq_seen = eng._seq
+        now = eng.now
+        asleep = frozenset(j for j, (t, label) in enumerate(candidates) if (t, label) in self.sleep)
+        c = self._decide("window", labels, asleep)
+        feet = [_footprint(eng, t, label) for t, label in candidates]
+        self.sleep = _child_sleep(self.sleep, candidates, feet, c, now)
+        return c
 
     def choose(self, label: str, n: int, weights: list[float] | None = None) -> int:
         return self._decide("choose", [label] * n)
@@ -315,14 +373,49 @@ class ExploreChooser(Chooser):
         return out
 
 
-def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0) -> list[int] | None:
+def _footprint(eng: Any, t: int, label: str) -> frozenset[str]:
+    """The declared footprint (:mod:`navic.check.independence`) of the pending event the window
+    showed as (time, label): the earliest live queue entry with that time and label, as the
+    window takes the earliest event of each agent."""
+    for e in sorted(eng._q):
+        if e[0] == t and _label(e[2]) == label and not (type(e[2]) is Handle and e[2].cancelled):
+            return independence.footprint(e[2])
+    return independence.EVERYTHING
+
+
+def _child_sleep(sleep: dict[tuple[int, str], frozenset[str]], candidates: list[tuple[int, str]],
+                 feet: list[frozenset[str]], c: int, now: int) -> dict[tuple[int, str], frozenset[str]]:
+    """Godefroid's sleep-set rule for running candidate ``c``, restricted for the preemption
+    bound: the events asleep here and — of the candidates tried before ``c`` at this decision
+    point — only the time-order one (index 0, whose subtree costs no deviation to enter) stay
+    asleep after it, iff they are independent of it *and* run at the same instant (``max(time,
+    now)`` equal), so that swapping the two changes no event's time. A sibling ``j > 0`` is not
+    put to sleep: its representative would cost one deviation more (docs/verification.md)."""
+    t_c, _ = candidates[c]
+    eff = max(t_c, now)
+    fc = feet[c]
+    out: dict[tuple[int, str], frozenset[str]] = {}
+    if c > 0:
+        sleep.setdefault(candidates[0], feet[0])
+    for (t, label), f in sleep.items():
+        if (t, label) != candidates[c] and max(t, now) == eff and independence.independent(f, fc):
+            out[(t, label)] = f
+    return out
+
+
+def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0,
+                asleep: list[frozenset[int]] | None = None) -> list[int] | None:
     """Depth-first backtracking: the deepest decision point (at or after ``floor``: the points
     before it are a subtree's fixed root) with an untried alternative that keeps the schedule
-    within ``budget`` deviations."""
+    within ``budget`` deviations (and, with sleep sets, is not asleep there)."""
     for i in range(len(trail) - 1, floor - 1, -1):
         _kind, labels, c, cost_before = trail[i]
-        if c + 1 < len(labels) and cost_before + 1 <= budget:
-            return [t[2] for t in trail[:i]] + [c + 1]
+        if cost_before + 1 > budget:
+            continue
+        skip = asleep[i] if asleep is not None else frozenset()
+        for n in range(c + 1, len(labels)):
+            if n not in skip:
+                return [t[2] for t in trail[:i]] + [n]
     return None
 
 
@@ -377,6 +470,7 @@ class Options:
     design: str | None = None
     time_limit: float | None = None
     jobs: int = 1                     # local worker processes (navic.check.parallel when > 1)
+    reduction: str = "none"           # "sleep": sleep sets over navic.check.independence
     scheduler: Any = None             # a dask.distributed scheduler address or Client
 
 
@@ -462,7 +556,7 @@ class Explorer:
         o = self.opts
         return ExploreChooser(prefix, budget=budget, horizon=o.horizon, width=self.width,
                               max_steps=o.max_steps, visited=visited, all_states=self.all_states,
-                              leaf_hashing=o.leaf_hashing)
+                              leaf_hashing=o.leaf_hashing, reduction=o.reduction)
 
     def replay_chooser(self, decisions: list[list[Any]]) -> ReplayChooser:
         o = self.opts
@@ -493,7 +587,7 @@ class Explorer:
                     prog.truncated += 1
                 if run.recorder.violations:
                     return Found(run.recorder.violations[0], ch.decisions())
-            cur = next_prefix(ch.trail, bound, floor)
+            cur = next_prefix(ch.trail, bound, floor, ch.asleep if ch.sleep_sets else None)
             prog.seconds = time.monotonic() - start
             if self.on_progress is not None:
                 prog.frontier = frontier(ch.trail, bound, floor)
@@ -505,6 +599,9 @@ class Explorer:
         if o.jobs > 1 or o.scheduler is not None:
             from navic.check import parallel
 
+            if o.reduction != "none":
+                raise ValueError("--reduction sleep is not supported with --jobs/--scheduler (the parallel "
+                                 "search splits subtrees without their sleep sets); use -j 1")
             return parallel.run(self)
         prog = Progress()
         start = time.monotonic()
@@ -650,7 +747,7 @@ def check_replay(scn: Scenario, path: str | Path, violation: dict[str, Any]) -> 
 # Checkpoints (an interrupted search resumes where it stopped: `navic explore --resume FILE`)
 # ---------------------------------------------------------------------------------------------
 CHECKPOINT_FORMAT = 1
-_RESUME_KEYS = ("max_steps", "preemptions", "horizon", "width", "hashing", "mutant", "design")
+_RESUME_KEYS = ("max_steps", "preemptions", "horizon", "width", "hashing", "mutant", "design", "reduction")
 
 
 def checkpoint_doc(explorer: Explorer, outcome: Outcome) -> dict[str, Any]:
@@ -684,8 +781,9 @@ def load_checkpoint(path: str | Path, scn: Scenario, opts: Options) -> Position:
     want = {k: getattr(opts, k) for k in _RESUME_KEYS}
     got = doc.get("options") or {}
     for k in _RESUME_KEYS:
-        if got.get(k) != want[k]:
-            raise ScheduleError(f"{path}: options.{k}: checkpoint has {got.get(k)!r}, this search {want[k]!r}")
+        have = got.get(k, "none") if k == "reduction" else got.get(k)   # (checkpoints before --reduction)
+        if have != want[k]:
+            raise ScheduleError(f"{path}: options.{k}: checkpoint has {have!r}, this search {want[k]!r}")
     pos = doc.get("position") or {}
     return Position(bound=int(pos.get("bound", 0)), prefix=[int(x) for x in pos.get("prefix") or []],
                     done_tasks=[[int(a), int(b)] for a, b in pos.get("done_tasks") or []])
