@@ -619,19 +619,24 @@ class Explorer:
                     if found is not None:
                         break
                     prog.complete_bound = bound
-                prog.seconds = time.monotonic() - start
-                if found is None:
-                    return Outcome(prog, complete=True)
-                outcome = Outcome(prog, complete=False, violation=found.violation, raw_decisions=found.decisions)
-                outcome.decisions = self.minimize(found.decisions, found.violation)
-                prog.seconds = time.monotonic() - start
-                return outcome
+                return self.finish(prog, found, start)
         except TimeoutError:
             prog.seconds = time.monotonic() - start
             return Outcome(prog, complete=False, timed_out=True, position=self.position)
         except KeyboardInterrupt:
             prog.seconds = time.monotonic() - start
             return Outcome(prog, complete=False, interrupted=True, position=self.position)
+
+    def finish(self, prog: Progress, found: Found | None, start: float) -> Outcome:
+        """The outcome of a search that ran to its end: complete, or the violation found with its
+        schedule minimised (serial and parallel searches alike)."""
+        prog.seconds = time.monotonic() - start
+        if found is None:
+            return Outcome(prog, complete=True)
+        outcome = Outcome(prog, complete=False, violation=found.violation, raw_decisions=found.decisions)
+        outcome.decisions = self.minimize(found.decisions, found.violation)
+        prog.seconds = time.monotonic() - start
+        return outcome
 
     # -- counterexamples ----------------------------------------------------------------------
     def reproduces(self, decisions: list[list[Any]], want: tuple[Any, Any, Any]) -> list[list[Any]] | None:

@@ -276,13 +276,7 @@ def run(explorer: Explorer) -> Outcome:
             if timed_out:
                 raise TimeoutError
             prog.complete_bound = bound
-        prog.seconds = time.monotonic() - start
-        if found is None:
-            return Outcome(prog, complete=True)
-        outcome = Outcome(prog, complete=False, violation=found.violation, raw_decisions=found.decisions)
-        outcome.decisions = explorer.minimize(found.decisions, found.violation)
-        prog.seconds = time.monotonic() - start
-        return outcome
+        return explorer.finish(prog, found, start)
     except TimeoutError:
         prog.seconds = time.monotonic() - start
         return Outcome(prog, complete=False, timed_out=True, position=position)
