@@ -456,7 +456,9 @@ class SvmVendor:
 
     def _apic_base_changed(self, vcpu: Vcpu, old: int) -> None:
         a = vcpu.apic
-        if (old ^ a.apic_base) & 0xFFFFF000:
+        if a.hw_enabled and a.apic_base & 0xFFFFF000 != 0xFEE00000:
+            # __kvm_apic_set_base(): only an enabled APIC away from APIC_DEFAULT_PHYS_BASE (sticky);
+            # disabling the APIC with a zero base, as guests do, inhibits nothing.
             self.kvm.set_apicv_inhibit("APIC_BASE_MODIFIED")
         if (old ^ a.apic_base) & (1 << 11):
             # EN toggled: kvm_lapic_set_base() -> kvm_vcpu_update_apicv(); LAPIC_MODE_DISABLED

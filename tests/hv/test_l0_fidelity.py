@@ -307,3 +307,15 @@ def test_mixed_xapic_x2apic_logical_modes_inhibit_avic(monkeypatch):
     (rng,) = t.result["inhibits"]["LOGICAL_ID_ALIASED"]
     assert rng[0] > 0 and rng[1] is None          # raised when l1.1 entered x2APIC mode, never cleared
     assert not any(v.apicv_active for v in t.kvm.vcpus)
+
+
+# -- __kvm_apic_set_base: only an enabled APIC away from the default base inhibits -----------------
+def test_disabling_the_apic_with_a_zero_base_does_not_inhibit_avic(monkeypatch):
+    """A guest that hardware-disables its APIC writing IA32_APIC_BASE = 0 and re-enables it at
+    0xFEE00000 never had an enabled APIC at another base: __kvm_apic_set_base() raises
+    APICV_INHIBIT_REASON_APIC_BASE_MODIFIED only for ``enabled && base != APIC_DEFAULT_PHYS_BASE``."""
+    progs = [prog(0, [STI, '{ op = "wrmsr", msr = 0x1b, value = 0 }', '{ op = "compute", cycles = 2000 }',
+                      '{ op = "wrmsr", msr = 0x1b, value = 0xfee00800 }', '{ op = "compute", cycles = 2000 }'])]
+    t = traced(scenario(progs, cpu="zen4", apic="xapic", vcpus=1), monkeypatch=monkeypatch)
+    assert t.result["errors"] == []
+    assert "APIC_BASE_MODIFIED" not in t.result["inhibits"]
