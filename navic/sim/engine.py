@@ -298,7 +298,8 @@ class Engine:
                     break
                 if ty is Cuttable:
                     t = self.now + y.cycles
-                    if (q and q[0][0] <= t) or self.stopped or (limit is not None and t > limit):
+                    if (q and q[0][0] <= t) or self.stopped or (limit is not None and t > limit) \
+                            or self.steps >= budget:
                         y._begin(self, target)
                         break
                     # Run-ahead as for an int: no event can fire the signal before t.

@@ -196,3 +196,13 @@ def test_max_time_us_near_the_float_limit_runs() -> None:
     scn = loads_scenario('name = "x"\nmax_time_us = 1e308\n[host]\nvirt = "none"\n[l1]\nvcpus = 1\n'
                          '[[program]]\ncpu = "l1.0"\nops = [{ op = "compute", cycles = 10 }]\n')
     assert runner.run_scenario(scn)["violations"] == []
+
+
+def test_event_budget_also_bounds_a_cpu_that_only_computes() -> None:
+    """A lone CPU computing runs ahead without the event queue (no other event can cut its compute):
+    the event budget still stops it there."""
+    scn = loads_scenario('name = "c"\nmax_time_us = 1e9\n[host]\nvirt = "none"\n[l1]\nvcpus = 1\n[[program]]\n'
+                         'cpu = "l1.0"\nops = [{ op = "sti" }, { op = "repeat", times = 100000, ops = '
+                         '[{ op = "compute", cycles = 100 }] }]\n', "c.toml")
+    res = runner.simulate(scn, limits=runner.Limits(max_events=5000, timeout_s=600)).result()
+    assert res["stopped_by"]["limit"] == "max_events" and res["stopped_by"]["events"] == 5000
