@@ -272,11 +272,16 @@ def wins(rows: list[dict[str, Any]], unsafe: set[str], lines: dict[str, int] | N
     return out
 
 
+def unsafe_designs(safety_rows: list[dict[str, Any]]) -> set[str]:
+    """Designs with a counterexample on a nested explore scenario (the erratum scenario's
+    counterexamples are reported apart: they show a hardware bug's reach, not a design flaw)."""
+    return {s["design"] for s in safety_rows if s.get("result") == "violation" and s["scenario"] != ERRATUM_SCENARIO}
+
+
 def recommendation(rows: list[dict[str, Any]], safety_rows: list[dict[str, Any]], cx: dict[str, dict[str, Any]],
                    opts: VerdictOptions) -> list[str]:
     """Plain-words conclusions, each computed from the numbers above it."""
-    unsafe = {s["design"] for s in safety_rows if s.get("result") == "violation"
-              and s["scenario"] != ERRATUM_SCENARIO}
+    unsafe = unsafe_designs(safety_rows)
     erratum_hit = {s["design"] for s in safety_rows if s.get("result") == "violation"
                    and s["scenario"] == ERRATUM_SCENARIO}
     cpu = opts.cpus[0]
@@ -383,8 +388,7 @@ class Verdict:
         return tuple(self.complexity)
 
     def as_json(self) -> dict[str, Any]:
-        unsafe = {s["design"] for s in self.safety if s.get("result") == "violation"
-                  and s["scenario"] != ERRATUM_SCENARIO}
+        unsafe = unsafe_designs(self.safety)
         return {
             "options": {"cpus": list(self.opts.cpus), "workloads": list(self.opts.workloads),
                         "bound": self.opts.bound, "max_steps": self.opts.max_steps},
