@@ -5,11 +5,13 @@ and bound, serial and with local worker processes.
     .venv/bin/python bench/explore.py --quick          # K = 1 only, two cases
     .venv/bin/python bench/explore.py --k 3 --only nested-pingpong-shadow --jobs 2 --time-limit 300
 
-One line per (case, K, jobs): states, schedules, wall seconds, states/s, CPU seconds (this process
-plus its finished workers), verdict, and for jobs > 1 the speed-up over jobs = 1 of the same case
-and K measured in this run, and the parallel efficiency (serial CPU / parallel CPU: what the
-speed-up would be per worker on an idle machine). The machine may be shared: compare ratios
-measured within one run; `--time-limit` bounds each search (a cut search prints "partial").
+One line per (case, K, reduction, jobs): states, schedules, wall seconds, states/s, CPU seconds
+(this process plus its finished workers), verdict; for jobs > 1 the speed-up over jobs = 1 of the
+same case, K and reduction measured in this run and the parallel efficiency (serial CPU /
+parallel CPU: what the speed-up would be per worker on an idle machine); for a reduction, its
+states and wall time against the full search (``none``) of the same case and K in this run. The
+machine may be shared: compare ratios measured within one run; `--time-limit` bounds each search
+(a cut search prints "partial").
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def measure(name: str, k: int, jobs: int, time_limit: float | None, leaf_hashing: bool = True) -> dict[str, Any]:
+def measure(name: str, k: int, jobs: int, time_limit: float | None, leaf_hashing: bool = True,
+            reduction: str = "none") -> dict[str, Any]:
     scn, design = CASES[name][0]()
-    opts = Options(preemptions=k, design=design, jobs=jobs, time_limit=time_limit, leaf_hashing=leaf_hashing)
+    opts = Options(preemptions=k, design=design, jobs=jobs, time_limit=time_limit, leaf_hashing=leaf_hashing,
+                   reduction=reduction)
     cpu0, t0 = _cpu(), time.monotonic()
     out = Explorer(scn, opts).run()
     wall, cpu = time.monotonic() - t0, _cpu() - cpu0
@@ -115,27 +119,40 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, action="append", help="worker counts (default: 1 and 2)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per search (default 300)")
     ap.add_argument("--no-leaf-hash", action="store_true", help="as navic explore --no-leaf-hash")
+    ap.add_argument("--reduction", action="append", choices=["none", "sleep", "dpor", "dpor-untimed"],
+                    help="reductions to compare (default: none and dpor)")
     a = ap.parse_args()
     names = a.only or (list(QUICK) if a.quick else list(CASES))
     jobs = a.jobs or [1, 2]
+    reductions = a.reduction or ["none", "dpor"]
     print("$ .venv/bin/python bench/explore.py " + " ".join(sys.argv[1:]))
     print(f"# {os.cpu_count()} cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'case':32} {'K':>2} {'-j':>3} {'states':>9} {'schedules':>9} {'wall s':>8} {'states/s':>9} "
-          f"{'cpu s':>8}  verdict")
+    print(f"{'case':32} {'K':>2} {'reduction':>9} {'-j':>3} {'states':>9} {'schedules':>9} {'wall s':>8} "
+          f"{'states/s':>9} {'cpu s':>8}  verdict")
     for name in names:
         bounds = a.k or ((1,) if a.quick else CASES[name][1])
         for k in bounds:
-            serial: dict[str, Any] | None = None
-            for j in jobs:
-                r = measure(name, k, j, a.time_limit, leaf_hashing=not a.no_leaf_hash)
-                extra = ""
-                if j == 1:
-                    serial = r
-                elif serial is not None and r["wall"] > 0 and r["cpu"] > 0:
-                    extra = (f"  speed-up {serial['wall'] / r['wall']:.2f}x, "
-                             f"efficiency {serial['cpu'] / r['cpu']:.2f}")
-                print(f"{name:32} {k:>2} {j:>3} {r['states']:>9} {r['schedules']:>9} {r['wall']:>8.1f} "
-                      f"{r['rate']:>9.0f} {r['cpu']:>8.1f}  {r['verdict']}{extra}", flush=True)
+            full: dict[str, Any] | None = None
+            for red in reductions:
+                serial: dict[str, Any] | None = None
+                for j in jobs:
+                    if red == "sleep" and j > 1:
+                        continue
+                    r = measure(name, k, j, a.time_limit, leaf_hashing=not a.no_leaf_hash, reduction=red)
+                    extra = ""
+                    if j == 1:
+                        serial = r
+                    elif serial is not None and r["wall"] > 0 and r["cpu"] > 0:
+                        extra = (f"  speed-up {serial['wall'] / r['wall']:.2f}x, "
+                                 f"efficiency {serial['cpu'] / r['cpu']:.2f}")
+                    if red == "none" and full is None:
+                        full = r
+                    elif full is not None and red != "none" and r["states"]:
+                        extra += (f"  {full['states'] / r['states']:.1f}x fewer states, "
+                                  f"{full['wall'] / r['wall']:.1f}x faster than none -j {full['jobs']}"
+                                  + ("" if r["verdict"] == full["verdict"] else "  VERDICT DIFFERS"))
+                    print(f"{name:32} {k:>2} {red:>9} {j:>3} {r['states']:>9} {r['schedules']:>9} "
+                          f"{r['wall']:>8.1f} {r['rate']:>9.0f} {r['cpu']:>8.1f}  {r['verdict']}{extra}", flush=True)
 
 
 if __name__ == "__main__":

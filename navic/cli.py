@@ -360,9 +360,11 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 @click.option("--checkpoint", "checkpoint_out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Where an interrupted or timed-out search writes its checkpoint "
                    "(default: SCENARIO-STEM.checkpoint.json here).")
-@click.option("--reduction", type=click.Choice(["none", "sleep"]), default="none", show_default=True,
-              help="Partial-order reduction: sleep sets over the declared independence relation "
-                   "(navic/check/independence.py; docs/verification.md). Not with -j/--scheduler.")
+@click.option("--reduction", type=click.Choice(["none", "sleep", "dpor", "dpor-untimed"]), default="dpor", show_default=True,
+              help="Partial-order reduction (docs/verification.md): 'dpor' deviates only where the "
+                   "overtaking step races with a step it overtakes (observed writes, declared "
+                   "interactions: navic/check/independence.py); 'sleep': sleep sets (not with "
+                   "-j/--scheduler); 'none': every deviation, the cross-check.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def explore(file: str, design: str | None, max_steps: int, preemptions: int, horizon: int, width: int,
             no_hash: bool, no_leaf_hash: bool, mutant: str | None, time_limit: float | None,
@@ -376,7 +378,7 @@ def explore(file: str, design: str | None, max_steps: int, preemptions: int, hor
     from navic.check import explore as X
 
     scn = load_or_exit(file)
-    if reduction != "none" and (jobs > 1 or scheduler is not None):
+    if reduction == "sleep" and (jobs > 1 or scheduler is not None):
         click.echo(f"navic explore: --reduction {reduction}: not supported with --jobs/--scheduler (use -j 1)",
                    err=True)
         raise click.exceptions.Exit(EXIT_SCENARIO_ERROR)
@@ -432,7 +434,7 @@ def explore(file: str, design: str | None, max_steps: int, preemptions: int, hor
         outcome.schedule_file = target
         outcome.replay_ok = X.check_replay(scn, target, outcome.violation)
     if as_json:
-        click.echo(to_json(outcome.as_json()), nl=False)
+        click.echo(to_json({**outcome.as_json(), "reduction": opts.reduction}), nl=False)
     else:
         _render_explore(outcome, opts, file)
     if outcome.interrupted:
@@ -447,7 +449,8 @@ def _render_explore(outcome: Any, opts: Any, file: str) -> None:
     bounds = (f"K={opts.preemptions} deviations, max-steps={opts.max_steps}, horizon={opts.horizon} cycles, "
               f"width={max(2, opts.width)}{', no state hashing' if not opts.hashing else ''}"
               + (f", mutant {opts.mutant}" if opts.mutant else "")
-              + (f", design {opts.design}" if opts.design else ""))
+              + (f", design {opts.design}" if opts.design else "")
+              + f", reduction {opts.reduction}")
     con.print(f"explored {p.states} states, {p.schedules} schedules ({p.pruned} cut at a known state, "
               f"{p.truncated} at max-steps) in {p.seconds:.2f} s; bounds: {bounds}")
     if outcome.interrupted or outcome.timed_out:

@@ -14,17 +14,22 @@ Method (docs/verification.md has the full description and the bounds):
   re-executed from the start with a prefix of decisions, and the next prefix is found by
   backtracking to the deepest decision point with an untried alternative that fits the bound.
   Runs stop after ``max_steps`` engine steps.
-* **State hashing.** At every decision point past the forced prefix the explorer hashes the
-  system state (APIC/backing pages, VMCBs, the physical APIC ID table, vCPU/pCPU/scheduler state,
-  the erratum window, pending acceptances, guest state, every process's position, and the queue of
-  pending events relative to now; in nested runs also L1's KVM — its vCPUs, scheduler and AVIC
-  tables —, the L1 kernel's threads and handler frames, vmcb02s and the design's tables). A state
-  already reached in this bound with at least as much remaining budget is not explored again (the
-  run is cut there).
+* **State hashing** (:mod:`navic.check.state`). At every decision point past the forced prefix the
+  explorer hashes the system state (APIC/backing pages, VMCBs, the physical APIC ID table,
+  vCPU/pCPU/scheduler state, the erratum window, pending acceptances, guest state, every process's
+  position, and the queue of pending events relative to now; in nested runs also L1's KVM — its
+  vCPUs, scheduler and AVIC tables —, the L1 kernel's threads and handler frames, vmcb02s and the
+  design's tables). A state already reached in this bound with at least as much remaining budget
+  is not explored again (the run is cut there).
 * **Sleep sets** (``reduction="sleep"``, serial only): the time-order candidate overtaken by an
   independent same-instant step (:mod:`navic.check.independence`) sleeps until a dependent or
   event-scheduling step runs; a run whose default is asleep is cut; visited states keep their
   sleep sets (docs/verification.md, "Partial-order reduction: sleep sets").
+* **DPOR** (``reduction="dpor"``, serial and parallel): a deviation is searched only where the
+  step it brings forward races with a step it overtakes; footprints are the locations a step
+  wrote (:mod:`navic.check.state`, observed between decision points) with their owners, plus the
+  declared interaction code (:data:`navic.check.independence.INTERACTIONS`); see
+  :meth:`ExploreChooser.finish` and docs/verification.md ("Partial-order reduction: DPOR").
 * **Checks.** Every complete run goes through the oracle (stuck, lost) and the provenance checks
   (duplicated, misrouted, never accepted) exactly as ``navic run`` does.
 * **Counterexamples.** The first violating schedule is minimised (delta debugging over its
@@ -47,7 +52,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from navic.check import independence
+from navic.check import independence, state
 from navic.config import Scenario
 from navic.sim.chooser import Chooser, ReplayChooser
 from navic.sim.engine import Handle, _label
@@ -71,192 +76,16 @@ class SleepCut(Pruned):
     earlier decision point. The decision point is on the trail, so its other alternatives are
     still searched."""
 
-REDUCTIONS = ("none", "sleep")
+REDUCTIONS = ("none", "sleep", "dpor", "dpor-untimed")
+DPOR = ("dpor", "dpor-untimed")
 
 
 # ---------------------------------------------------------------------------------------------
-# State hashing
+# State hashing: navic.check.state (the state as owned locations)
 # ---------------------------------------------------------------------------------------------
-_PLAIN = (int, bool, str, float, type(None))
-
-
-# Locals of model generators that hold an engine timestamp across a yield, by (code qualname,
-# local): hashed relative to now, as pending events are (a state and its translate in time are
-# one state; the code only ever uses them as ``now - t`` or against ``now``). A generator that
-# keeps ``engine.now`` in a local across a ``yield`` is listed here.
-TIME_LOCALS = frozenset({
-    ("Kvm.kvm_vcpu_halt", "start"), ("Kvm.kvm_vcpu_halt", "deadline"),   # halt-poll window
-    ("Kvm.kvm_vcpu_block", "off"), ("Kvm.preempt", "off"),              # host_off_cpu accounting
-})
-
-
-def _locals(frame: Any, now: int = 0) -> tuple[Any, ...]:
-    out = []
-    qual = frame.f_code.co_qualname
-    for k, v in frame.f_locals.items():
-        if type(v) in _PLAIN:
-            out.append((k, now - v if type(v) is int and (qual, k) in TIME_LOCALS else v))
-        elif hasattr(v, "index") and type(v).__module__.endswith("ops"):
-            out.append((k, type(v).__name__, v.index))   # a guest op: which one
-    return tuple(out)
-
-
-def _pc(gen: Any, now: int = 0) -> tuple[Any, ...]:
-    """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals
-    (the :data:`TIME_LOCALS` ones relative to ``now``)."""
-    out = []
-    while gen is not None:
-        f = getattr(gen, "gi_frame", None)
-        if f is None:
-            out.append(None)
-            break
-        out.append((f.f_code, f.f_lasti, _locals(f, now)))
-        gen = getattr(gen, "gi_yieldfrom", None)
-    return tuple(out)
-
-
-def _apic(a: Any, now: int) -> tuple[Any, ...]:
-    deadline = a._tmr_deadline
-    return (hash(bytes(a.page)), a.nmi_pending, a.init_pending, a.smi_pending, a.extint_pending,
-            getattr(a, "sipi_vector", None), a._esr_pending, a._esr_armed,
-            None if deadline is None else deadline - now)
-
-
-def state_hash(run: Any) -> bytes:
-    """A digest of everything that determines how the run continues (see the module docstring)."""
-    return hashlib.blake2b(repr(state_parts(run)).encode(), digest_size=16).digest()
-
-
-def state_parts(run: Any) -> list[Any]:
-    """The state as a list of plain-data parts (what :func:`state_hash` digests)."""
-    eng = run.engine
-    now = eng.now
-    parts: list[Any] = []
-    # Pending events relative to now, in the order they would run (not their sequence numbers).
-    parts.append(tuple((e[0] - now, _label(e[2])) for e in sorted(eng._q)
-                       if not (type(e[2]) is Handle and e[2].cancelled)))
-    parts.append(tuple((p.name, _pc(p.gen, now), p.waiting_on.name if p.waiting_on else None)
-                       for p in eng.processes if p.alive))
-    for g in run.guests:
-        parts.append((g.name, g.IF, g.nmi_blocked, g.wait_for_sipi, g.finished,
-                      tuple(sorted(g.handled.items())), tuple(sorted(g._consumed.items())),
-                      tuple(sorted(g.reads.items())), g.x2apic, g.apic_base,
-                      len(getattr(g, "_once_done", ())),   # (not hlt_count: see docs/model.md)
-                      tuple((f.kind, f.saved_if, f.position()) for f in g.frames)))
-    rec = run.recorder
-    # Pending acceptances with their provenance (send times relative to now: which send they are).
-    parts.append(tuple(sorted((k, tuple((now - t, sb, kind) for t, sb, kind in q))
-                              for k, q in rec._pending.items() if q)))
-    kvm = run.kvm
-    if kvm is not None:
-        _kvm_state(kvm, now, parts)
-        kvm2 = getattr(run, "kvm2", None)
-        if kvm2 is not None:
-            _kvm_state(kvm2, now, parts)
-            _nested_state(kvm, kvm2, now, parts)
-    else:
-        m = run.machine
-        for i, a in enumerate(m.apics):
-            parts.append((i, _apic(a, now), getattr(m.pcpus[i], "halted", None)))
-    return parts
-
-
-def _insn(x: Any) -> Any:
-    """An instruction (or other queued object) as plain data."""
-    return repr(x) if type(x).__module__.endswith("isa") else type(x).__name__
-
-
-def _guest_ctx(ctx: Any) -> Any:
-    """A guest context (SVM ``GuestContext``, VMX ``VmcsContext``): its plain fields (controls,
-    guest state, exit information), its MSR intercept sets, the exit instruction and, for VMX, the
-    bytes of its posted-interrupt descriptor. The guest, the VMCB page and the virtual-APIC page
-    are hashed with their owner."""
-    if ctx is None:
-        return None
-    out: list[Any] = []
-    for f in dataclasses.fields(ctx):
-        x = getattr(ctx, f.name)
-        if type(x) in _PLAIN:
-            out.append(x)
-        elif type(x) is frozenset:
-            out.append(hash(x))
-        elif f.name == "exit_insn":
-            out.append(_insn(x))
-        elif f.name == "pid":
-            out.append(bytes(x.mem.page(x.hpa)[x.hpa & 0xFFF:(x.hpa & 0xFFF) + 64]))
-    return tuple(out)
-
-
-def _kvm_state(kvm: Any, now: int, parts: list[Any]) -> None:
-    """One KVM (L0's, or L1's in a nested run): its vCPUs, its host's CPUs and scheduler, its AVIC
-    tables, the erratum window and the inhibits."""
-    mem = kvm.mem
-    for v in kvm.vcpus:
-        vmcb = getattr(v, "vmcb", None)
-        ctx = getattr(v, "ctx", None)
-        parts.append((v.name, _apic(v.apic, now), v.mode, v.blocking, v.blocked, v.cpu,
-                      tuple(sorted(v.requests)), v.apicv_active, len(v.pending_ipis),
-                      v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
-                      v.nmi_queued, v.nmis_pending,
-                      v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
-                      hash(bytes(vmcb.mem.page(vmcb.hpa))) if vmcb is not None else None,
-                      _guest_ctx(ctx),
-                      getattr(v, "nested_inhibit", None)))
-    host = kvm.host
-    for p in host.pcpus:
-        parts.append((p.index, getattr(p, "guest_mode", None), getattr(p, "doorbell_pending", None),
-                      p.intr_pending, getattr(p, "pi_pending", None),
-                      getattr(getattr(p, "running", None), "name", None)))
-    s = host.sched
-    parts.append((tuple(getattr(t, "name", None) for t in s.current),
-                  tuple(tuple(t.name for t in rq) for rq in s.runq),
-                  tuple(now - x for x in s.slice_start)))
-    av = getattr(kvm.vendor, "avic", None)
-    if av is not None:
-        for i in range(av.physical_table_pages):
-            parts.append(hash(bytes(mem.page(av.physical_table_hpa + 4096 * i))))
-        parts.append(hash(bytes(mem.page(av.logical_table_hpa))))
-    err = getattr(getattr(getattr(host, "silicon", None), "avic", None), "erratum", None)
-    if err is not None:
-        parts.append(tuple(sorted((hpa, err.ipi_seq - seq, hid) for hpa, (seq, hid) in err._cleared.items())))
-    inh = getattr(kvm, "inhibits", None)
-    if inh is not None:
-        parts.append(tuple(sorted(inh.active)))
-
-
-def _nested_state(kvm0: Any, kvm2: Any, now: int, parts: list[Any]) -> None:
-    """What a nested run adds: the L1 kernel on each L1 vCPU (its threads — L1 KVM's vCPU threads —
-    with their positions, queued instructions and waits; handler frames; run queues), L0's nested
-    state per L1 vCPU (vmcb02) and the design's tables (shadow tables and their cached guest
-    entries; the dummy table)."""
-    l1host = kvm2.host
-    for c in getattr(l1host, "cpus", ()):
-        parts.append((c.name, c.IF, c.nmi_blocked, tuple(sorted(c.handled.items())),
-                      tuple((f.saved_if, _pc(f.gen, now), repr(f.resume)) for f in c.frames),
-                      tuple(t.vcpu.name for t in c.runnable)))
-    for name, t in sorted(getattr(l1host, "threads", {}).items()):
-        parts.append((name, _pc(t.gen, now), t.waiting.name if t.waiting is not None else None,
-                      tuple(_insn(i) for i in t.pending),
-                      t.result if type(t.result) in _PLAIN else _insn(t.result)))
-    hmem = kvm0.mem
-    for v in kvm0.vcpus:
-        st = getattr(v, "nested", None)
-        if st is not None:
-            vmcb02 = getattr(st, "vmcb02", None)          # nested SVM: the vmcb02 page
-            parts.append((v.name, st.active, getattr(st.l2, "name", None),
-                          hash(bytes(hmem.page(vmcb02.hpa))) if vmcb02 is not None
-                          else (_guest_ctx(st.ctx02), _guest_ctx(st.ctx12), st.vmcs12_gpa)))   # nested VMX
-        t = getattr(v, "shadow_table", None)
-        if t is not None:
-            parts.append((v.name, t.gfn))
-    design = getattr(getattr(kvm0.vendor, "nested", None), "design", None)
-    for t in getattr(design, "tables", {}).values():   # shadow
-        parts.append((t.gfn, t.nentries, tuple(t.gentries), t.usecount,
-                      hash(bytes(hmem.page(t.hpa)))))
-    table = getattr(design, "table_hpa", None)           # dummy
-    if table is not None:
-        for i in range(8):
-            parts.append(hash(bytes(hmem.page(table + 4096 * i))))
+_pc = state._pc
+TIME_LOCALS = state.TIME_LOCALS
+state_hash = state.state_hash
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +101,29 @@ class ExploreChooser(Chooser):
 
     def __init__(self, prefix: list[int], *, budget: int, horizon: int, width: int, max_steps: int,
                  visited: dict[bytes, Any] | None = None, all_states: set[bytes] | None = None,
-                 leaf_hashing: bool = True, reduction: str = "none") -> None:
+                 leaf_hashing: bool = True, reduction: str = "none",
+                 prefix_races: list[frozenset[int] | None] | None = None,
+                 interactions: independence.Interactions | None = None) -> None:
         self.prefix = prefix
+        # "dpor": deviations only where the overtaking step races (docs/verification.md,
+        # "Partial-order reduction: DPOR"). races[i]: the alternatives worth trying at decision
+        # point i (None: all); for the forced prefix they come from the run that first reached
+        # each point, for the rest they are computed by finish() from this run's footprints.
+        self.dpor = reduction in DPOR
+        # "dpor" also searches a deviation whose delay could reverse a later dependent pair;
+        # "dpor-untimed" treats every delay of independent steps as equivalent (more reduction).
+        self.timed = reduction == "dpor"
+        self.races: list[frozenset[int] | None] = list(prefix_races or [])[:len(prefix)]
+        self.races += [None] * (len(prefix) - len(self.races))   # unknown: every alternative
+        self.interactions = interactions
+        self._snaps: list[Any] = []            # per new decision point: its locations, absolute times
+        self._feet: list[independence.Footprint] = []   # per interval between them
+        self._agents: set[str] = set()         # who stepped since the last decision point
+        self._current: str | None = None       # who is stepping now (a "choose" point is mid-step)
+        self._times: list[tuple[int, list[int] | None]] = []   # per new point: now, candidates' times
+        self._window_times: list[int] | None = None
+        if self.dpor:
+            self.stepped = self._stepped
         # "sleep": sleep sets (docs/verification.md, "Partial-order reduction: sleep sets").
         self.sleep_sets = reduction == "sleep"
         self.sleep: dict[tuple[int, str], frozenset[str]] = {}   # (time, label) -> footprint
@@ -297,12 +147,105 @@ class ExploreChooser(Chooser):
     def attach(self, run: Any) -> None:
         self.run = run
 
+    stepped: Callable[[str], None] | None = None   # the engine's per-step hook (dpor only)
+
+    def _stepped(self, label: str) -> None:
+        self._agents.add(label)
+        self._current = label
+
+    def _footprint_point(self, kind: str) -> None:
+        """dpor: at a decision point past the prefix, close the interval since the previous one
+        (what was written, by whom) and snapshot the locations."""
+        snap = state.locations(self.run, 0)
+        if self._snaps:
+            self._close_interval(snap)
+        self._snaps.append(snap)
+        self._times.append((self.run.engine.now, self._window_times if kind == "window" else None))
+        self._agents = {self._current} if kind == "choose" and self._current is not None else set()
+
+    def _close_interval(self, snap: Any) -> None:
+        inter = self.interactions
+        called = inter is not None and inter.called
+        if inter is not None:
+            inter.called = False
+        prev = self._snaps[-1]
+        foot = independence.step_footprint(prev, snap, frozenset(self._agents), called)
+        if inter is not None and not foot.interaction and any(
+                inter.in_stack(prev.values.get(k)) or inter.in_stack(snap.values.get(k)) for k in foot.writes):
+            foot = dataclasses.replace(foot, interaction=True)
+        self._feet.append(foot)
+
+    def finish(self) -> None:
+        """dpor: at the end of the run (or where it was cut), the race sets of the decision points
+        past the prefix. Alternative j at point i is searched when
+
+        * the first steps of its agent after i depend on a step they would overtake
+          (:func:`independence.steps_independent`), or
+        * the delay it imposes on the overtaken agents (its time minus the default's) exceeds the
+          time between two dependent steps of different agents later in the run, which the
+          delay could then reverse (:meth:`_reversible_gaps`; a cut run's unseen rest counts as
+          a gap of 0)."""
+        if not self.dpor or not self._snaps or self.run is None:
+            return
+        base = len(self.prefix)
+        points = len(self.trail) - base
+        cut = len(self._snaps) > points      # cut at a visited state: the rest of the run is unseen
+        if not cut:                          # the last interval runs to the end
+            self._close_interval(state.locations(self.run, 0))
+        feet, snaps = self._feet, self._snaps
+        gaps = self._reversible_gaps(cut) if self.timed else []
+        for n in range(points):
+            kind, labels, _c, _cost = self.trail[base + n]
+            now, times = self._times[n]
+            if kind != "window" or times is None:
+                self.races.append(None)
+                continue
+            racing = set()
+            t0 = max(times[0], now)
+            for j in range(1, len(labels)):
+                if self.timed and max(times[j], now) - t0 > gaps[n]:
+                    racing.add(j)
+                    continue
+                m = next((k for k in range(n, len(feet)) if labels[j] in feet[k].agents), None)
+                if m is None or m == n or any(
+                        not independence.steps_independent(feet[k], feet[m], snaps[m].owners, snaps[k].owners)
+                        for k in range(n, m)):
+                    racing.add(j)
+            self.races.append(frozenset(racing))
+
+    def _reversible_gaps(self, cut: bool) -> list[float]:
+        """Per interval n: the smallest time between two dependent intervals x < y of disjoint
+        agents with x >= n (looked for within ``horizon`` of x: a delay is less than that)."""
+        feet, snaps, times = self._feet, self._snaps, self._times
+        start = [max(ts[self.trail[len(self.prefix) + k][2]], now) if ts is not None else now
+                 for k, (now, ts) in enumerate(times[:len(feet)])]
+        inf = float("inf")
+        g = [inf] * len(feet)
+        for x in range(len(feet)):
+            for y in range(x + 1, len(feet)):
+                gap = start[y] - start[x]
+                if gap >= self.horizon:
+                    break
+                if not (feet[x].agents & feet[y].agents) and not independence.steps_independent(
+                        feet[x], feet[y], snaps[y].owners, snaps[x].owners):
+                    g[x] = gap
+                    break
+            else:
+                if cut:
+                    g[x] = 0
+        out = [inf] * (len(feet) + 1)
+        for x in range(len(feet) - 1, -1, -1):
+            out[x] = min(g[x], out[x + 1])
+        return out
+
     def _decide(self, kind: str, labels: list[str], asleep: frozenset[int] = frozenset()) -> int:
         i = len(self.trail)
         if i < len(self.prefix):
             c = self.prefix[i]
         else:
             c = 0
+            if self.dpor and self.run is not None:
+                self._footprint_point(kind)
             if self.visited is not None and self.run is not None and (self.leaf_hashing or self.cost < self.budget):
                 h = state_hash(self.run)
                 remaining = self.budget - self.cost
@@ -345,6 +288,8 @@ class ExploreChooser(Chooser):
 
     def window(self, candidates: list[tuple[int, str]]) -> int:
         labels = [c[1] for c in candidates]
+        if self.dpor:
+            self._window_times = [c[0] for c in candidates]
         if not self.sleep_sets or self.run is None:
             return self._decide("window", labels)
         eng = self.run.engine
@@ -404,17 +349,19 @@ def _child_sleep(sleep: dict[tuple[int, str], frozenset[str]], candidates: list[
 
 
 def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0,
-                asleep: list[frozenset[int]] | None = None) -> list[int] | None:
+                asleep: list[frozenset[int]] | None = None,
+                races: list[frozenset[int] | None] | None = None) -> list[int] | None:
     """Depth-first backtracking: the deepest decision point (at or after ``floor``: the points
     before it are a subtree's fixed root) with an untried alternative that keeps the schedule
-    within ``budget`` deviations (and, with sleep sets, is not asleep there)."""
+    within ``budget`` deviations (and, with sleep sets, is not asleep there; with dpor, races)."""
     for i in range(len(trail) - 1, floor - 1, -1):
         _kind, labels, c, cost_before = trail[i]
         if cost_before + 1 > budget:
             continue
         skip = asleep[i] if asleep is not None else frozenset()
+        worth = races[i] if races is not None and i < len(races) else None
         for n in range(c + 1, len(labels)):
-            if n not in skip:
+            if n not in skip and (worth is None or n in worth):
                 return [t[2] for t in trail[:i]] + [n]
     return None
 
@@ -448,6 +395,31 @@ def _mutant(name: str | None) -> Iterator[None]:
         yield
 
 
+_INTERACTIONS: independence.Interactions | None = None
+_installed = 0
+
+
+@contextlib.contextmanager
+def tracking(reduction: str) -> Iterator[independence.Interactions | None]:
+    """With ``reduction="dpor"``: the declared interaction code (:data:`independence.INTERACTIONS`)
+    noted while the body runs; otherwise nothing."""
+    global _INTERACTIONS, _installed
+    if reduction not in DPOR:
+        yield None
+        return
+    if _INTERACTIONS is None:
+        _INTERACTIONS = independence.Interactions()
+    if _installed == 0:
+        _INTERACTIONS.install()
+    _installed += 1
+    try:
+        yield _INTERACTIONS
+    finally:
+        _installed -= 1
+        if _installed == 0:
+            _INTERACTIONS.uninstall()
+
+
 def violation_key(v: dict[str, Any]) -> tuple[Any, Any, Any]:
     return (v.get("kind"), v.get("cpu"), v.get("vector"))
 
@@ -470,7 +442,7 @@ class Options:
     design: str | None = None
     time_limit: float | None = None
     jobs: int = 1                     # local worker processes (navic.check.parallel when > 1)
-    reduction: str = "none"           # "sleep": sleep sets over navic.check.independence
+    reduction: str = "dpor"           # "sleep": sleep sets; "dpor": race-directed (navic.check.independence)
     scheduler: Any = None             # a dask.distributed scheduler address or Client
 
 
@@ -498,6 +470,15 @@ class Position:
     bound: int = 0
     prefix: list[int] | None = None
     done_tasks: list[list[int]] = dataclasses.field(default_factory=list)
+    races: list[list[int] | None] | None = None   # dpor: the prefix's race sets
+
+
+def _races_doc(races: list[frozenset[int] | None] | None) -> list[list[int] | None] | None:
+    return None if races is None else [None if r is None else sorted(r) for r in races]
+
+
+def _races_load(doc: Any) -> list[frozenset[int] | None] | None:
+    return None if doc is None else [None if r is None else frozenset(int(x) for x in r) for r in doc]
 
 
 @dataclasses.dataclass
@@ -551,12 +532,15 @@ class Explorer:
         self.width = max(2, opts.width)
         self.all_states: set[bytes] = set()
         self.position = Position()
+        self.interactions: independence.Interactions | None = None   # dpor, while searching
 
-    def _chooser(self, prefix: list[int], budget: int, visited: dict[bytes, int] | None) -> ExploreChooser:
+    def _chooser(self, prefix: list[int], budget: int, visited: dict[bytes, int] | None,
+                 races: list[frozenset[int] | None] | None = None) -> ExploreChooser:
         o = self.opts
         return ExploreChooser(prefix, budget=budget, horizon=o.horizon, width=self.width,
                               max_steps=o.max_steps, visited=visited, all_states=self.all_states,
-                              leaf_hashing=o.leaf_hashing, reduction=o.reduction)
+                              leaf_hashing=o.leaf_hashing, reduction=o.reduction,
+                              prefix_races=races, interactions=self.interactions)
 
     def replay_chooser(self, decisions: list[list[Any]]) -> ReplayChooser:
         o = self.opts
@@ -564,22 +548,25 @@ class Explorer:
 
     def search(self, bound: int, prefix: list[int], prog: Progress, *, floor: int = 0,
                visited: dict[bytes, int] | None = None, deadline: float | None = None,
-               start: float = 0.0) -> Found | None:
+               start: float = 0.0, races: list[frozenset[int] | None] | None = None) -> Found | None:
         """Depth-first search of the schedules within ``bound`` deviations that begin with
         ``prefix`` and then backtrack no higher than decision point ``floor`` (``floor = 0``: the
         whole bound; a parallel worker searches one subtree). Counts go to ``prog``; raises
-        :class:`TimeoutError` past ``deadline`` (``self.position`` then says where it stood)."""
+        :class:`TimeoutError` past ``deadline`` (``self.position`` then says where it stood).
+        ``races``: with dpor, the race sets of the prefix's decision points."""
         cur: list[int] | None = prefix
         while cur is not None:
             self.position.prefix = cur
+            self.position.races = _races_doc(races)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError
-            ch = self._chooser(cur, bound, visited)
+            ch = self._chooser(cur, bound, visited, races)
             try:
                 run = _simulate(self.scn, ch)
             except Pruned:
                 run = None
                 prog.pruned += 1
+            ch.finish()
             prog.schedules += 1
             prog.states = len(self.all_states) if visited is not None else prog.states + ch.new_states
             if run is not None:
@@ -587,7 +574,9 @@ class Explorer:
                     prog.truncated += 1
                 if run.recorder.violations:
                     return Found(run.recorder.violations[0], ch.decisions())
-            cur = next_prefix(ch.trail, bound, floor, ch.asleep if ch.sleep_sets else None)
+            cur = next_prefix(ch.trail, bound, floor, ch.asleep if ch.sleep_sets else None,
+                              ch.races if ch.dpor else None)
+            races = ch.races[:len(cur)] if cur is not None and ch.dpor else None
             prog.seconds = time.monotonic() - start
             if self.on_progress is not None:
                 prog.frontier = frontier(ch.trail, bound, floor)
@@ -599,10 +588,16 @@ class Explorer:
         if o.jobs > 1 or o.scheduler is not None:
             from navic.check import parallel
 
-            if o.reduction != "none":
+            if o.reduction == "sleep":
                 raise ValueError("--reduction sleep is not supported with --jobs/--scheduler (the parallel "
                                  "search splits subtrees without their sleep sets); use -j 1")
-            return parallel.run(self)
+            with tracking(o.reduction) as self.interactions:
+                return parallel.run(self)
+        with tracking(o.reduction) as self.interactions:
+            return self._run_serial()
+
+    def _run_serial(self) -> Outcome:
+        o = self.opts
         prog = Progress()
         start = time.monotonic()
         deadline = start + o.time_limit if o.time_limit is not None else None
@@ -614,8 +609,11 @@ class Explorer:
                     prog.bound = self.position.bound = bound
                     prog.complete_bound = bound - 1
                     visited: dict[bytes, int] | None = {} if o.hashing else None
-                    prefix = [] if self.resume is None or bound != first else list(self.resume.prefix or [])
-                    found = self.search(bound, prefix, prog, visited=visited, deadline=deadline, start=start)
+                    resumed = self.resume is not None and bound == first
+                    prefix = list(self.resume.prefix or []) if resumed else []
+                    races = _races_load(self.resume.races) if resumed else None
+                    found = self.search(bound, prefix, prog, visited=visited, deadline=deadline, start=start,
+                                        races=races)
                     if found is not None:
                         break
                     prog.complete_bound = bound
@@ -766,7 +764,8 @@ def checkpoint_doc(explorer: Explorer, outcome: Outcome) -> dict[str, Any]:
     return {"navic_explore_checkpoint": CHECKPOINT_FORMAT, "scenario": str(src) if src else None,
             "scenario_sha256": sha,
             "options": {k: getattr(explorer.opts, k) for k in _RESUME_KEYS},
-            "position": {"bound": pos.bound, "prefix": pos.prefix, "done_tasks": pos.done_tasks},
+            "position": {"bound": pos.bound, "prefix": pos.prefix, "done_tasks": pos.done_tasks,
+                         "races": pos.races},
             "progress": dataclasses.asdict(outcome.progress)}
 
 
@@ -790,5 +789,10 @@ def load_checkpoint(path: str | Path, scn: Scenario, opts: Options) -> Position:
         if have != want[k]:
             raise ScheduleError(f"{path}: options.{k}: checkpoint has {have!r}, this search {want[k]!r}")
     pos = doc.get("position") or {}
+    races = pos.get("races")
+    if races is not None and not (isinstance(races, list) and all(
+            r is None or (isinstance(r, list) and all(type(x) is int for x in r)) for r in races)):
+        raise ScheduleError(f"{path}: position.races: expected a list of null or lists of integers")
     return Position(bound=int(pos.get("bound", 0)), prefix=[int(x) for x in pos.get("prefix") or []],
+                    races=races if isinstance(races, list) else None,
                     done_tasks=[[int(a), int(b)] for a, b in pos.get("done_tasks") or []])

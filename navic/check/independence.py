@@ -19,6 +19,7 @@ Used by :class:`navic.check.explore.ExploreChooser` with ``reduction="sleep"``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 EVERYTHING: frozenset[str] = frozenset({"*"})
@@ -87,3 +88,163 @@ def footprint(target: Any) -> frozenset[str]:
 def independent(a: frozenset[str], b: frozenset[str]) -> bool:
     """Disjoint footprints, neither of them EVERYTHING."""
     return a is not EVERYTHING and b is not EVERYTHING and "*" not in a and "*" not in b and not (a & b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step footprints for ``--reduction dpor`` (docs/verification.md, "Partial-order reduction: DPOR")
+# ---------------------------------------------------------------------------------------------
+# What a process step writes is observed: the locations (navic.check.state) whose values differ
+# before and after it. What it *reads* of other agents cannot be observed that way, so it is
+# declared: the code below reads state of agents other than the one running it (the destination
+# vCPUs of an IPI, the physical ID table entries of other vCPUs, every vCPU's APIC registers), and
+# a step that calls or resumes any of it is an *interaction*: dependent on every other step.
+# Each entry is "module:qualname" of a function, a method, or a class (all of its methods), with
+# why. A missing entry would make the reduction unsound, so the list errs wide.
+INTERACTIONS: tuple[tuple[str, str], ...] = (
+    ("navic.apic.dest:match_dest", "reads the target APIC's ID/LDR/DFR/SVR"),
+    ("navic.apic.dest:resolve", "reads every APIC's destination registers"),
+    ("navic.apic.dest:lowest_priority_candidates", "reads every APIC's TPR/PPR"),
+    ("navic.hw.machine:Machine.send_ipi", "bare metal: resolves and delivers to other CPUs"),
+    ("navic.hw.avic:AvicEngine.icr_write", "APM 15.29.4: reads other vCPUs' table entries (IsRunning, host ID)"),
+    ("navic.hw.vmx:ipiv_icr_write", "SDM 30.1.6: reads the PID table and other vCPUs' PIDs"),
+    ("navic.hv.kvm:Kvm.kvm_apic_send_ipi", "kvm_irq_delivery_to_apic over every vCPU"),
+    ("navic.hv.kvm:Kvm.kvm_apic_accept_irq", "__apic_accept_irq on another vCPU"),
+    ("navic.hv.kvm:Kvm.kvm_vcpu_kick", "reads the target's mode and CPU"),
+    ("navic.hv.kvm:Kvm.kvm_vcpu_kick_no_wakeup", "reads the target's mode and CPU"),
+    ("navic.hv.kvm:Kvm.kvm_vcpu_wake_up", "reads the target's wait state"),
+    ("navic.hv.kvm:Kvm.recalc_apic_map", "reads every vCPU's APIC ID and LDR"),
+    ("navic.hv.avic:AvicVm.kick_target_vcpus", "avic_kick_target_vcpus: every vCPU's destination"),
+    ("navic.hv.svm:SvmVendor._exit_incomplete_ipi", "avic_incomplete_ipi_interception: targets"),
+    ("navic.hv.svm:SvmVendor.complete_interrupt_delivery", "svm_complete_interrupt_delivery: target's mode"),
+    ("navic.hv.svm:SvmVendor.recalc_logical_aliasing", "reads every vCPU's LDR/DFR"),
+    ("navic.hv.vmx:VmxVendor.pi_wakeup_handler", "walks the wakeup list of other vCPUs"),
+    ("navic.hv.hypercall:kvm_pv_send_ipi", "PV IPI: every destination vCPU"),
+    ("navic.hv.nested.ipi_emulation:L1TableIpiEmulation", "L0 reads L1's tables and L2 targets"),
+    # shadow: syncing reads L1's table and the named L1 vCPUs' run state; the tracked-store
+    # emulation reads the usecount (every vCPU's nested state) and writes the shared cache. The
+    # nested VMRUN/#VMEXIT (usecount ++/--, derived; the table lookup reads shared state that only
+    # listed code writes) and load/put (own entries) are not listed.
+    ("navic.hv.nested.shadow:ShadowDesign._sync_entry", "reads L1's entry and the named L1 vCPU"),
+    ("navic.hv.nested.shadow:ShadowDesign.invalidate", "rebuilds a shared table"),
+    ("navic.hv.nested.shadow:ShadowDesign._l1_store", "an L1 store to a tracked (shared) table"),
+    ("navic.hv.nested.shadow:ShadowDesign.on_tracked_write", "avic_physid_shadow_table_track_write"),
+    ("navic.hv.nested.shadow:ShadowDesign.emulate_store", "reads the usecount, writes the shared cache"),
+    ("navic.hv.nested.shadow:ShadowDesign.on_avic_exit", "L0 emulates an L2 IPI: targets' entries"),
+    ("navic.hv.nested.shadow:ShadowDesign._destinations", "L1's tables: other L2 vCPUs"),
+    ("navic.hv.nested.shadow:ShadowDesign._logical_destinations", "L1's logical table"),
+    ("navic.hv.nested.shadow:ShadowDesign.on_doorbell_write", "a doorbell to another L1 vCPU"),
+    ("navic.hv.nested.shadow_x2avic:ShadowX2avicDesign._destinations", "L1's tables: other L2 vCPUs"),
+    ("navic.hv.nested.runcache:RunCacheDesign", "run cache: other L2 vCPUs' run state"),
+    ("navic.hv.nested.dummy:DummyDesign.on_avic_exit", "dummy: L0 emulates an L2 IPI over L1's table"),
+    ("navic.hv.nested.dummy:DummyDesign.emulate_doorbell", "dummy: the target L1 vCPU's run state"),
+    ("navic.hv.nested.dummy:DummyDesign._doorbell", "dummy: the target L1 vCPU's pCPU"),
+    ("navic.hv.nested.vmx_dummy:VmxDummyDesign", "VMX dummy: emulates L2 IPIv over L1's table"),
+)
+
+
+class Interactions:
+    """The :data:`INTERACTIONS` code, resolved: its code objects (a suspended frame running one
+    means the step resumed inside it) and, while :meth:`installed`, wrappers that note each call
+    (a call that runs to its end within one step leaves no frame)."""
+
+    def __init__(self) -> None:
+        import importlib
+
+        self.targets: list[tuple[Any, str, Any]] = []   # (owner object, attribute, original)
+        codes: set[Any] = set()
+        for spec, _why in INTERACTIONS:
+            mod_name, qual = spec.split(":")
+            obj: Any = importlib.import_module(mod_name)
+            parts = qual.split(".")
+            for p in parts[:-1]:
+                obj = getattr(obj, p)
+            x = getattr(obj, parts[-1])
+            if isinstance(x, type):
+                for name, f in vars(x).items():
+                    if callable(f) and hasattr(f, "__code__") and not name.startswith("__"):
+                        self.targets.append((x, name, f))
+            else:
+                self.targets.append((obj, parts[-1], x))
+        for _o, _n, f in self.targets:
+            codes.add(f.__code__)
+            codes.update(c for c in f.__code__.co_consts if hasattr(c, "co_code"))   # closures
+        self.codes = frozenset(codes)
+        self.called = False
+
+    def _wrap(self, f: Any) -> Any:
+        import functools
+
+        @functools.wraps(f)
+        def noted(*args: Any, **kw: Any) -> Any:
+            self.called = True
+            return f(*args, **kw)
+        return noted
+
+    def install(self) -> None:
+        for o, name, f in self.targets:
+            setattr(o, name, self._wrap(f))
+
+    def uninstall(self) -> None:
+        for o, name, f in self.targets:
+            setattr(o, name, f)
+
+    def in_stack(self, pc: Any) -> bool:
+        """Does a location value hold a suspended frame of interaction code?"""
+        if type(pc) is tuple:
+            return any(self.in_stack(x) for x in pc)
+        return pc in self.codes if hasattr(pc, "co_code") else False
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What the steps between two decision points did: which agents stepped, which locations they
+    wrote, who owned those locations before and after, and whether they interacted."""
+    agents: frozenset[str]
+    writes: frozenset[str]
+    owners: tuple[tuple[str, str | None, str | None], ...]   # (location, owner before, owner after)
+    interaction: bool
+
+    @property
+    def local(self) -> bool:
+        """Wrote only its own agents' locations and ran no interaction code."""
+        if self.interaction or not self.agents:
+            return False
+        return all(a in self.agents and b in self.agents for _loc, a, b in self.owners)
+
+
+def step_footprint(before: Any, after: Any, agents: frozenset[str], interaction: bool) -> Footprint:
+    """The footprint of the steps between two :func:`navic.check.state.locations` snapshots
+    (absolute times) by ``agents``."""
+    bv, av = before.values, after.values
+    derived = _derived()
+    writes = frozenset(k for k in bv.keys() | av.keys()
+                       if bv.get(k, _GONE) != av.get(k, _GONE)
+                       and before.owners.get(k, after.owners.get(k)) != derived)
+    owners = tuple((k, before.owners.get(k, after.owners.get(k)), after.owners.get(k, before.owners.get(k)))
+                   for k in sorted(writes))
+    return Footprint(agents, writes, owners, interaction)
+
+
+_GONE = object()
+
+
+def _derived() -> str:
+    from navic.check.state import DERIVED
+
+    return DERIVED
+
+
+def steps_independent(x: Footprint, y: Footprint, owners_at_y: dict[str, str | None],
+                      owners_at_x: dict[str, str | None]) -> bool:
+    """Two step sequences of different agents commute (up to timing) when both are local and
+    neither wrote what the other's agents own at the other's time (an L2 vCPU moved between
+    them is then a write the other reads)."""
+    if x.agents & y.agents or not x.local or not y.local:
+        return False
+    for k in x.writes:
+        if owners_at_y.get(k) in y.agents or owners_at_y.get(k, "?") is None:
+            return False
+    for k in y.writes:
+        if owners_at_x.get(k) in x.agents or owners_at_x.get(k, "?") is None:
+            return False
+    return True

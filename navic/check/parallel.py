@@ -33,7 +33,10 @@ from navic.check.explore import (
     Outcome,
     Progress,
     _mutant,
+    _races_doc,
+    _races_load,
     _simulate,
+    tracking,
 )
 
 # Per worker process: visited-state tables by (search token, bound) (dask workers).
@@ -110,10 +113,10 @@ def run_task(job: dict[str, Any]) -> dict[str, Any]:
     deadline = start + job["seconds_left"] if job["seconds_left"] is not None else None
     found: Found | None = None
     timed_out = False
-    with _mutant(opts.mutant):
+    with _mutant(opts.mutant), tracking(opts.reduction) as ex.interactions:
         try:
             found = ex.search(bound, [0] * point + [alt], prog, floor=point + 1, visited=visited,
-                              deadline=deadline, start=start)
+                              deadline=deadline, start=start, races=_races_load(job.get("races")))
         except TimeoutError:
             timed_out = True
     return {"point": point, "alt": alt, "schedules": prog.schedules, "pruned": prog.pruned,
@@ -229,9 +232,11 @@ def run(explorer: Explorer) -> Outcome:
                 table = pool.table
             ch = ExploreChooser([], budget=bound, horizon=o.horizon, width=explorer.width,
                                 max_steps=o.max_steps, visited=table if o.hashing else None, all_states=states,
-                                leaf_hashing=o.leaf_hashing)
+                                leaf_hashing=o.leaf_hashing, reduction=o.reduction,
+                                interactions=explorer.interactions)
             with _mutant(o.mutant):
                 root = _simulate(explorer.scn, ch)
+            ch.finish()
             prog.schedules += 1
             prog.states = len(states) if o.hashing else prog.states + ch.new_states
             if root.recorder.violations:
@@ -241,10 +246,14 @@ def run(explorer: Explorer) -> Outcome:
                 prog.complete_bound = 0
                 continue
             left = None if o.time_limit is None else o.time_limit - (time.monotonic() - start)
+            # With dpor only the first deviations that race (ch.races), each with its prefix's races.
+            worth = ch.races if ch.dpor else [None] * len(ch.trail)
             jobs = [{"token": token, "scn": explorer.scn, "opts": o, "bound": bound, "point": i, "alt": a,
-                     "seconds_left": left, "shared": pool.shared}
+                     "seconds_left": left, "shared": pool.shared,
+                     "races": _races_doc(ch.races[:i + 1]) if ch.dpor else None}
                     for i, (_kind, labels, _c, _cost) in reversed(list(enumerate(ch.trail)))
-                    for a in range(1, len(labels)) if (i, a) not in done]
+                    for a in range(1, len(labels))
+                    if (i, a) not in done and (worth[i] is None or a in worth[i])]
             prog.frontier = len(jobs)
             hits: list[tuple[tuple[int, int], Found]] = []
             timed_out = False

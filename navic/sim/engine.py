@@ -350,6 +350,7 @@ class Engine:
         q = self._q
         ch = self.chooser
         max_steps = ch.max_steps
+        stepped = getattr(ch, "stepped", None)   # the explorer's footprints: who takes each step
         while q and not self.stopped:
             cands = self.candidates(until)
             if not cands:
@@ -372,6 +373,8 @@ class Engine:
             if time > self.now:
                 self.now = time
             self.steps += 1
+            if stepped is not None:
+                stepped(_label(target))
             if type(target) is Handle:
                 target.fn(*target.args)
             else:

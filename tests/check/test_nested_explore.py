@@ -29,9 +29,12 @@ def explore(path: Path, k: int, **kw):
 
 @pytest.mark.parametrize("design", ["none", "shadow", "dummy"])
 def test_nested_pingpong_has_no_violation_at_bound_1(design):
-    out = explore(PINGPONG, 1, design=design)
+    out = explore(PINGPONG, 1, design=design, reduction="none")
     assert out.violation is None and out.complete
     assert out.progress.schedules > 50
+    reduced = explore(PINGPONG, 1, design=design)      # the default, --reduction dpor
+    assert reduced.violation is None and reduced.complete
+    assert 0 < reduced.progress.schedules < out.progress.schedules
 
 
 def test_erratum_1235_under_shadow_is_found_and_replays(tmp_path):

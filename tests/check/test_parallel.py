@@ -173,8 +173,10 @@ def test_bench_explore_prints_a_line_per_case_bound_and_jobs():
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     lines = [x for x in p.stdout.splitlines() if x.startswith("erratum1235")]
-    assert len(lines) == 2 and all("stuck l1.0 0x41" in x for x in lines)
+    assert len(lines) == 4 and all("stuck l1.0 0x41" in x for x in lines)       # none, dpor x -j 1, 2
+    assert [x.split()[2] for x in lines] == ["none", "none", "dpor", "dpor"]
     assert "speed-up" in lines[1] and "efficiency" in lines[1]
+    assert "fewer states" in lines[2] and "VERDICT DIFFERS" not in lines[2]
 
 
 @pytest.mark.parametrize(("path", "kw"), [(PINGPONG, {"preemptions": 2}), (ERRATUM, {"preemptions": 1}),
