@@ -360,10 +360,13 @@ def _replay_schedule(scn: Scenario, path: str, *, trace: bool) -> Any:
 @click.option("--checkpoint", "checkpoint_out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Where an interrupted or timed-out search writes its checkpoint "
                    "(default: SCENARIO-STEM.checkpoint.json here).")
-@click.option("--reduction", type=click.Choice(["none", "sleep", "dpor", "dpor-untimed"]), default="dpor", show_default=True,
-              help="Partial-order reduction (docs/verification.md): 'dpor' deviates only where the "
-                   "overtaking step races with a step it overtakes (observed writes, declared "
-                   "interactions: navic/check/independence.py); 'sleep': sleep sets (not with "
+@click.option("--reduction", type=click.Choice(["none", "sleep", "dpor", "dpor-untimed"]), default="dpor",
+              show_default=True,
+              help="Partial-order reduction (docs/verification.md): 'dpor' searches a deviation only "
+                   "where the step it brings forward races with one it overtakes, or where its delay "
+                   "could reverse a later dependent pair (observed writes, declared interactions: "
+                   "navic/check/independence.py); 'dpor-untimed' drops the delay rule (more reduction; "
+                   "treats delays of independent steps as equivalent); 'sleep': sleep sets (not with "
                    "-j/--scheduler); 'none': every deviation, the cross-check.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def explore(file: str, design: str | None, max_steps: int, preemptions: int, horizon: int, width: int,

@@ -153,10 +153,9 @@ class ExploreChooser(Chooser):
         self._agents.add(label)
         self._current = label
 
-    def _footprint_point(self, kind: str) -> None:
+    def _footprint_point(self, kind: str, snap: state.Locations) -> None:
         """dpor: at a decision point past the prefix, close the interval since the previous one
-        (what was written, by whom) and snapshot the locations."""
-        snap = state.locations(self.run, 0)
+        (what was written, by whom) and keep the footprint view of the locations."""
         if self._snaps:
             self._close_interval(snap)
         self._snaps.append(snap)
@@ -171,7 +170,8 @@ class ExploreChooser(Chooser):
         prev = self._snaps[-1]
         foot = independence.step_footprint(prev, snap, frozenset(self._agents), called)
         if inter is not None and not foot.interaction and any(
-                inter.in_stack(prev.values.get(k)) or inter.in_stack(snap.values.get(k)) for k in foot.writes):
+                inter.in_stack(s.values[k]) for s in (prev, snap) for k in s.values
+                if k.startswith(state.FRAME_LOCATIONS) and (k in foot.writes or s.owners[k] in foot.agents)):
             foot = dataclasses.replace(foot, interaction=True)
         self._feet.append(foot)
 
@@ -191,7 +191,7 @@ class ExploreChooser(Chooser):
         points = len(self.trail) - base
         cut = len(self._snaps) > points      # cut at a visited state: the rest of the run is unseen
         if not cut:                          # the last interval runs to the end
-            self._close_interval(state.locations(self.run, 0))
+            self._close_interval(state.locations(self.run, footprint=True).footprint())
         feet, snaps = self._feet, self._snaps
         gaps = self._reversible_gaps(cut) if self.timed else []
         for n in range(points):
@@ -244,10 +244,12 @@ class ExploreChooser(Chooser):
             c = self.prefix[i]
         else:
             c = 0
+            locs = None
             if self.dpor and self.run is not None:
-                self._footprint_point(kind)
+                locs = state.locations(self.run, footprint=True)   # one pass: hash and footprint
+                self._footprint_point(kind, locs.footprint())
             if self.visited is not None and self.run is not None and (self.leaf_hashing or self.cost < self.budget):
-                h = state_hash(self.run)
+                h = state_hash(self.run, locs)
                 remaining = self.budget - self.cost
                 if self.sleep_sets:
                     self._visit_with_sleep(h, remaining)
@@ -366,10 +368,19 @@ def next_prefix(trail: list[tuple[str, list[str], int, int]], budget: int, floor
     return None
 
 
-def frontier(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0) -> int:
+def frontier(trail: list[tuple[str, list[str], int, int]], budget: int, floor: int = 0,
+             races: list[frozenset[int] | None] | None = None) -> int:
     """How many untried alternatives within ``budget`` the current DFS path still has (the
-    progress line's "frontier"; each is the root of a subtree still to search)."""
-    return sum(max(0, len(labels) - 1 - c) for _k, labels, c, cost in trail[floor:] if cost + 1 <= budget)
+    progress line's "frontier"; each is the root of a subtree still to search; with dpor, only
+    the alternatives that race)."""
+    n = 0
+    for i in range(floor, len(trail)):
+        _k, labels, c, cost = trail[i]
+        if cost + 1 > budget:
+            continue
+        worth = races[i] if races is not None and i < len(races) else None
+        n += sum(1 for a in range(c + 1, len(labels)) if worth is None or a in worth)
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +590,7 @@ class Explorer:
             races = ch.races[:len(cur)] if cur is not None and ch.dpor else None
             prog.seconds = time.monotonic() - start
             if self.on_progress is not None:
-                prog.frontier = frontier(ch.trail, bound, floor)
+                prog.frontier = frontier(ch.trail, bound, floor, ch.races if ch.dpor else None)
                 self.on_progress(prog)
         return None
 

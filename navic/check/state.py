@@ -67,11 +67,34 @@ def _pc(gen: Any, now: int = 0) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _where(gen: Any) -> tuple[Any, ...]:
+    """Where a generator stack is suspended, without locals (footprints: a process's locals change
+    only when it steps itself, and nobody else reads them)."""
+    out = []
+    while gen is not None:
+        f = getattr(gen, "gi_frame", None)
+        if f is None:
+            out.append(None)
+            break
+        out.append((f.f_code, f.f_lasti))
+        gen = getattr(gen, "gi_yieldfrom", None)
+    return tuple(out)
+
+
+# Locations that hold suspended frames (where the explorer looks for interaction code).
+FRAME_LOCATIONS = ("proc:", "l1thread:", "l1cpu:")
+
+
 def _apic(a: Any, now: int) -> tuple[Any, ...]:
     deadline = a._tmr_deadline
     return (hash(bytes(a.page)), a.nmi_pending, a.init_pending, a.smi_pending, a.extint_pending,
             getattr(a, "sipi_vector", None), a._esr_pending, a._esr_armed,
             None if deadline is None else deadline - now)
+
+
+def _apic_abs(rel: tuple[Any, ...], a: Any, now: int) -> tuple[Any, ...]:
+    """An :func:`_apic` tuple with the timer deadline absolute (its footprint value)."""
+    return rel if rel[-1] is None else (*rel[:-1], a._tmr_deadline)
 
 
 def _insn(x: Any) -> Any:
@@ -110,17 +133,30 @@ DERIVED = "=derived"
 
 
 class Locations:
-    """An ordered map location -> value, with each location's owner (an agent name or None)."""
+    """An ordered map location -> value (times relative to now: what the state hash digests), with
+    each location's owner (an agent name or None) and, when asked for, its *footprint value*
+    (times absolute, frames without locals: what changes only when some step writes it)."""
 
-    __slots__ = ("values", "owners")
+    __slots__ = ("values", "owners", "fvalues")
 
-    def __init__(self) -> None:
+    def __init__(self, footprint: bool = False) -> None:
         self.values: dict[str, Any] = {}
         self.owners: dict[str, str | None] = {}
+        self.fvalues: dict[str, Any] | None = {} if footprint else None
 
-    def put(self, key: str, value: Any, owner: str | None) -> None:
+    def put(self, key: str, value: Any, owner: str | None, fvalue: Any = None) -> None:
+        """``fvalue``: the footprint value when it differs from ``value`` (time-dependent ones)."""
         self.values[key] = value
         self.owners[key] = owner
+        if self.fvalues is not None:
+            self.fvalues[key] = value if fvalue is None else fvalue
+
+    def footprint(self) -> Locations:
+        """The footprint view: the footprint values under the same owners."""
+        out = Locations()
+        out.values = self.fvalues if self.fvalues is not None else self.values
+        out.owners = self.owners
+        return out
 
 
 class _Agents:
@@ -165,13 +201,15 @@ def _homes(vcpus: Any, by_name: dict[str, str | None]) -> dict[int, str | None]:
     return {p: by_name.get(vs[0].name) if len(vs) == 1 else None for p, vs in homes.items()}
 
 
-def locations(run: Any, now: int | None = None) -> Locations:
+def locations(run: Any, now: int | None = None, *, footprint: bool = False) -> Locations:
     """The run's state as locations (module docstring). ``now``: the time values are made
-    relative to (the engine's time by default; 0 gives absolute times, for footprints)."""
+    relative to (the engine's time by default). ``footprint``: also the footprint values
+    (:class:`Locations`), in the same pass."""
     eng = run.engine
     if now is None:
         now = eng.now
-    loc = Locations()
+    fp = footprint
+    loc = Locations(footprint)
     agents = _Agents(run)
     # Pending events per agent (the process's own next event or Cuttable end: owned by it; a
     # callback's: shared), relative to now; their global order is in state_hash.
@@ -180,12 +218,15 @@ def locations(run: Any, now: int | None = None) -> Locations:
         t = e[2]
         if type(t) is Handle and t.cancelled:
             continue
-        events.setdefault(_label(t), []).append(e[0] - now)
+        events.setdefault(_label(t), []).append(e[0])
     for label in sorted(events):
-        loc.put("ev:" + label, tuple(sorted(events[label])), label if label in agents.procs else None)
+        ts = sorted(events[label])
+        loc.put("ev:" + label, tuple(t - now for t in ts), label if label in agents.procs else None,
+                tuple(ts) if fp else None)
     for p in eng.processes:
         if p.alive:
-            loc.put("proc:" + p.name, (_pc(p.gen, now), p.waiting_on.name if p.waiting_on else None), p.name)
+            w = p.waiting_on.name if p.waiting_on else None
+            loc.put("proc:" + p.name, (_pc(p.gen, now), w), p.name, (_where(p.gen), w) if fp else None)
     for g in run.guests:
         loc.put("guest:" + g.name,
                 (g.IF, g.nmi_blocked, g.wait_for_sipi, g.finished,
@@ -200,7 +241,7 @@ def locations(run: Any, now: int | None = None) -> Locations:
     for k, q in sorted(rec._pending.items()):
         if q:
             loc.put(f"rec:{k}", tuple((now - t, sb, kind) for t, sb, kind in q),
-                    agents.of(k[0] if isinstance(k, tuple) else None))
+                    agents.of(k[0] if isinstance(k, tuple) else None), tuple(q) if fp else None)
     kvm = run.kvm
     if kvm is not None:
         _kvm(kvm, "0", now, loc, agents)
@@ -212,7 +253,10 @@ def locations(run: Any, now: int | None = None) -> Locations:
         m = run.machine
         for i, a in enumerate(m.apics):
             cpu = m.pcpus[i]
-            loc.put(f"cpu:{i}", (_apic(a, now), getattr(cpu, "halted", None)), agents.of(getattr(cpu, "name", None)))
+            halted = getattr(cpu, "halted", None)
+            ap = _apic(a, now)
+            loc.put(f"cpu:{i}", (ap, halted), agents.of(getattr(cpu, "name", None)),
+                    (_apic_abs(ap, a, now), halted) if fp else None)
     return loc
 
 
@@ -239,16 +283,17 @@ def _kvm(kvm: Any, lvl: str, now: int, loc: Locations, agents: _Agents) -> None:
         vmcb = getattr(v, "vmcb", None)
         ctx = getattr(v, "ctx", None)
         owner = agents.of(v.name)
-        loc.put(f"vcpu{lvl}:{v.name}",
-                (_apic(v.apic, now), v.mode, v.blocking, v.blocked, v.cpu,
+        ap = _apic(v.apic, now)
+        rest = (v.mode, v.blocking, v.blocked, v.cpu,
                  tuple(sorted(v.requests)), v.apicv_active, len(v.pending_ipis),
                  v.need_resched, v.preempted, v.halt_poll_ns, v.nmi_injected,
                  v.nmi_queued, v.nmis_pending,
                  v.interrupt_window, getattr(v, "avic_physical_id_entry", None),
                  hash(bytes(vmcb.mem.page(vmcb.hpa))) if vmcb is not None else None,
                  _guest_ctx(ctx),
-                 getattr(v, "nested_inhibit", None)),
-                owner)
+                 getattr(v, "nested_inhibit", None))
+        loc.put(f"vcpu{lvl}:{v.name}", (ap, *rest), owner,
+                (_apic_abs(ap, v.apic, now), *rest) if loc.fvalues is not None else None)
     host = kvm.host
     for p in host.pcpus:
         loc.put(f"pcpu{lvl}:{p.index}",
@@ -258,8 +303,9 @@ def _kvm(kvm: Any, lvl: str, now: int, loc: Locations, agents: _Agents) -> None:
                 agents.of_pcpu(lvl, p.index))
     s = host.sched    # per CPU: its running thread, run queue and time slice
     for i, t in enumerate(s.current):
-        loc.put(f"sched{lvl}:{i}", (getattr(t, "name", None), tuple(x.name for x in s.runq[i]),
-                                    now - s.slice_start[i]), agents.of_pcpu(lvl, i))
+        cur, rq = getattr(t, "name", None), tuple(x.name for x in s.runq[i])
+        loc.put(f"sched{lvl}:{i}", (cur, rq, now - s.slice_start[i]), agents.of_pcpu(lvl, i),
+                (cur, rq, -s.slice_start[i]) if loc.fvalues is not None else None)
     av = getattr(kvm.vendor, "avic", None)
     if av is not None:
         _table(loc, f"pid{lvl}", mem, av.physical_table_hpa, av.physical_table_pages,
@@ -280,18 +326,20 @@ def _nested(kvm0: Any, kvm2: Any, now: int, loc: Locations, agents: _Agents) -> 
     state per L1 vCPU (vmcb02) and the design's tables (shadow tables and their cached guest
     entries; the dummy table)."""
     l1host = kvm2.host
+    fp = loc.fvalues is not None
     for c in getattr(l1host, "cpus", ()):
+        head = (c.IF, c.nmi_blocked, tuple(sorted(c.handled.items())))
+        runnable = tuple(t.vcpu.name for t in c.runnable)
         loc.put("l1cpu:" + c.name,
-                (c.IF, c.nmi_blocked, tuple(sorted(c.handled.items())),
-                 tuple((f.saved_if, _pc(f.gen, now), repr(f.resume)) for f in c.frames),
-                 tuple(t.vcpu.name for t in c.runnable)),
-                agents.of(c.name))
+                (*head, tuple((f.saved_if, _pc(f.gen, now), repr(f.resume)) for f in c.frames), runnable),
+                agents.of(c.name),
+                (*head, tuple((f.saved_if, _where(f.gen), repr(f.resume)) for f in c.frames), runnable)
+                if fp else None)
     for name, t in sorted(getattr(l1host, "threads", {}).items()):
-        loc.put("l1thread:" + name,
-                (_pc(t.gen, now), t.waiting.name if t.waiting is not None else None,
-                 tuple(_insn(i) for i in t.pending),
-                 t.result if type(t.result) in _PLAIN else _insn(t.result)),
-                agents.of(t.vcpu.name))
+        rest = (t.waiting.name if t.waiting is not None else None, tuple(_insn(i) for i in t.pending),
+                t.result if type(t.result) in _PLAIN else _insn(t.result))
+        loc.put("l1thread:" + name, (_pc(t.gen, now), *rest), agents.of(t.vcpu.name),
+                (_where(t.gen), *rest) if fp else None)
     hmem = kvm0.mem
     for v in kvm0.vcpus:
         owner = agents.of(v.name)
@@ -317,12 +365,14 @@ def _nested(kvm0: Any, kvm2: Any, now: int, loc: Locations, agents: _Agents) -> 
         _table(loc, "dummy", hmem, table, 8, l2_owner)
 
 
-def state_hash(run: Any) -> bytes:
+def state_hash(run: Any, locs: Locations | None = None) -> bytes:
     """A digest of everything that determines how the run continues: every location (times
-    relative to now) and the order in which the pending events would run."""
+    relative to now; ``locs`` if already taken) and the order in which the pending events would
+    run."""
     eng = run.engine
     now = eng.now
     order = tuple((e[0] - now, _label(e[2])) for e in sorted(eng._q)
                   if not (type(e[2]) is Handle and e[2].cancelled))
-    return hashlib.blake2b(repr((order, list(locations(run, now).values.items()))).encode(),
-                           digest_size=16).digest()
+    if locs is None:
+        locs = locations(run, now)
+    return hashlib.blake2b(repr((order, list(locs.values.items()))).encode(), digest_size=16).digest()

@@ -106,7 +106,7 @@ def test_location_owners_follow_the_pinned_threads():
     class Peek(X.ExploreChooser):
         def window(self, cands):
             if not seen:
-                seen.update(state.locations(self.run, 0).owners)
+                seen.update(state.locations(self.run, footprint=True).owners)
             return super().window(cands)
 
     X._simulate(scn, Peek([], budget=0, horizon=X.DEFAULT_HORIZON, width=3, max_steps=500))
@@ -263,3 +263,11 @@ def test_delays_matter_dpor_keeps_them_and_the_untimed_variant_does_not():
                             for r in ("dpor", "dpor-untimed"))
     assert timed.complete and untimed_clean.complete
     assert untimed_clean.progress.schedules < timed.progress.schedules
+
+
+def test_frontier_counts_only_the_alternatives_that_race():
+    trail = [("window", ["a", "b"], 0, 0), ("window", ["a", "b", "c"], 0, 0), ("window", ["a", "b"], 0, 0)]
+    assert X.frontier(trail, 1) == 4
+    assert X.frontier(trail, 1, races=[frozenset(), frozenset({2}), None]) == 2
+    assert X.next_prefix(trail, 1, races=[frozenset(), frozenset({2}), frozenset()]) == [0, 2]
+    assert X.next_prefix(trail, 1, races=[frozenset(), frozenset(), frozenset()]) is None
