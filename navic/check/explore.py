@@ -170,8 +170,8 @@ class ExploreChooser(Chooser):
         prev = self._snaps[-1]
         foot = independence.step_footprint(prev, snap, frozenset(self._agents), called)
         if inter is not None and not foot.interaction and any(
-                inter.in_stack(s.values[k]) for s in (prev, snap) for k in s.values
-                if k.startswith(state.FRAME_LOCATIONS) and (k in foot.writes or s.owners[k] in foot.agents)):
+                inter.in_stack(s.values[k]) for s in (prev, snap) for k in s.frame_keys()
+                if k in foot.writes or s.owners[k] in foot.agents):
             foot = dataclasses.replace(foot, interaction=True)
         self._feet.append(foot)
 

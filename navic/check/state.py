@@ -137,12 +137,19 @@ class Locations:
     each location's owner (an agent name or None) and, when asked for, its *footprint value*
     (times absolute, frames without locals: what changes only when some step writes it)."""
 
-    __slots__ = ("values", "owners", "fvalues")
+    __slots__ = ("values", "owners", "fvalues", "_frames")
 
     def __init__(self, footprint: bool = False) -> None:
         self.values: dict[str, Any] = {}
         self.owners: dict[str, str | None] = {}
         self.fvalues: dict[str, Any] | None = {} if footprint else None
+        self._frames: list[str] | None = None
+
+    def frame_keys(self) -> list[str]:
+        """The locations that hold suspended frames (:data:`FRAME_LOCATIONS`)."""
+        if self._frames is None:
+            self._frames = [k for k in self.values if k.startswith(FRAME_LOCATIONS)]
+        return self._frames
 
     def put(self, key: str, value: Any, owner: str | None, fvalue: Any = None) -> None:
         """``fvalue``: the footprint value when it differs from ``value`` (time-dependent ones)."""
