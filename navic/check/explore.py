@@ -146,6 +146,14 @@ class ExploreChooser(Chooser):
 
     def attach(self, run: Any) -> None:
         self.run = run
+        if self.dpor and self.interactions is not None:
+            self.interactions.install()
+            self.interactions.called = False
+
+    def detach(self) -> None:
+        """The end of a run (whatever ended it): the interaction wrappers come off."""
+        if self.interactions is not None:
+            self.interactions.uninstall()
 
     stepped: Callable[[str], None] | None = None   # the engine's per-step hook (dpor only)
 
@@ -407,28 +415,23 @@ def _mutant(name: str | None) -> Iterator[None]:
 
 
 _INTERACTIONS: independence.Interactions | None = None
-_installed = 0
 
 
 @contextlib.contextmanager
 def tracking(reduction: str) -> Iterator[independence.Interactions | None]:
-    """With ``reduction="dpor"``: the declared interaction code (:data:`independence.INTERACTIONS`)
-    noted while the body runs; otherwise nothing."""
-    global _INTERACTIONS, _installed
+    """With a dpor reduction: the declared interaction code (:data:`independence.INTERACTIONS`),
+    which each run's chooser installs once the system is built (:meth:`ExploreChooser.attach`)
+    and removes at its end (:meth:`ExploreChooser.detach`); otherwise nothing."""
+    global _INTERACTIONS
     if reduction not in DPOR:
         yield None
         return
     if _INTERACTIONS is None:
         _INTERACTIONS = independence.Interactions()
-    if _installed == 0:
-        _INTERACTIONS.install()
-    _installed += 1
     try:
         yield _INTERACTIONS
     finally:
-        _installed -= 1
-        if _installed == 0:
-            _INTERACTIONS.uninstall()
+        _INTERACTIONS.uninstall()
 
 
 def violation_key(v: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -577,6 +580,8 @@ class Explorer:
             except Pruned:
                 run = None
                 prog.pruned += 1
+            finally:
+                ch.detach()
             ch.finish()
             prog.schedules += 1
             prog.states = len(self.all_states) if visited is not None else prog.states + ch.new_states

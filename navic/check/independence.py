@@ -144,13 +144,15 @@ INTERACTIONS: tuple[tuple[str, str], ...] = (
 
 class Interactions:
     """The :data:`INTERACTIONS` code, resolved: its code objects (a suspended frame running one
-    means the step resumed inside it) and, while :meth:`installed`, wrappers that note each call
-    (a call that runs to its end within one step leaves no frame)."""
+    means the step resumed inside it) and, while installed for a run (:meth:`install`), wrappers that note
+    each call (a call that runs to its end within one step leaves no frame). A run installs them
+    after the system is built, so that they wrap whatever the attributes are then — a mutant's or
+    a test's replacement included — and its code counts as interaction code too."""
 
     def __init__(self) -> None:
         import importlib
 
-        self.targets: list[tuple[Any, str, Any]] = []   # (owner object, attribute, original)
+        self.targets: list[tuple[Any, str]] = []   # (owner object, attribute)
         codes: set[Any] = set()
         for spec, _why in INTERACTIONS:
             mod_name, qual = spec.split(":")
@@ -162,14 +164,14 @@ class Interactions:
             if isinstance(x, type):
                 for name, f in vars(x).items():
                     if callable(f) and hasattr(f, "__code__") and not name.startswith("__"):
-                        self.targets.append((x, name, f))
+                        self.targets.append((x, name))
             else:
-                self.targets.append((obj, parts[-1], x))
-        for _o, _n, f in self.targets:
-            codes.add(f.__code__)
-            codes.update(c for c in f.__code__.co_consts if hasattr(c, "co_code"))   # closures
-        self.codes = frozenset(codes)
+                self.targets.append((obj, parts[-1]))
+        for o, n in self.targets:
+            _add_code(codes, getattr(o, n))
+        self.codes: set[Any] = codes
         self.called = False
+        self._saved: list[tuple[Any, str, Any]] = []
 
     def _wrap(self, f: Any) -> Any:
         import functools
@@ -178,15 +180,27 @@ class Interactions:
         def noted(*args: Any, **kw: Any) -> Any:
             self.called = True
             return f(*args, **kw)
+        noted._navic_noted = True   # type: ignore[attr-defined]
         return noted
 
     def install(self) -> None:
-        for o, name, f in self.targets:
-            setattr(o, name, self._wrap(f))
+        """Wrap the targets as they are now (idempotent while installed)."""
+        if self._saved:
+            return
+        for o, name in self.targets:
+            cur = getattr(o, name)
+            if getattr(cur, "_navic_noted", False):
+                continue
+            if name not in vars(o) and isinstance(o, type):
+                continue      # inherited, not defined here: wrapped where it is defined
+            _add_code(self.codes, cur)
+            self._saved.append((o, name, cur))
+            setattr(o, name, self._wrap(cur))
 
     def uninstall(self) -> None:
-        for o, name, f in self.targets:
-            setattr(o, name, f)
+        for o, name, cur in reversed(self._saved):
+            setattr(o, name, cur)
+        self._saved = []
 
     def in_stack(self, pc: Any) -> bool:
         """Does a location value hold a suspended frame of interaction code?"""
@@ -226,6 +240,13 @@ def step_footprint(before: Any, after: Any, agents: frozenset[str], interaction:
 
 
 _GONE = object()
+
+
+def _add_code(codes: set[Any], f: Any) -> None:
+    code = getattr(f, "__code__", None)
+    if code is not None:
+        codes.add(code)
+        codes.update(c for c in code.co_consts if hasattr(c, "co_code"))   # closures
 
 
 def _derived() -> str:

@@ -235,7 +235,10 @@ def run(explorer: Explorer) -> Outcome:
                                 leaf_hashing=o.leaf_hashing, reduction=o.reduction,
                                 interactions=explorer.interactions)
             with _mutant(o.mutant):
-                root = _simulate(explorer.scn, ch)
+                try:
+                    root = _simulate(explorer.scn, ch)
+                finally:
+                    ch.detach()
             ch.finish()
             prog.schedules += 1
             prog.states = len(states) if o.hashing else prog.states + ch.new_states

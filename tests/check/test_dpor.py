@@ -84,15 +84,26 @@ def test_footprint_of_observed_writes_and_owners():
     assert not I.step_footprint(before, after, frozenset({"a"}), True).local      # declared reads
 
 
-def test_every_declared_interaction_resolves_to_code():
+def test_every_declared_interaction_resolves_to_code(monkeypatch):
     inter = I.Interactions()
     assert len(inter.targets) >= len(I.INTERACTIONS) and all(why for _spec, why in I.INTERACTIONS)
-    originals = [(o, n, f) for o, n, f in inter.targets]
-    with X.tracking("dpor") as tr:
-        assert tr is not None
-        for o, n, f in originals:          # wrapped while searching ...
+    from navic.hv.kvm import Kvm
+
+    def replaced(self, vcpu, **kw):   # a test's (or a mutant's) replacement of a listed method
+        return None
+
+    monkeypatch.setattr(Kvm, "kvm_vcpu_kick", replaced)
+    originals = [(o, n, getattr(o, n)) for o, n in inter.targets]
+    inter.install()
+    try:
+        for o, n, f in originals:          # wrapped as they are now, while a run goes on ...
             assert getattr(o, n).__wrapped__ is f
-        assert tr.codes >= {f.__code__ for _o, _n, f in originals}
+        assert Kvm.kvm_vcpu_kick.__wrapped__ is replaced and replaced.__code__ in inter.codes
+        inter.called = False
+        Kvm.kvm_vcpu_kick(None, None)
+        assert inter.called
+    finally:
+        inter.uninstall()
     for o, n, f in originals:              # ... and restored after
         assert getattr(o, n) is f
 

@@ -136,7 +136,8 @@ def test_cli_explore_json_and_run_schedule(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["explore", str(ERRATUM), "--json", "-k", "1"])
     assert r.exit_code == 1, r.output
     doc = json.loads(r.stdout)
-    assert set(doc) == {"states", "schedules", "seconds", "complete", "violation"}
+    assert set(doc) == {"states", "schedules", "seconds", "complete", "violation", "reduction"}
+    assert doc["reduction"] == "dpor"          # the default
     v = doc["violation"]
     assert set(v) == {"kind", "cpu", "vector", "detail", "schedule_file"} and v["kind"] == "stuck"
     sched = tmp_path / v["schedule_file"]
