@@ -282,3 +282,16 @@ def test_frontier_counts_only_the_alternatives_that_race():
     assert X.frontier(trail, 1, races=[frozenset(), frozenset({2}), None]) == 2
     assert X.next_prefix(trail, 1, races=[frozenset(), frozenset({2}), frozenset()]) == [0, 2]
     assert X.next_prefix(trail, 1, races=[frozenset(), frozenset(), frozenset()]) is None
+
+
+def test_bench_agreement_script_reports_every_pair():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "bench/explore_agreement.py", "--mutant", "p", "--k", "0", "-j", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("pairs ") and "differ 0" in last and "time-outs 0" in last
+    n = int(last.split()[1].rstrip(","))
+    assert n == len(EXAMPLES) + 2 * sum(1 for x in EXAMPLES if x.name.startswith("explore-nested"))
