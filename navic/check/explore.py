@@ -202,11 +202,27 @@ class ExploreChooser(Chooser):
             self._close_interval(state.locations(self.run, footprint=True).footprint())
         feet, snaps = self._feet, self._snaps
         gaps = self._reversible_gaps(cut) if self.timed else []
-        for n in range(points):
+        # For each interval m and agent B stepping in it: the latest interval k < m since B's
+        # previous step that m depends on (-1: none). B's step at m, brought forward to a point n
+        # after B's previous step, overtakes exactly the intervals n..m-1.
+        last_dep: dict[tuple[int, str], int] = {}
+        for m, fm in enumerate(feet):
+            for agent in fm.agents:
+                k = m - 1
+                while k >= 0 and agent not in feet[k].agents:
+                    if not independence.steps_independent(feet[k], fm, snaps[m].owners, snaps[k].owners):
+                        break
+                    k -= 1
+                last_dep[(m, agent)] = k if k >= 0 and agent not in feet[k].agents else -1
+        nxt: dict[str, int] = {}                 # agent -> its first interval at or after n
+        out: list[frozenset[int] | None] = [None] * points
+        for n in range(points - 1, -1, -1):
+            if n < len(feet):
+                for agent in feet[n].agents:
+                    nxt[agent] = n
             kind, labels, _c, _cost = self.trail[base + n]
             now, times = self._times[n]
             if kind != "window" or times is None:
-                self.races.append(None)
                 continue
             racing = set()
             t0 = max(times[0], now)
@@ -214,12 +230,11 @@ class ExploreChooser(Chooser):
                 if self.timed and max(times[j], now) - t0 > gaps[n]:
                     racing.add(j)
                     continue
-                m = next((k for k in range(n, len(feet)) if labels[j] in feet[k].agents), None)
-                if m is None or m == n or any(
-                        not independence.steps_independent(feet[k], feet[m], snaps[m].owners, snaps[k].owners)
-                        for k in range(n, m)):
+                m = nxt.get(labels[j])
+                if m is None or m == n or last_dep[(m, labels[j])] >= n:
                     racing.add(j)
-            self.races.append(frozenset(racing))
+            out[n] = frozenset(racing)
+        self.races.extend(out)
 
     def _reversible_gaps(self, cut: bool) -> list[float]:
         """Per interval n: the smallest time between two dependent intervals x < y of disjoint
