@@ -53,32 +53,29 @@ def _locals(frame: Any, now: int = 0) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _pc(gen: Any, now: int = 0) -> tuple[Any, ...]:
-    """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals
-    (the :data:`TIME_LOCALS` ones relative to ``now``)."""
+def _stack(gen: Any) -> list[Any]:
+    """The frames of a generator and of everything it ``yield from``s, outermost first; None
+    for a finished one."""
     out = []
     while gen is not None:
         f = getattr(gen, "gi_frame", None)
+        out.append(f)
         if f is None:
-            out.append(None)
             break
-        out.append((f.f_code, f.f_lasti, _locals(f, now)))
         gen = getattr(gen, "gi_yieldfrom", None)
-    return tuple(out)
+    return out
+
+
+def _pc(gen: Any, now: int = 0) -> tuple[Any, ...]:
+    """Where a generator (and everything it ``yield from``s) is suspended, with its plain locals
+    (the :data:`TIME_LOCALS` ones relative to ``now``)."""
+    return tuple(None if f is None else (f.f_code, f.f_lasti, _locals(f, now)) for f in _stack(gen))
 
 
 def _where(gen: Any) -> tuple[Any, ...]:
     """Where a generator stack is suspended, without locals (footprints: a process's locals change
     only when it steps itself, and nobody else reads them)."""
-    out = []
-    while gen is not None:
-        f = getattr(gen, "gi_frame", None)
-        if f is None:
-            out.append(None)
-            break
-        out.append((f.f_code, f.f_lasti))
-        gen = getattr(gen, "gi_yieldfrom", None)
-    return tuple(out)
+    return tuple(None if f is None else (f.f_code, f.f_lasti) for f in _stack(gen))
 
 
 # Locations that hold suspended frames (where the explorer looks for interaction code).
