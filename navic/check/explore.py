@@ -116,7 +116,10 @@ class ExploreChooser(Chooser):
         self.races: list[frozenset[int] | None] = list(prefix_races or [])[:len(prefix)]
         self.races += [None] * (len(prefix) - len(self.races))   # unknown: every alternative
         self.interactions = interactions
-        self._snaps: list[Any] = []            # per new decision point: its locations, absolute times
+        # Per new decision point, the owners of the locations (one dict shared while they do not
+        # change); only the last point's footprint values are kept, to diff the next one against.
+        self._owners: list[dict[str, str | None]] = []
+        self._last: state.Locations | None = None
         self._feet: list[independence.Footprint] = []   # per interval between them
         self._agents: set[str] = set()         # who stepped since the last decision point
         self._current: str | None = None       # who is stepping now (a "choose" point is mid-step)
@@ -164,9 +167,13 @@ class ExploreChooser(Chooser):
     def _footprint_point(self, kind: str, snap: state.Locations) -> None:
         """dpor: at a decision point past the prefix, close the interval since the previous one
         (what was written, by whom) and keep the footprint view of the locations."""
-        if self._snaps:
+        if self._last is not None:
             self._close_interval(snap)
-        self._snaps.append(snap)
+        self._last = snap
+        owners = snap.owners
+        if self._owners and self._owners[-1] == owners:
+            owners = self._owners[-1]
+        self._owners.append(owners)
         self._times.append((self.run.engine.now, self._window_times if kind == "window" else None))
         self._agents = {self._current} if kind == "choose" and self._current is not None else set()
 
@@ -175,7 +182,8 @@ class ExploreChooser(Chooser):
         called = inter is not None and inter.called
         if inter is not None:
             inter.called = False
-        prev = self._snaps[-1]
+        prev = self._last
+        assert prev is not None
         foot = independence.step_footprint(prev, snap, frozenset(self._agents), called)
         if inter is not None and not foot.interaction and any(
                 inter.in_stack(s.values[k]) for s in (prev, snap) for k in s.frame_keys()
@@ -193,14 +201,14 @@ class ExploreChooser(Chooser):
           time between two dependent steps of different agents later in the run, which the
           delay could then reverse (:meth:`_reversible_gaps`; a cut run's unseen rest counts as
           a gap of 0)."""
-        if not self.dpor or not self._snaps or self.run is None:
+        if not self.dpor or not self._owners or self.run is None:
             return
         base = len(self.prefix)
         points = len(self.trail) - base
-        cut = len(self._snaps) > points      # cut at a visited state: the rest of the run is unseen
+        cut = len(self._owners) > points     # cut at a visited state: the rest of the run is unseen
         if not cut:                          # the last interval runs to the end
             self._close_interval(state.locations(self.run, footprint=True).footprint())
-        feet, snaps = self._feet, self._snaps
+        feet, owners = self._feet, self._owners
         gaps = self._reversible_gaps(cut) if self.timed else []
         # For each interval m and agent B stepping in it: the latest interval k < m since B's
         # previous step that m depends on (-1: none). B's step at m, brought forward to a point n
@@ -210,7 +218,7 @@ class ExploreChooser(Chooser):
             for agent in fm.agents:
                 k = m - 1
                 while k >= 0 and agent not in feet[k].agents:
-                    if not independence.steps_independent(feet[k], fm, snaps[m].owners, snaps[k].owners):
+                    if not independence.steps_independent(feet[k], fm, owners[m], owners[k]):
                         break
                     k -= 1
                 last_dep[(m, agent)] = k if k >= 0 and agent not in feet[k].agents else -1
@@ -239,7 +247,7 @@ class ExploreChooser(Chooser):
     def _reversible_gaps(self, cut: bool) -> list[float]:
         """Per interval n: the smallest time between two dependent intervals x < y of disjoint
         agents with x >= n (looked for within ``horizon`` of x: a delay is less than that)."""
-        feet, snaps, times = self._feet, self._snaps, self._times
+        feet, owners, times = self._feet, self._owners, self._times
         start = [max(ts[self.trail[len(self.prefix) + k][2]], now) if ts is not None else now
                  for k, (now, ts) in enumerate(times[:len(feet)])]
         inf = float("inf")
@@ -250,7 +258,7 @@ class ExploreChooser(Chooser):
                 if gap >= self.horizon:
                     break
                 if not (feet[x].agents & feet[y].agents) and not independence.steps_independent(
-                        feet[x], feet[y], snaps[y].owners, snaps[x].owners):
+                        feet[x], feet[y], owners[y], owners[x]):
                     g[x] = gap
                     break
             else:
