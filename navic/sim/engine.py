@@ -26,7 +26,9 @@ no later than ``chooser.horizon`` cycles after the earliest one, at most ``choos
 and runs the one ``chooser.window(candidates)`` returns. Index 0 is the time-order schedule. Running
 a later candidate is a *delay* of the earlier agents: logical time advances to that event's time
 and the events left behind run late, at the current time (time never goes backwards). The run
-stops after ``chooser.max_steps`` steps when that is non-zero. The time-driven loop is untouched.
+stops after ``chooser.max_steps`` steps when that is non-zero. A chooser with a ``stepped``
+callable is told the label of every step's agent (the explorer's footprints use it). The
+time-driven loop is untouched.
 """
 
 from __future__ import annotations
