@@ -66,9 +66,8 @@ def main() -> None:
     ap.add_argument("--jobs", "-j", type=int, default=2, help="pairs checked in parallel (default 2)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per search (default 300)")
     a = ap.parse_args()
-    names: list[str | None] = [None] if a.no_mutants else [None, *(a.mutant or sorted(mutants.MUTANTS))]
-    if a.mutant:
-        names = list(a.mutant)
+    names: list[str | None] = (list(a.mutant) if a.mutant else [None] if a.no_mutants
+                               else [None, *sorted(mutants.MUTANTS)])
     paths = sorted(EX.glob("explore-*.toml")) + sorted((EX / "corpus").glob("*.toml"))
     jobs = [(m, str(p), d, a.k, a.reduction, a.time_limit)
             for m in names for p in paths

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from navic.check.state import DERIVED
+
 EVERYTHING: frozenset[str] = frozenset({"*"})
 
 
@@ -230,10 +232,9 @@ def step_footprint(before: Any, after: Any, agents: frozenset[str], interaction:
     """The footprint of the steps between two :func:`navic.check.state.locations` snapshots
     (absolute times) by ``agents``."""
     bv, av = before.values, after.values
-    derived = _derived()
     writes = frozenset(k for k in bv.keys() | av.keys()
                        if bv.get(k, _GONE) != av.get(k, _GONE)
-                       and before.owners.get(k, after.owners.get(k)) != derived)
+                       and before.owners.get(k, after.owners.get(k)) != DERIVED)
     owners = tuple((k, before.owners.get(k, after.owners.get(k)), after.owners.get(k, before.owners.get(k)))
                    for k in sorted(writes))
     return Footprint(agents, writes, owners, interaction)
@@ -247,12 +248,6 @@ def _add_code(codes: set[Any], f: Any) -> None:
     if code is not None:
         codes.add(code)
         codes.update(c for c in code.co_consts if hasattr(c, "co_code"))   # closures
-
-
-def _derived() -> str:
-    from navic.check.state import DERIVED
-
-    return DERIVED
 
 
 def steps_independent(x: Footprint, y: Footprint, owners_at_y: dict[str, str | None],

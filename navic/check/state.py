@@ -89,7 +89,7 @@ def _apic(a: Any, now: int) -> tuple[Any, ...]:
             None if deadline is None else deadline - now)
 
 
-def _apic_abs(rel: tuple[Any, ...], a: Any, now: int) -> tuple[Any, ...]:
+def _apic_abs(rel: tuple[Any, ...], a: Any) -> tuple[Any, ...]:
     """An :func:`_apic` tuple with the timer deadline absolute (its footprint value)."""
     return rel if rel[-1] is None else (*rel[:-1], a._tmr_deadline)
 
@@ -260,7 +260,7 @@ def locations(run: Any, now: int | None = None, *, footprint: bool = False) -> L
             halted = getattr(cpu, "halted", None)
             ap = _apic(a, now)
             loc.put(f"cpu:{i}", (ap, halted), agents.of(getattr(cpu, "name", None)),
-                    (_apic_abs(ap, a, now), halted) if fp else None)
+                    (_apic_abs(ap, a), halted) if fp else None)
     return loc
 
 
@@ -297,7 +297,7 @@ def _kvm(kvm: Any, lvl: str, now: int, loc: Locations, agents: _Agents) -> None:
                  _guest_ctx(ctx),
                  getattr(v, "nested_inhibit", None))
         loc.put(f"vcpu{lvl}:{v.name}", (ap, *rest), owner,
-                (_apic_abs(ap, v.apic, now), *rest) if loc.fvalues is not None else None)
+                (_apic_abs(ap, v.apic), *rest) if loc.fvalues is not None else None)
     host = kvm.host
     for p in host.pcpus:
         loc.put(f"pcpu{lvl}:{p.index}",
